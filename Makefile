@@ -1,0 +1,43 @@
+# Two commands a fresh machine needs: `make sweep` and `make test`. Both install first.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+TORCH   := torch==2.14.1 torchvision==0.29.1
+DATA_URL := https://github.com/alexeygrigorev/clothing-dataset-small.git
+export CLOTHING_DATA_DIR ?= data/clothing-dataset-small
+
+.PHONY: install test lint sweep best ui data bench clean
+
+install: $(STAMP)
+
+# torch and torchvision are installed first and pinned, so that resolving the project's other
+# dependencies can never pull another (multi-GB) torch build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]' $(TORCH)
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check clothing sweep tests bench
+	$(VENV)/bin/ruff format --check clothing sweep tests bench
+
+sweep: install
+	$(PY) -m sweep run
+	$(PY) -m sweep best --export model.pt
+
+ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1
+
+data:
+	test -d data/clothing-dataset-small || git clone --depth 1 $(DATA_URL) data/clothing-dataset-small
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf mlruns model.pt

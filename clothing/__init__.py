@@ -1,0 +1,4 @@
+"""Transfer learning for the clothing dataset: images -> frozen MobileNetV2 features -> a small head.
+
+This package knows nothing of Optuna or MLflow; the sweep tool in `sweep/` builds on it.
+"""

@@ -1,0 +1,86 @@
+"""Self-describing checkpoints: weights plus everything needed to use them (classes, preprocessing,
+config, metrics). Written atomically; read with `weights_only=True`, so a file from elsewhere can
+never run code when loaded."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clothing.model import ClothingClassifierMobileNet, load_backbone
+
+FORMAT_VERSION = 1
+HEAD = "head"  # a trial's trained head, the sweep's per-trial artifact
+MODEL = "model"  # a full model (backbone + head), what `best --export` writes
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be written or is not one of ours; the message says what to do."""
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
+    """torch.save `payload` to `path` atomically: a temp file in the same folder, then a rename,
+    so an interrupted save never leaves a half-written file under the real name."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise CheckpointError(f"folder {folder} does not exist; create it or choose another path")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write to {folder} ({exc.strerror}); choose a writable folder") from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]:
+    """Load one of our checkpoints safely; anything else is a CheckpointError, never unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is not a clothing model file (it cannot be loaded safely: {type(exc).__name__}); "
+            "export one with `python -m sweep best --export PATH`"
+        ) from exc
+    if not isinstance(payload, dict) or "format_version" not in payload or "kind" not in payload:
+        raise CheckpointError(
+            f"{path} is a torch file but not a clothing model; export one with "
+            "`python -m sweep best --export PATH`"
+        )
+    if payload["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer version of this tool; upgrade it")
+    if kind is not None and payload["kind"] != kind:
+        raise CheckpointError(f"{path} holds a {payload['kind']} checkpoint, not a {kind}")
+    return payload
+
+
+def load_model(path: str | Path) -> tuple[ClothingClassifierMobileNet, dict[str, Any]]:
+    """Rebuild an exported full model (no network: the backbone's weights are in the file)."""
+    payload = load_checkpoint(path, kind=MODEL)
+    model = ClothingClassifierMobileNet(
+        num_classes=payload["num_classes"],
+        size_inner=payload["size_inner"],
+        dropout=payload.get("dropout", 0.0),
+        backbone=load_backbone(None),
+    )
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not match the model it describes: {exc}") from exc
+    return model.eval(), payload

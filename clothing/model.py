@@ -1,0 +1,118 @@
+"""The backbone (ImageNet MobileNetV2, frozen) and the trainable head on top of it.
+
+The model is split where the sweep needs it: `features` (conv trunk, frozen, always in eval mode),
+`pool` (global average pool + flatten, no weights) and `head` (the only trainable part). Training
+the head on cached pooled features is then exactly training the full model on images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+FEATURE_DIM = 1280  # MobileNetV2's pooled feature size
+TORCHVISION_WEIGHTS = "IMAGENET1K_V1"
+
+
+class BackboneError(ValueError):
+    """The backbone weights could not be loaded; the message says what to pass instead."""
+
+
+def load_backbone(weights: str | Path | None = TORCHVISION_WEIGHTS) -> models.MobileNetV2:
+    """An ImageNet MobileNetV2 in eval mode.
+
+    `weights` is torchvision's enum name ("IMAGENET1K_V1", downloaded once into the torch cache),
+    a path to a local torchvision state_dict (the offline route), or None for random weights (tests).
+    """
+    if weights is None:
+        model = models.mobilenet_v2(weights=None)
+    elif str(weights) == TORCHVISION_WEIGHTS:
+        model = models.mobilenet_v2(weights=models.MobileNet_V2_Weights.IMAGENET1K_V1)
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise BackboneError(
+                f"backbone weights file {path} does not exist; pass a MobileNetV2 state_dict "
+                f"(CLOTHING_BACKBONE_WEIGHTS) or {TORCHVISION_WEIGHTS} to download torchvision's"
+            )
+        model = models.mobilenet_v2(weights=None)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except Exception as exc:  # unpickling errors, wrong keys or shapes: all mean "wrong file"
+            raise BackboneError(
+                f"{path} is not a torchvision MobileNetV2 state_dict ({type(exc).__name__}); "
+                "pass the right weights file"
+            ) from exc
+    return model.eval()
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """A short sha256 of a module's parameters and buffers: identifies the backbone in cache keys."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def build_head(num_classes: int, size_inner: int, dropout: float = 0.0) -> nn.Sequential:
+    """[Linear(1280, size_inner) -> ReLU -> Dropout] -> Linear(-> num_classes); size_inner=0: linear."""
+    if size_inner == 0:
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(FEATURE_DIM, num_classes))
+    return nn.Sequential(
+        nn.Linear(FEATURE_DIM, size_inner),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(size_inner, num_classes),
+    )
+
+
+class ClothingClassifierMobileNet(nn.Module):
+    """Frozen MobileNetV2 trunk + global average pool + a small trainable head."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        size_inner: int = 100,
+        dropout: float = 0.0,
+        backbone: models.MobileNetV2 | None = None,
+    ) -> None:
+        super().__init__()
+        backbone = backbone if backbone is not None else load_backbone(None)
+        self.features = backbone.features
+        for param in self.features.parameters():
+            param.requires_grad = False
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = build_head(num_classes, size_inner, dropout)
+        self.features.eval()
+
+    def train(self, mode: bool = True) -> ClothingClassifierMobileNet:
+        # A frozen trunk must keep using its BatchNorm running statistics: in train mode they would
+        # drift towards each batch and the features would no longer match the cached ones.
+        super().train(mode)
+        self.features.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(images)))
+
+
+def feature_extractor(backbone: models.MobileNetV2) -> nn.Sequential:
+    """Images -> pooled 1280-d features, the part of the model that is computed once and cached."""
+    return nn.Sequential(backbone.features, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimizer should get: only those that require gradients."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, for "N trainable parameters out of M"."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in trainable_parameters(model)), total

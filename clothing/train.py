@@ -1,0 +1,107 @@
+"""The one training loop, `train_and_evaluate`, shared by the head-on-features path and the
+full-model-on-images path. It returns a history and never prints or logs: side effects (tracking,
+checkpoints, pruning) belong to the `on_epoch` callback."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+EpochCallback = Callable[[int, dict, nn.Module], None]
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; training stops at once rather than wasting epochs."""
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch so that a CPU run is repeatable."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _run_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    criterion: nn.Module,
+    device: torch.device,
+    optimizer: torch.optim.Optimizer | None,
+) -> tuple[float, float]:
+    """One pass over `loader`; trains when an optimizer is given. Returns (loss per sample, accuracy)."""
+    total_loss, correct, seen = 0.0, 0, 0
+    for inputs, labels in loader:
+        inputs = inputs.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if optimizer is not None:
+            optimizer.zero_grad()
+        outputs = model(inputs)
+        loss = criterion(outputs, labels)
+        batch_loss = loss.item()
+        if not math.isfinite(batch_loss):
+            raise TrainingDiverged(f"loss became {batch_loss} after {seen} samples")
+        if optimizer is not None:
+            loss.backward()
+            optimizer.step()
+        total_loss += batch_loss * labels.size(0)
+        correct += (outputs.argmax(dim=1) == labels).sum().item()
+        seen += labels.size(0)
+    if seen == 0:
+        raise ValueError("the data loader yielded no samples")
+    return total_loss / seen, correct / seen
+
+
+def train_and_evaluate(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    criterion: nn.Module,
+    num_epochs: int,
+    device: torch.device | str,
+    on_epoch: EpochCallback | None = None,
+) -> list[dict]:
+    """Train for `num_epochs`, validating after each; returns one metrics dict per epoch.
+
+    Each dict has epoch (1-based), train_loss, train_acc, val_loss, val_acc; losses are averaged per
+    sample. `on_epoch(epoch, metrics, model)` runs after each epoch and may raise to stop early
+    (e.g. optuna.TrialPruned); raises TrainingDiverged as soon as a loss is not finite.
+    """
+    device = torch.device(device)
+    model.to(device)
+    history = []
+    for epoch in range(1, num_epochs + 1):
+        model.train()
+        train_loss, train_acc = _run_epoch(model, train_loader, criterion, device, optimizer)
+        model.eval()
+        with torch.no_grad():
+            val_loss, val_acc = _run_epoch(model, val_loader, criterion, device, None)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+        }
+        history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics, model)
+    return history
+
+
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str) -> float:
+    """Accuracy of `model` over `loader`."""
+    device = torch.device(device)
+    model.to(device).eval()
+    correct, seen = 0, 0
+    with torch.no_grad():
+        for inputs, labels in loader:
+            outputs = model(inputs.to(device))
+            correct += (outputs.argmax(dim=1).cpu() == labels).sum().item()
+            seen += labels.size(0)
+    return correct / max(seen, 1)

@@ -1,0 +1,187 @@
+"""`python -m sweep`: run, best, predict. Thin: parse options, call the library, echo results."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import click
+
+from clothing.checkpoint import CheckpointError, load_model
+from clothing.data import IMAGE_SIZE, ClothingDataset, DatasetError, build_transforms
+from clothing.features import FeatureBatches, cached_features
+from clothing.model import TORCHVISION_WEIGHTS, BackboneError, load_backbone
+from clothing.predict import model_transform
+from clothing.predict import top_k as predict_top_k
+from clothing.train import evaluate
+from sweep.config import SweepConfig, default_cache_dir, default_storage, default_tracking_uri
+from sweep.export import export_model, fetch_head, head_module
+from sweep.select import DEFAULT_TOLERANCE, eligible, rule_text, select_winner
+from sweep.study import SweepError, open_study, record_rows, resolve_device, run_sweep, trial_records
+from sweep.tracking import Tracker, TrackingError, rows_to_csv, ui_command
+
+USER_ERRORS = (DatasetError, BackboneError, CheckpointError, TrackingError, SweepError)
+TABLE_COLUMNS = ("number", "state", "lr", "size_inner", "best_epoch", "train_acc", "val_acc", "gap")
+
+
+def user_errors(command):
+    """Turn the library's expected errors into one `Error: ...` line and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except USER_ERRORS as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def quiet_libraries() -> None:
+    # Our own one-line-per-trial progress replaces Optuna's and MLflow's INFO chatter.
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def study_options(command):
+    """Options that name a study and its stores, shared by run and best."""
+    options = [
+        click.option("--study", default="clothing", show_default=True, help="Optuna study name = MLflow experiment name."),
+        click.option("--storage", default=default_storage, show_default="sqlite:///<abs>/mlruns/optuna.db",
+                     help="Optuna storage URL (SQLite, PostgreSQL, MySQL, ...)."),
+        click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=default_tracking_uri,
+                     show_default="$MLFLOW_TRACKING_URI, else sqlite:///<abs>/mlruns/mlflow.db",
+                     help="MLflow tracking store or server."),
+        click.option("--data-dir", envvar="CLOTHING_DATA_DIR", default="data/clothing-dataset-small", show_default=True,
+                     type=click.Path(path_type=Path), help="Folder with train/, validation/ and optionally test/ (env CLOTHING_DATA_DIR)."),
+        click.option("--backbone-weights", envvar="CLOTHING_BACKBONE_WEIGHTS", default=TORCHVISION_WEIGHTS, show_default=True,
+                     help="Local MobileNetV2 state_dict, or IMAGENET1K_V1 to download torchvision's (env CLOTHING_BACKBONE_WEIGHTS)."),
+        click.option("--cache-dir", envvar="CLOTHING_CACHE_DIR", default=default_cache_dir, show_default="mlruns/cache",
+                     type=click.Path(path_type=Path), help="Where cached features live (env CLOTHING_CACHE_DIR)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="Where to run; auto picks CUDA when available."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def format_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS, marker: int | None = None) -> str:
+    """Aligned columns; the row whose number is `marker` is starred."""
+
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.2e}" if abs(value) < 1e-2 and value != 0 else f"{value:.3f}"
+        return str(value)
+
+    cells = [[cell(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  " + "  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    for row, rendered in zip(rows, cells):
+        star = "* " if row["number"] == marker else "  "
+        lines.append(star + "  ".join(v.rjust(w) for v, w in zip(rendered, widths)))
+    return "\n".join(lines)
+
+
+@click.group()
+def cli() -> None:
+    """Hyperparameter sweeps with experiment tracking for the clothing classifier."""
+    quiet_libraries()
+
+
+@cli.command()
+@study_options
+@click.option("--trials", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Target number of finished (COMPLETE or PRUNED) trials; a re-run only adds what is missing.")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1), help="Epochs per trial.")
+@click.option("--seed", default=42, show_default=True, type=int, help="Sampler and training seed.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Training batch size.")
+@click.option("--pruner", type=click.Choice(["median", "none"]), default="median", show_default=True,
+              help="Optuna MedianPruner on per-epoch val accuracy, or none.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Feature extraction precision; auto uses bf16 only where the hardware runs it natively.")
+@click.option("--skip-bad-images", is_flag=True, help="Leave unreadable images out (listed on the parent run) instead of stopping.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@user_errors
+def run(**options) -> None:
+    """Run (or resume) a study: extract features once, then train a head per trial."""
+    quiet = options.pop("quiet")
+    cfg = SweepConfig(**options, progress=not quiet)
+    say = (lambda _: None) if quiet else click.echo
+    result = run_sweep(cfg, say)
+    click.echo(format_table(record_rows(result.records)))
+    click.echo(f"\nBrowse the runs: {ui_command(cfg.tracking_uri)}")
+    if result.errors and result.finished_here == 0:
+        raise SweepError(f"every trial of this run failed; first error: {result.errors[0]}")
+    if result.errors:
+        click.echo(f"{len(result.errors)} trial(s) failed; first error: {result.errors[0]}", err=True)
+
+
+@cli.command()
+@study_options
+@click.option("--tolerance", default=DEFAULT_TOLERANCE, show_default=True, type=click.FloatRange(min=0),
+              help="Trials within this much of the best val_acc compete on the smallest gap.")
+@click.option("--export", "export_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the winner as a self-contained model file here.")
+@user_errors
+def best(study, storage, tracking_uri, data_dir, backbone_weights, cache_dir, device, tolerance, export_path) -> None:
+    """Show the leading trials and the winner; optionally export it and score it on test/."""
+    if export_path is not None and not export_path.parent.is_dir():
+        raise CheckpointError(f"folder {export_path.parent} for --export does not exist; create it first")
+    cfg = SweepConfig(data_dir=data_dir, study=study, storage=storage, tracking_uri=tracking_uri)
+    records = trial_records(open_study(cfg, create=False))
+    winner = select_winner(records, tolerance)
+    if winner is None:
+        raise SweepError(f"study {study!r} has no COMPLETE trial yet; run `python -m sweep run --study {study}`")
+    leading = sorted([r for r in records if r.state == "COMPLETE"], key=lambda r: -r.val_acc)[:10]
+    click.echo(format_table(record_rows(leading), marker=winner.number))
+    click.echo(f"\nRule: {rule_text(tolerance)} ({len(eligible(records, tolerance))} trial(s) in the band)")
+    click.echo(f"Winner: trial {winner.number}  lr {winner.params['lr']:.2e}  size_inner {winner.params['size_inner']}"
+               f"  val_acc {winner.val_acc:.3f}  gap {winner.gap:+.3f}  (epoch {winner.best_epoch})")
+
+    tracker = Tracker(tracking_uri)
+    tracker.check_reachable()
+    parent_id = tracker.find_parent(tracker.experiment_id(study, create=False) or "")
+    tracker.set_tags(winner.run_id, {"sweep.winner": "true"})
+    if parent_id:
+        tracker.set_tags(parent_id, {"sweep.winner_trial": winner.number, "sweep.winner_run_id": winner.run_id,
+                                     "sweep.rule": rule_text(tolerance), "sweep.tolerance": tolerance})
+        tracker.log_text(parent_id, rows_to_csv(record_rows(records)), "trials.csv")
+
+    test_dir = Path(data_dir) / "test"
+    if export_path is None and not test_dir.is_dir():
+        return
+    backbone = load_backbone(backbone_weights)
+    head = fetch_head(tracker, winner)
+    metrics = {"val_acc": winner.val_acc, "train_acc": winner.train_acc, "gap": winner.gap, "best_epoch": winner.best_epoch}
+    if test_dir.is_dir():
+        test_set = ClothingDataset(test_dir, build_transforms(IMAGE_SIZE), {c: i for i, c in enumerate(head["classes"])})
+        features = cached_features(test_set, backbone, cache_dir, device=resolve_device(device))
+        metrics["test_acc"] = evaluate(head_module(head), FeatureBatches(features.features, features.labels, 256), "cpu")
+        tracker.client.log_metric(winner.run_id, "test_acc", metrics["test_acc"])
+        click.echo(f"test_acc {metrics['test_acc']:.3f} on {len(features.labels)} images of {test_dir}")
+    if export_path is not None:
+        export_model(head, backbone, export_path, metrics)
+        click.echo(f"Exported trial {winner.number} to {export_path}")
+    click.echo(f"Browse the runs: {ui_command(tracking_uri)}")
+
+
+@cli.command()
+@click.argument("model_file", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1), help="Classes to show per image.")
+@user_errors
+def predict(model_file: Path, images: tuple[str, ...], top_k: int) -> None:
+    """Top-k classes of each IMAGE with an exported MODEL (no network, nothing else needed)."""
+    model, payload = load_model(model_file)
+    predictions = predict_top_k(model, images, model_transform(payload), payload["classes"], top_k)
+    for path, preds in zip(images, predictions):
+        click.echo(path)
+        for name, prob in preds:
+            click.echo(f"  {prob:6.3f}  {name}")

@@ -1,0 +1,53 @@
+"""Configuration as frozen dataclasses, built once at the CLI and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+RUNS_DIR = Path("mlruns")  # every piece of run state lives here: stores, artifacts, feature cache
+
+
+def default_storage() -> str:
+    return f"sqlite:///{(RUNS_DIR / 'optuna.db').resolve()}"
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{(RUNS_DIR / 'mlflow.db').resolve()}"
+
+
+def default_cache_dir() -> Path:
+    return RUNS_DIR / "cache"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What one trial trains with: the sampled hyperparameters plus the fixed settings."""
+
+    lr: float
+    size_inner: int
+    dropout: float = 0.0
+    epochs: int = 10
+    batch_size: int = 32
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Everything `python -m sweep run` was asked to do."""
+
+    data_dir: Path
+    study: str = "clothing"
+    trials: int = 20
+    epochs: int = 10
+    storage: str = ""
+    tracking_uri: str = ""
+    backbone_weights: str | None = None
+    seed: int = 42
+    batch_size: int = 32
+    device: str = "auto"
+    pruner: str = "median"
+    cache_dir: Path = RUNS_DIR / "cache"
+    precision: str = "auto"
+    skip_bad_images: bool = False
+    progress: bool = True

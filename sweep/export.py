@@ -1,0 +1,67 @@
+"""The winner's head checkpoint (an MLflow artifact) + the backbone -> a self-contained model.pt."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from clothing.checkpoint import FORMAT_VERSION, HEAD, MODEL, CheckpointError, load_checkpoint, save_checkpoint
+from clothing.model import ClothingClassifierMobileNet, build_head, weights_fingerprint
+from sweep.select import TrialRecord
+from sweep.tracking import Tracker
+
+CHECKPOINT_ARTIFACT = "checkpoint/head.pt"
+
+
+def fetch_head(tracker: Tracker, record: TrialRecord) -> dict:
+    """The winner's head checkpoint, downloaded from its MLflow run."""
+    if not record.run_id:
+        raise CheckpointError(f"trial {record.number} has no MLflow run to take its checkpoint from")
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_checkpoint(tracker.download(record.run_id, CHECKPOINT_ARTIFACT, tmp), kind=HEAD)
+
+
+def head_module(head: dict) -> torch.nn.Module:
+    module = build_head(head["num_classes"], head["size_inner"], head.get("dropout", 0.0))
+    module.load_state_dict(head["state_dict"])
+    return module.eval()
+
+
+def check_backbone(head: dict, backbone: torch.nn.Module) -> None:
+    if weights_fingerprint(backbone) != head["backbone_fingerprint"]:
+        raise CheckpointError(
+            "the winner was trained on other backbone weights than the ones given; pass the same "
+            "--backbone-weights (or CLOTHING_BACKBONE_WEIGHTS) as for `sweep run`"
+        )
+
+
+def build_model(head: dict, backbone: torch.nn.Module) -> ClothingClassifierMobileNet:
+    """The full model: the given backbone's trunk with the trained head."""
+    check_backbone(head, backbone)
+    model = ClothingClassifierMobileNet(head["num_classes"], head["size_inner"], head.get("dropout", 0.0), backbone)
+    model.head.load_state_dict(head["state_dict"])
+    return model.eval()
+
+
+def export_model(head: dict, backbone: torch.nn.Module, path: str | Path, metrics: dict) -> Path:
+    """Write the winner as a full model in the export format (see DESIGN.md), atomically."""
+    model = build_model(head, backbone)
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "kind": MODEL,
+        "state_dict": model.state_dict(),
+        "size_inner": head["size_inner"],
+        "dropout": head.get("dropout", 0.0),
+        "num_classes": head["num_classes"],
+        "classes": head["classes"],
+        "image_size": head["image_size"],
+        "mean": head["mean"],
+        "std": head["std"],
+        "metrics": metrics,
+        "study": head["study"],
+        "trial": head["trial"],
+        "mlflow_run_id": head["mlflow_run_id"],
+    }
+    return save_checkpoint(payload, path)

@@ -1,0 +1,187 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+Layout: one experiment per study; one parent run per study, found again by tag so a resumed or
+parallel study never gets a second parent; one nested child run per trial named trial-NNN. It uses
+MlflowClient with explicit run ids, not the fluent API's global active run, so several trials or
+processes can log side by side.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+
+ROLE_TAG = "sweep.role"
+STUDY_TAG = "sweep.study"
+PARENT_ROLE, TRIAL_ROLE = "study", "trial"
+# Optuna's final state -> the MLflow run status that says the same thing.
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names it and what to do."""
+
+
+@contextmanager
+def _fail_fast_http():
+    """Make a reachability check fail in seconds, not after MLflow's minutes of retries."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Tracker:
+    """A study's view of one MLflow tracking store."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.tracking_uri = tracking_uri
+        if tracking_uri.startswith("sqlite:///"):
+            # The default store: keep the database's folder (and so the artifacts beside it) ready.
+            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    def check_reachable(self) -> None:
+        """Fail now, before any work, when the store cannot be reached."""
+        try:
+            with _fail_fast_http():
+                self.client.search_experiments(max_results=1)
+        except Exception as exc:  # connection errors come in many types; all mean the same here
+            raise TrackingError(
+                f"cannot reach the MLflow tracking store {self.tracking_uri} ({type(exc).__name__}); "
+                "start the server or pass a reachable --tracking-uri"
+            ) from exc
+
+    def _artifact_location(self) -> str | None:
+        # With a local SQLite store, keep artifacts in a folder beside the database, so all run
+        # state lives in one folder; a server decides for itself.
+        if self.tracking_uri.startswith("sqlite:///"):
+            db = Path(self.tracking_uri.removeprefix("sqlite:///"))
+            return (db.parent / "artifacts").resolve().as_uri()
+        return None
+
+    def experiment_id(self, study: str, create: bool = True) -> str | None:
+        experiment = self.client.get_experiment_by_name(study)
+        if experiment is not None:
+            return experiment.experiment_id
+        if not create:
+            return None
+        try:
+            return self.client.create_experiment(study, artifact_location=self._artifact_location())
+        except MlflowException:
+            # Another worker created it between our lookup and create.
+            return self.client.get_experiment_by_name(study).experiment_id
+
+    def find_parent(self, experiment_id: str) -> str | None:
+        runs = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{ROLE_TAG}` = '{PARENT_ROLE}'",
+            order_by=["attributes.start_time ASC"],
+        )
+        # The oldest parent is the study's; ties (same millisecond) are broken by run id.
+        runs = sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+        return runs[0].info.run_id if runs else None
+
+    def open_parent(self, experiment_id: str, study: str, params: dict) -> str:
+        """The study's parent run, created on first use and marked RUNNING while a sweep works."""
+        parent = self.find_parent(experiment_id)
+        if parent is None:
+            run = self.client.create_run(
+                experiment_id, run_name=study, tags={ROLE_TAG: PARENT_ROLE, STUDY_TAG: study}
+            )
+            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+            parent = self.find_parent(experiment_id)
+            if parent != run.info.run_id:
+                # Two workers raced to create it; keep the oldest, drop ours.
+                self.client.delete_run(run.info.run_id)
+        else:
+            self.client.update_run(parent, status="RUNNING")
+        return parent
+
+    def close_parent(self, parent_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(parent_id, status=status)
+
+    def start_trial(self, experiment_id: str, parent_id: str, study: str, number: int, params: dict) -> str:
+        run = self.client.create_run(
+            experiment_id,
+            run_name=f"trial-{number:03d}",
+            tags={
+                "mlflow.parentRunId": parent_id,
+                ROLE_TAG: TRIAL_ROLE,
+                STUDY_TAG: study,
+                "optuna.trial_number": str(number),
+                "optuna.state": "RUNNING",
+            },
+        )
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        """All of one step's metrics in one call."""
+        now = _now_ms()
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.client.log_batch(run_id, metrics=batch)
+
+    def log_file(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path=folder)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def set_tags(self, run_id: str, tags: dict[str, object]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, str(value))
+
+    def end_trial(self, run_id: str, state: str, tags: dict[str, object] | None = None) -> None:
+        """Close a trial's run with the status that matches its Optuna state."""
+        self.set_tags(run_id, {"optuna.state": state, **(tags or {})})
+        self.client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
+
+    def run_status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
+    def download(self, run_id: str, artifact_path: str, dst: str | Path) -> Path:
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=self.tracking_uri
+            )
+        )
+
+
+def rows_to_csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The exact command that browses this store."""
+    if urlparse(tracking_uri).scheme in ("http", "https"):
+        return f"open {tracking_uri}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
