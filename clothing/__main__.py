@@ -16,7 +16,9 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="How many classes to show per image.")
+@click.option(
+    "--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="How many classes to show per image."
+)
 @click.option(
     "--backbone-weights",
     envvar="CLOTHING_BACKBONE_WEIGHTS",

@@ -42,11 +42,7 @@ def discover_classes(root: str | Path) -> list[str]:
 
 def list_images(folder: Path) -> list[Path]:
     """Sorted image files of one class folder; hidden files and other extensions are skipped."""
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    return sorted(p for p in folder.iterdir() if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -80,9 +76,7 @@ def build_transforms(image_size: int = IMAGE_SIZE, train: bool = False) -> Calla
         ]
     else:
         steps = [transforms.Resize((image_size, image_size))]
-    return transforms.Compose(
-        [*steps, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    )
+    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 class ClothingDataset(torch.utils.data.Dataset):

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,10 @@ from clothing.data import ClothingDataset, DatasetError, load_image
 from clothing.model import FEATURE_DIM, feature_extractor, weights_fingerprint
 
 CACHE_FORMAT = 2  # bump when the cached layout or the extraction semantics change
-PRECISIONS = ("auto", "fp32", "bf16")
+# "exact": eager PyTorch in fp32, the reference. "fp32": a frozen, fused inference graph (BatchNorm
+# folded into the convolutions) in fp32. "bf16": that graph under bf16 autocast. "auto": the fastest
+# of these that the hardware runs natively.
+PRECISIONS = ("auto", "exact", "fp32", "bf16")
 
 
 class BadImagesError(DatasetError):
@@ -59,7 +63,7 @@ class FeatureSet:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" picks reduced precision only where the hardware runs it natively."""
+    """ "auto" picks reduced precision only where the hardware runs it natively."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if precision != "auto":
@@ -67,6 +71,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def optimize_for_cpu(extractor: torch.nn.Module, image_shape: tuple[int, ...]) -> torch.nn.Module:
+    """Freeze the extractor into a fused inference graph: on a CPU without native bf16 this is the
+    largest single speed-up measured (bench/), with features equal to eager fp32 up to rounding."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.compile, which
+        # costs minutes of compilation on a small CPU for a one-pass job; the jit graph costs a second.
+        traced = torch.jit.trace(extractor, torch.zeros(1, *image_shape))
+        return torch.jit.optimize_for_inference(traced)
 
 
 def cache_key(dataset: ClothingDataset, weights_id: str, precision: str) -> str:
@@ -104,7 +118,7 @@ class _TolerantImages(Dataset):
 
 
 def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
+    if precision in ("exact", "fp32"):
         return torch.autocast(device.type, enabled=False)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
@@ -134,15 +148,19 @@ def extract_features(
 
     Returns the indices of unreadable images (their rows are zeros).
     """
-    num_workers = default_num_workers(device) if num_workers is None else num_workers
+    if num_workers is None:  # a loader process only pays off over more than one batch
+        num_workers = default_num_workers(device) if len(dataset) > batch_size else 0
+    images_in = _TolerantImages(dataset)
     loader = DataLoader(
-        _TolerantImages(dataset),
+        images_in,
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
     extractor = extractor.to(device, memory_format=torch.channels_last).eval()
+    if device.type == "cpu" and precision == "fp32":
+        extractor = optimize_for_cpu(extractor, images_in._shape())
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp_file = out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
     rows = np.lib.format.open_memmap(tmp_file, mode="w+", dtype=np.float32, shape=(len(dataset), FEATURE_DIM))

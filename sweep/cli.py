@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import warnings
 from pathlib import Path
 
 import click
@@ -43,6 +45,9 @@ def quiet_libraries() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    # Heartbeats are marked experimental but are Optuna's documented crash-recovery mechanism.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -50,20 +55,53 @@ def quiet_libraries() -> None:
 def study_options(command):
     """Options that name a study and its stores, shared by run and best."""
     options = [
-        click.option("--study", default="clothing", show_default=True, help="Optuna study name = MLflow experiment name."),
-        click.option("--storage", default=default_storage, show_default="sqlite:///<abs>/mlruns/optuna.db",
-                     help="Optuna storage URL (SQLite, PostgreSQL, MySQL, ...)."),
-        click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=default_tracking_uri,
-                     show_default="$MLFLOW_TRACKING_URI, else sqlite:///<abs>/mlruns/mlflow.db",
-                     help="MLflow tracking store or server."),
-        click.option("--data-dir", envvar="CLOTHING_DATA_DIR", default="data/clothing-dataset-small", show_default=True,
-                     type=click.Path(path_type=Path), help="Folder with train/, validation/ and optionally test/ (env CLOTHING_DATA_DIR)."),
-        click.option("--backbone-weights", envvar="CLOTHING_BACKBONE_WEIGHTS", default=TORCHVISION_WEIGHTS, show_default=True,
-                     help="Local MobileNetV2 state_dict, or IMAGENET1K_V1 to download torchvision's (env CLOTHING_BACKBONE_WEIGHTS)."),
-        click.option("--cache-dir", envvar="CLOTHING_CACHE_DIR", default=default_cache_dir, show_default="mlruns/cache",
-                     type=click.Path(path_type=Path), help="Where cached features live (env CLOTHING_CACHE_DIR)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                     help="Where to run; auto picks CUDA when available."),
+        click.option(
+            "--study", default="clothing", show_default=True, help="Optuna study name = MLflow experiment name."
+        ),
+        click.option(
+            "--storage",
+            default=default_storage,
+            show_default="sqlite:///<abs>/mlruns/optuna.db",
+            help="Optuna storage URL (SQLite, PostgreSQL, MySQL, ...).",
+        ),
+        click.option(
+            "--tracking-uri",
+            envvar="MLFLOW_TRACKING_URI",
+            default=default_tracking_uri,
+            show_default="$MLFLOW_TRACKING_URI, else sqlite:///<abs>/mlruns/mlflow.db",
+            help="MLflow tracking store or server.",
+        ),
+        click.option(
+            "--data-dir",
+            envvar="CLOTHING_DATA_DIR",
+            default="data/clothing-dataset-small",
+            show_default=True,
+            type=click.Path(path_type=Path),
+            help="Folder with train/, validation/ and optionally test/ (env CLOTHING_DATA_DIR).",
+        ),
+        click.option(
+            "--backbone-weights",
+            envvar="CLOTHING_BACKBONE_WEIGHTS",
+            default=TORCHVISION_WEIGHTS,
+            show_default=True,
+            help="Local MobileNetV2 state_dict, or IMAGENET1K_V1 to download torchvision's "
+            "(env CLOTHING_BACKBONE_WEIGHTS).",
+        ),
+        click.option(
+            "--cache-dir",
+            envvar="CLOTHING_CACHE_DIR",
+            default=default_cache_dir,
+            show_default="mlruns/cache",
+            type=click.Path(path_type=Path),
+            help="Where cached features live (env CLOTHING_CACHE_DIR).",
+        ),
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cpu", "cuda"]),
+            default="auto",
+            show_default=True,
+            help="Where to run; auto picks CUDA when available.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -97,16 +135,35 @@ def cli() -> None:
 
 @cli.command()
 @study_options
-@click.option("--trials", default=20, show_default=True, type=click.IntRange(min=1),
-              help="Target number of finished (COMPLETE or PRUNED) trials; a re-run only adds what is missing.")
+@click.option(
+    "--trials",
+    default=20,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Target number of finished (COMPLETE or PRUNED) trials; a re-run only adds what is missing.",
+)
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1), help="Epochs per trial.")
 @click.option("--seed", default=42, show_default=True, type=int, help="Sampler and training seed.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Training batch size.")
-@click.option("--pruner", type=click.Choice(["median", "none"]), default="median", show_default=True,
-              help="Optuna MedianPruner on per-epoch val accuracy, or none.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="Feature extraction precision; auto uses bf16 only where the hardware runs it natively.")
-@click.option("--skip-bad-images", is_flag=True, help="Leave unreadable images out (listed on the parent run) instead of stopping.")
+@click.option(
+    "--pruner",
+    type=click.Choice(["median", "none"]),
+    default="median",
+    show_default=True,
+    help="Optuna MedianPruner on per-epoch val accuracy, or none.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="Feature extraction precision; auto uses bf16 only where the hardware runs it natively.",
+)
+@click.option(
+    "--skip-bad-images",
+    is_flag=True,
+    help="Leave unreadable images out (listed on the parent run) instead of stopping.",
+)
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @user_errors
 def run(**options) -> None:
@@ -125,10 +182,20 @@ def run(**options) -> None:
 
 @cli.command()
 @study_options
-@click.option("--tolerance", default=DEFAULT_TOLERANCE, show_default=True, type=click.FloatRange(min=0),
-              help="Trials within this much of the best val_acc compete on the smallest gap.")
-@click.option("--export", "export_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the winner as a self-contained model file here.")
+@click.option(
+    "--tolerance",
+    default=DEFAULT_TOLERANCE,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Trials within this much of the best val_acc compete on the smallest gap.",
+)
+@click.option(
+    "--export",
+    "export_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the winner as a self-contained model file here.",
+)
 @user_errors
 def best(study, storage, tracking_uri, data_dir, backbone_weights, cache_dir, device, tolerance, export_path) -> None:
     """Show the leading trials and the winner; optionally export it and score it on test/."""
@@ -142,16 +209,25 @@ def best(study, storage, tracking_uri, data_dir, backbone_weights, cache_dir, de
     leading = sorted([r for r in records if r.state == "COMPLETE"], key=lambda r: -r.val_acc)[:10]
     click.echo(format_table(record_rows(leading), marker=winner.number))
     click.echo(f"\nRule: {rule_text(tolerance)} ({len(eligible(records, tolerance))} trial(s) in the band)")
-    click.echo(f"Winner: trial {winner.number}  lr {winner.params['lr']:.2e}  size_inner {winner.params['size_inner']}"
-               f"  val_acc {winner.val_acc:.3f}  gap {winner.gap:+.3f}  (epoch {winner.best_epoch})")
+    click.echo(
+        f"Winner: trial {winner.number}  lr {winner.params['lr']:.2e}  size_inner {winner.params['size_inner']}"
+        f"  val_acc {winner.val_acc:.3f}  gap {winner.gap:+.3f}  (epoch {winner.best_epoch})"
+    )
 
     tracker = Tracker(tracking_uri)
     tracker.check_reachable()
     parent_id = tracker.find_parent(tracker.experiment_id(study, create=False) or "")
     tracker.set_tags(winner.run_id, {"sweep.winner": "true"})
     if parent_id:
-        tracker.set_tags(parent_id, {"sweep.winner_trial": winner.number, "sweep.winner_run_id": winner.run_id,
-                                     "sweep.rule": rule_text(tolerance), "sweep.tolerance": tolerance})
+        tracker.set_tags(
+            parent_id,
+            {
+                "sweep.winner_trial": winner.number,
+                "sweep.winner_run_id": winner.run_id,
+                "sweep.rule": rule_text(tolerance),
+                "sweep.tolerance": tolerance,
+            },
+        )
         tracker.log_text(parent_id, rows_to_csv(record_rows(records)), "trials.csv")
 
     test_dir = Path(data_dir) / "test"
@@ -159,11 +235,20 @@ def best(study, storage, tracking_uri, data_dir, backbone_weights, cache_dir, de
         return
     backbone = load_backbone(backbone_weights)
     head = fetch_head(tracker, winner)
-    metrics = {"val_acc": winner.val_acc, "train_acc": winner.train_acc, "gap": winner.gap, "best_epoch": winner.best_epoch}
+    metrics = {
+        "val_acc": winner.val_acc,
+        "train_acc": winner.train_acc,
+        "gap": winner.gap,
+        "best_epoch": winner.best_epoch,
+    }
     if test_dir.is_dir():
-        test_set = ClothingDataset(test_dir, build_transforms(IMAGE_SIZE), {c: i for i, c in enumerate(head["classes"])})
+        test_set = ClothingDataset(
+            test_dir, build_transforms(IMAGE_SIZE), {c: i for i, c in enumerate(head["classes"])}
+        )
         features = cached_features(test_set, backbone, cache_dir, device=resolve_device(device))
-        metrics["test_acc"] = evaluate(head_module(head), FeatureBatches(features.features, features.labels, 256), "cpu")
+        metrics["test_acc"] = evaluate(
+            head_module(head), FeatureBatches(features.features, features.labels, 256), "cpu"
+        )
         tracker.client.log_metric(winner.run_id, "test_acc", metrics["test_acc"])
         click.echo(f"test_acc {metrics['test_acc']:.3f} on {len(features.labels)} images of {test_dir}")
     if export_path is not None:

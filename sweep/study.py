@@ -168,7 +168,15 @@ def prepare_data(
 class Objective:
     """suggest -> train the head on cached features -> best validation accuracy."""
 
-    def __init__(self, cfg: SweepConfig, data: SweepData, tracker: Tracker, experiment_id: str, parent_id: str, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: SweepConfig,
+        data: SweepData,
+        tracker: Tracker,
+        experiment_id: str,
+        parent_id: str,
+        device: torch.device,
+    ) -> None:
         self.cfg, self.data, self.tracker = cfg, data, tracker
         self.experiment_id, self.parent_id, self.device = experiment_id, parent_id, device
         # Features move to the device once; every trial and epoch reuses them.
@@ -177,8 +185,13 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         train_cfg = suggest(trial, self.cfg)
-        params = {**asdict(train_cfg), "image_size": IMAGE_SIZE, "backbone": self.data.backbone_id,
-                  "precision": self.cfg.precision, "num_train": len(self.train_xy[1])}
+        params = {
+            **asdict(train_cfg),
+            "image_size": IMAGE_SIZE,
+            "backbone": self.data.backbone_id,
+            "precision": self.cfg.precision,
+            "num_train": len(self.train_xy[1]),
+        }
         run_id = self.tracker.start_trial(self.experiment_id, self.parent_id, self.cfg.study, trial.number, params)
         trial.set_user_attr("mlflow_run_id", run_id)
         best: dict = {}
@@ -217,14 +230,20 @@ class Objective:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} (val_acc {metrics['val_acc']:.3f})")
 
-        train_and_evaluate(head, optimizer, train_batches, val_batches, nn.CrossEntropyLoss(), cfg.epochs, self.device, on_epoch)
+        train_and_evaluate(
+            head, optimizer, train_batches, val_batches, nn.CrossEntropyLoss(), cfg.epochs, self.device, on_epoch
+        )
 
     def _finish(self, trial: optuna.Trial, run_id: str, cfg: TrainConfig, best: dict, state: str, tags: dict) -> None:
         """Summary metrics and the best epoch's checkpoint, then close the run with its final state."""
         if best:
             m = best["metrics"]
-            summary = {"best_epoch": m["epoch"], "best_train_acc": m["train_acc"], "best_val_acc": m["val_acc"],
-                       "gap": m["train_acc"] - m["val_acc"]}
+            summary = {
+                "best_epoch": m["epoch"],
+                "best_train_acc": m["train_acc"],
+                "best_val_acc": m["val_acc"],
+                "gap": m["train_acc"] - m["val_acc"],
+            }
             for key in ("best_epoch", "train_acc", "val_acc"):
                 trial.set_user_attr(key, m[key if key != "best_epoch" else "epoch"])
             self.tracker.log_metrics(run_id, summary)
@@ -263,7 +282,9 @@ def describe_trial(trial: optuna.trial.FrozenTrial, seconds: float) -> str:
     lr, size = trial.params.get("lr"), trial.params.get("size_inner")
     val, train = trial.user_attrs.get("val_acc"), trial.user_attrs.get("train_acc")
     scores = f"val_acc {val:.3f}  gap {train - val:+.3f}" if val is not None else "no epoch finished"
-    line = f"trial {trial.number:3d}  lr {lr:.2e}  size_inner {size:>4}  {scores}  {trial.state.name:<8}  {seconds:5.1f}s"
+    line = (
+        f"trial {trial.number:3d}  lr {lr:.2e}  size_inner {size:>4}  {scores}  {trial.state.name:<8}  {seconds:5.1f}s"
+    )
     if trial.state == TrialState.FAIL:
         line += f"  ({trial.user_attrs.get('error', 'failed')})"
     return line
@@ -280,7 +301,7 @@ def run_trials(study: optuna.Study, objective: Objective, target: int, report: R
             break  # other workers are finishing the rest
         started = time.perf_counter()
         ran: list[optuna.trial.FrozenTrial] = []
-        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[lambda _, t: ran.append(t)])
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[lambda _, t, ran=ran: ran.append(t)])
         trial = ran[0]
         report(describe_trial(trial, time.perf_counter() - started))
         if trial.state in FINISHED:
@@ -310,8 +331,15 @@ def run_sweep(cfg: SweepConfig, report: Report) -> SweepResult:
         report(f"study {cfg.study!r} already has {finished_count(study)} finished trials (target {cfg.trials})")
     data = prepare_data(cfg, device, splits)
     experiment_id = tracker.experiment_id(cfg.study)
-    parent_params = {"data_dir": cfg.data_dir, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed,
-                     "pruner": cfg.pruner, "backbone": data.backbone_id, "storage": cfg.storage}
+    parent_params = {
+        "data_dir": cfg.data_dir,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "pruner": cfg.pruner,
+        "backbone": data.backbone_id,
+        "storage": cfg.storage,
+    }
     parent_id = tracker.open_parent(experiment_id, cfg.study, parent_params)
     if data.train.bad_paths or data.val.bad_paths:
         tracker.log_text(parent_id, "\n".join(data.train.bad_paths + data.val.bad_paths), "skipped_images.txt")

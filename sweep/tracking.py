@@ -107,9 +107,7 @@ class Tracker:
         """The study's parent run, created on first use and marked RUNNING while a sweep works."""
         parent = self.find_parent(experiment_id)
         if parent is None:
-            run = self.client.create_run(
-                experiment_id, run_name=study, tags={ROLE_TAG: PARENT_ROLE, STUDY_TAG: study}
-            )
+            run = self.client.create_run(experiment_id, run_name=study, tags={ROLE_TAG: PARENT_ROLE, STUDY_TAG: study})
             self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
             parent = self.find_parent(experiment_id)
             if parent != run.info.run_id:
@@ -184,4 +182,3 @@ def ui_command(tracking_uri: str) -> str:
     if urlparse(tracking_uri).scheme in ("http", "https"):
         return f"open {tracking_uri}"
     return f"mlflow ui --backend-store-uri {tracking_uri}"
-

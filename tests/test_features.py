@@ -1,0 +1,101 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_image
+
+import clothing.features as features_module
+from clothing.data import ClothingDataset, build_transforms
+from clothing.features import BadImagesError, FeatureBatches, cached_features
+from clothing.model import load_backbone
+
+
+@pytest.fixture
+def train_set(data_dir):
+    return ClothingDataset(data_dir / "train", build_transforms())
+
+
+def test_second_call_reads_the_cache_without_running_the_backbone(train_set, tmp_path, monkeypatch):
+    backbone = load_backbone(None)
+    first = cached_features(train_set, backbone, tmp_path, progress=False)
+    assert not first.cache_hit and first.features.shape == (12, 1280)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the backbone ran although the cache should have hit")
+
+    monkeypatch.setattr(features_module, "extract_features", must_not_run)
+    second = cached_features(train_set, backbone, tmp_path, progress=False)
+    assert second.cache_hit
+    assert torch.equal(first.features, second.features) and torch.equal(first.labels, second.labels)
+
+
+def test_changing_an_image_misses_the_cache(train_set, tmp_path):
+    backbone = load_backbone(None)
+    before = cached_features(train_set, backbone, tmp_path, progress=False)
+    changed = train_set.image_paths[0]
+    write_image(Path(changed), (255, 255, 255), seed=99)
+    os.utime(changed, ns=(1, 1))  # a different mtime even on coarse-grained file systems
+    after = cached_features(train_set, backbone, tmp_path, progress=False)
+    assert not after.cache_hit
+    assert not torch.equal(before.features[0], after.features[0])
+    torch.testing.assert_close(before.features[1:], after.features[1:])
+
+
+def test_other_weights_or_transform_miss_the_cache(train_set, tmp_path):
+    cached_features(train_set, load_backbone(None), tmp_path, progress=False)
+    assert not cached_features(train_set, load_backbone(None), tmp_path, progress=False).cache_hit
+    backbone = load_backbone(None)
+    cached_features(train_set, backbone, tmp_path, progress=False)
+    train_set.transform = build_transforms(image_size=192)
+    assert not cached_features(train_set, backbone, tmp_path, progress=False).cache_hit
+
+
+def test_fast_pipeline_stays_within_the_quality_guard(train_set, tmp_path):
+    """The fused inference graph (and any reduced precision) keeps cosine >= 0.99 on every image."""
+    backbone = load_backbone(None)
+    reference = cached_features(train_set, backbone, tmp_path, precision="exact", progress=False).features
+    for precision in ("auto", "fp32"):
+        fast = cached_features(train_set, backbone, tmp_path, precision=precision, progress=False).features
+        cosine = torch.nn.functional.cosine_similarity(reference, fast, dim=1)
+        assert cosine.min() >= 0.99, precision
+
+
+def test_unreadable_images_are_all_listed_or_skipped(train_set, tmp_path):
+    bad = [train_set.image_paths[1], train_set.image_paths[6]]
+    for path in bad:
+        with open(path, "wb") as handle:
+            handle.write(b"not a jpeg")
+    backbone = load_backbone(None)
+    with pytest.raises(BadImagesError) as excinfo:
+        cached_features(train_set, backbone, tmp_path, progress=False)
+    assert excinfo.value.paths == bad
+    assert "--skip-bad-images" in str(excinfo.value)
+    kept = cached_features(train_set, backbone, tmp_path, skip_bad_images=True, progress=False)
+    assert kept.cache_hit  # the failed run's single pass was cached, not repeated
+    assert kept.bad_paths == bad and len(kept.labels) == 10
+    assert kept.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
+
+
+def test_no_partial_cache_file_after_an_interrupted_extraction(train_set, tmp_path, monkeypatch):
+    class Interrupted(Exception):
+        pass
+
+    def explode(*args, **kwargs):
+        raise Interrupted
+
+    backbone = load_backbone(None)
+    monkeypatch.setattr(backbone.features, "forward", explode)
+    with pytest.raises(Interrupted):
+        cached_features(train_set, backbone, tmp_path / "cache", precision="exact", progress=False)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_feature_batches_reshuffle_every_epoch_and_cover_every_sample():
+    x, y = torch.arange(10.0).unsqueeze(1), torch.arange(10)
+    batches = FeatureBatches(x, y, 4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    epochs = [torch.cat([labels for _, labels in batches]).tolist() for _ in range(2)]
+    assert len(batches) == 3
+    assert all(sorted(order) == list(range(10)) for order in epochs)
+    assert epochs[0] != epochs[1]
+    assert [labels.tolist() for _, labels in FeatureBatches(x, y, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]

@@ -1,0 +1,136 @@
+import optuna
+import pytest
+import torch
+from click.testing import CliRunner
+from sweep_helpers import load_study, mlflow_runs, run_sweep_cli
+
+from clothing.checkpoint import load_model
+from clothing.model import load_backbone
+from sweep.cli import cli
+from sweep.export import build_model, fetch_head
+from sweep.study import trial_records
+from sweep.tracking import Tracker
+
+METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
+
+
+def best_cli(stores, *extra):
+    argv = ["best", *extra]
+    for key, value in stores.items():
+        argv += [key, value]
+    return CliRunner().invoke(cli, argv)
+
+
+@pytest.fixture
+def swept(stores, data_dir, random_weights):
+    result = run_sweep_cli(stores, data_dir, random_weights, trials=3, epochs=2)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_a_sweep_logs_one_parent_and_a_nested_run_per_trial(swept, stores):
+    client, runs = mlflow_runs(stores)
+    parents = [r for r in runs if r.data.tags.get("sweep.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("sweep.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.info.run_name for r in children) == ["trial-000", "trial-001", "trial-002"]
+    study = load_study(stores)
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED" and child.data.tags["optuna.state"] == "COMPLETE"
+        assert {"lr", "size_inner", "epochs", "batch_size", "seed", "image_size", "backbone"} <= set(child.data.params)
+        for metric in METRICS:
+            assert [m.step for m in client.get_metric_history(child.info.run_id, metric)] == [1, 2]
+        assert {"best_epoch", "best_val_acc", "best_train_acc", "gap"} <= set(child.data.metrics)
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")] == ["checkpoint/head.pt"]
+        number = int(child.data.tags["optuna.trial_number"])
+        assert study.trials[number].user_attrs["mlflow_run_id"] == child.info.run_id
+    assert "trials.csv" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    assert "mlflow ui --backend-store-uri" in swept.output
+
+
+def test_rerunning_with_a_higher_target_adds_only_the_missing_trials(swept, stores, data_dir, random_weights):
+    again = run_sweep_cli(stores, data_dir, random_weights, trials=3, epochs=2)
+    assert again.exit_code == 0 and len(load_study(stores).trials) == 3  # nothing to do
+    more = run_sweep_cli(stores, data_dir, random_weights, trials=5, epochs=2)
+    assert more.exit_code == 0, more.output
+    assert len(load_study(stores).trials) == 5
+    _, runs = mlflow_runs(stores)
+    parents = [r for r in runs if r.data.tags.get("sweep.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("sweep.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 5
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(c.info.run_name for c in children)[-2:] == ["trial-003", "trial-004"]
+
+
+def test_best_names_the_winner_tags_it_and_exports_an_equivalent_model(
+    swept, stores, data_dir, random_weights, tmp_path
+):
+    out = tmp_path / "model.pt"
+    result = best_cli(
+        stores, "--export", str(out), "--backbone-weights", str(random_weights), "--data-dir", str(data_dir)
+    )
+    assert result.exit_code == 0, result.output
+    assert "Rule: among COMPLETE trials" in result.output and "Winner: trial" in result.output
+    winner_number = int(result.output.split("Winner: trial ")[1].split()[0])
+
+    payload = torch.load(out, weights_only=True)
+    assert payload["trial"] == winner_number and payload["classes"] == ["hat", "pants", "shoes"]
+    assert {
+        "format_version",
+        "state_dict",
+        "size_inner",
+        "num_classes",
+        "image_size",
+        "mean",
+        "std",
+        "metrics",
+        "study",
+        "mlflow_run_id",
+    } <= set(payload)
+
+    exported, _ = load_model(out)
+    record = next(r for r in trial_records(load_study(stores)) if r.number == winner_number)
+    in_memory = build_model(fetch_head(Tracker(stores["--tracking-uri"]), record), load_backbone(random_weights))
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), in_memory(x))
+
+    client, runs = mlflow_runs(stores)
+    parent = next(r for r in runs if r.data.tags.get("sweep.role") == "study")
+    assert parent.data.tags["sweep.winner_trial"] == str(winner_number)
+    assert client.get_run(record.run_id).data.tags["sweep.winner"] == "true"
+
+
+def test_best_scores_the_winner_on_a_test_split(swept, stores, data_dir, random_weights):
+    from conftest import make_split
+
+    make_split(data_dir / "test", per_class=2, seed=5000)
+    result = best_cli(stores, "--backbone-weights", str(random_weights), "--data-dir", str(data_dir))
+    assert result.exit_code == 0, result.output
+    assert "test_acc" in result.output
+    client, runs = mlflow_runs(stores)
+    winner = [r for r in runs if r.data.tags.get("sweep.winner") == "true"]
+    assert len(winner) == 1 and 0.0 <= winner[0].data.metrics["test_acc"] <= 1.0
+
+
+def test_predict_prints_k_classes_per_image(swept, stores, data_dir, random_weights, tmp_path):
+    out = tmp_path / "model.pt"
+    assert best_cli(stores, "--export", str(out), "--backbone-weights", str(random_weights)).exit_code == 0
+    images = [str(data_dir / "validation" / "hat" / "00.jpg"), str(data_dir / "validation" / "shoes" / "01.jpg")]
+    result = CliRunner().invoke(cli, ["predict", str(out), *images, "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert [lines[0], lines[3]] == images and len(lines) == 6
+    assert all(line.split()[1] in ("hat", "pants", "shoes") for line in lines[1:3] + lines[4:6])
+
+
+def test_best_on_a_missing_study_or_one_without_complete_trials_is_an_error(stores):
+    missing = best_cli(stores, "--study", "nope")
+    assert missing.exit_code == 1 and missing.output.startswith("Error: no study named 'nope'")
+    study = optuna.create_study(study_name="empty", storage=stores["--storage"])
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    empty = best_cli(stores, "--study", "empty")
+    assert empty.exit_code == 1 and "no COMPLETE trial" in empty.output
