@@ -23,8 +23,8 @@ test: install
 	$(PY) -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check clothing sweep tests bench
-	$(VENV)/bin/ruff format --check clothing sweep tests bench
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 sweep: install
 	$(PY) -m sweep run

@@ -164,14 +164,20 @@ def cli() -> None:
     is_flag=True,
     help="Leave unreadable images out (listed on the parent run) instead of stopping.",
 )
+@click.option(
+    "--jobs",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Worker processes on this machine sharing the study (features are extracted once first).",
+)
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @user_errors
-def run(**options) -> None:
+def run(jobs: int, quiet: bool, **options) -> None:
     """Run (or resume) a study: extract features once, then train a head per trial."""
-    quiet = options.pop("quiet")
     cfg = SweepConfig(**options, progress=not quiet)
     say = (lambda _: None) if quiet else click.echo
-    result = run_sweep(cfg, say)
+    result = run_sweep(cfg, say, jobs=jobs)
     click.echo(format_table(record_rows(result.records)))
     click.echo(f"\nBrowse the runs: {ui_command(cfg.tracking_uri)}")
     if result.errors and result.finished_here == 0:

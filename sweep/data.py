@@ -1,0 +1,42 @@
+"""The sweep's data: both splits' cached features, computed once per (images, weights, transform)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clothing.data import IMAGE_SIZE, ClothingDataset, build_transforms
+from clothing.features import FeatureSet, cached_features
+from clothing.model import load_backbone, weights_fingerprint
+from sweep.config import SweepConfig
+
+
+@dataclass
+class SweepData:
+    classes: list[str]
+    train: FeatureSet
+    val: FeatureSet
+    backbone_id: str
+
+
+def load_splits(data_dir: Path) -> tuple[ClothingDataset, ClothingDataset]:
+    transform = build_transforms(IMAGE_SIZE)
+    train = ClothingDataset(data_dir / "train", transform)
+    val = ClothingDataset(data_dir / "validation", transform, class_to_idx=train.class_to_idx)
+    return train, val
+
+
+def prepare_data(
+    cfg: SweepConfig,
+    device: torch.device,
+    splits: tuple[ClothingDataset, ClothingDataset] | None = None,
+) -> SweepData:
+    """Cached features of the train and validation splits (one backbone pass on a cold cache)."""
+    train_set, val_set = splits or load_splits(cfg.data_dir)
+    backbone = load_backbone(cfg.backbone_weights)
+    options = dict(device=device, precision=cfg.precision, skip_bad_images=cfg.skip_bad_images, progress=cfg.progress)
+    train = cached_features(train_set, backbone, cfg.cache_dir, **options)
+    val = cached_features(val_set, backbone, cfg.cache_dir, **options)
+    return SweepData(train_set.classes, train, val, weights_fingerprint(backbone))

@@ -1,0 +1,219 @@
+"""Crash-safe resume, failing trials and parallel workers, with real stores and real processes."""
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from sweep_helpers import load_study, mlflow_runs, run_sweep_cli
+
+import sweep.objective as objective_module
+
+pytestmark = pytest.mark.slow
+
+
+def sweep_command(stores, data_dir, weights, trials, epochs, *extra):
+    command = [
+        sys.executable,
+        "-m",
+        "sweep",
+        "run",
+        "--data-dir",
+        str(data_dir),
+        "--backbone-weights",
+        str(weights),
+        "--trials",
+        str(trials),
+        "--epochs",
+        str(epochs),
+        "--pruner",
+        "none",
+        "--quiet",
+        *extra,
+    ]
+    for key, value in stores.items():
+        command += [key, value]
+    return command
+
+
+def worker_env():
+    # One-second heartbeats, so a killed trial goes stale in seconds, not the default 20.
+    return {**os.environ, "SWEEP_HEARTBEAT_SECONDS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def wait_for(condition, timeout=120, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def children_by_trial(stores):
+    _, runs = mlflow_runs(stores)
+    children = [r for r in runs if r.data.tags.get("sweep.role") == "trial"]
+    parents = [r for r in runs if r.data.tags.get("sweep.role") == "study"]
+    return {int(r.data.tags["optuna.trial_number"]): r for r in children}, parents, len(children)
+
+
+def running_trial_with_epochs(stores, epochs):
+    try:
+        study = load_study(stores)
+    except Exception:  # the store or the study does not exist yet
+        return None
+    running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    return running[0] if running and len(running[0].intermediate_values) >= epochs else None
+
+
+def test_a_sweep_killed_mid_trial_resumes_to_its_target(stores, data_dir, random_weights):
+    command = sweep_command(stores, data_dir, random_weights, 2, 150)
+    victim = subprocess.Popen(command, env=worker_env())
+    killed = wait_for(lambda: running_trial_with_epochs(stores, 3), what="a trial in progress")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    runs, _, _ = children_by_trial(stores)
+    assert runs[killed.number].info.status == "RUNNING"  # what a crash leaves behind
+
+    resumed = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+
+    study = load_study(stores)
+    states = {t.number: t.state.name for t in study.trials}
+    assert states[killed.number] == "FAIL"
+    assert sorted(states.values()).count("COMPLETE") == 2 and "RUNNING" not in states.values()
+    runs, parents, n_children = children_by_trial(stores)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert n_children == len(study.trials)  # exactly one run per trial, none duplicated
+    assert runs[killed.number].info.status == "FAILED"
+    assert "heartbeat" in runs[killed.number].data.tags["sweep.error"]
+    assert all(runs[t.number].info.status == "FINISHED" for t in study.trials if t.state.name == "COMPLETE")
+
+
+def rig_trials(monkeypatch, plan):
+    """Make chosen trials diverge or raise, through the real search space and training code."""
+    real_suggest = objective_module.suggest
+
+    def rigged(trial, cfg):
+        config = real_suggest(trial, cfg)
+        change = plan(trial.number)
+        return dataclasses.replace(config, **change) if change else config
+
+    monkeypatch.setattr(objective_module, "suggest", rigged)
+
+
+def test_diverging_and_raising_trials_are_recorded_and_the_sweep_goes_on(stores, data_dir, random_weights, monkeypatch):
+    # Trial 1 gets an infinite learning rate (NaN loss); trial 2 an impossible layer size (raises).
+    rig_trials(monkeypatch, lambda n: {1: {"lr": float("inf")}, 2: {"size_inner": -1}}.get(n))
+    result = run_sweep_cli(stores, data_dir, random_weights, trials=3, epochs=2)
+    assert result.exit_code == 0, result.output
+    study = load_study(stores)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "FAIL", "COMPLETE"]
+    runs, _, _ = children_by_trial(stores)
+    assert runs[1].info.status == "KILLED" and runs[1].data.tags["sweep.stop_reason"].startswith("diverged")
+    assert runs[2].info.status == "FAILED" and "RuntimeError" in runs[2].data.tags["sweep.error"]
+    assert runs[3].info.status == "FINISHED"
+
+
+def test_a_run_whose_every_trial_fails_exits_non_zero_with_the_first_error(
+    stores, data_dir, random_weights, monkeypatch
+):
+    rig_trials(monkeypatch, lambda n: {"size_inner": -1})
+    result = run_sweep_cli(stores, data_dir, random_weights, trials=2, epochs=1)
+    assert result.exit_code == 1
+    assert "Error: every trial of this run failed; first error: trial 0: RuntimeError" in result.output
+    assert [t.state.name for t in load_study(stores).trials] == ["FAIL", "FAIL"]
+
+
+def assert_exact_counts(stores, target):
+    study = load_study(stores)
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == target
+    assert len({t.number for t in study.trials}) == len(study.trials)
+    runs, parents, n_children = children_by_trial(stores)
+    assert len(parents) == 1
+    assert n_children == len(study.trials) == len(runs)  # one run per trial, no duplicates
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {parents[0].info.run_id}
+    assert {r.data.tags["optuna.trial_number"] for r in runs.values()} == {str(t.number) for t in study.trials}
+
+
+def test_jobs_two_finishes_exactly_the_target(stores, data_dir, random_weights):
+    command = sweep_command(stores, data_dir, random_weights, 6, 20, "--jobs", "2")
+    result = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert_exact_counts(stores, 6)
+
+
+def test_two_independent_invocations_cooperate_on_one_study(stores, data_dir, random_weights):
+    command = sweep_command(stores, data_dir, random_weights, 6, 20)
+    # Warm the feature cache and create the study first, as a user's first terminal would.
+    first = subprocess.run(sweep_command(stores, data_dir, random_weights, 1, 1), env=worker_env(), timeout=600)
+    assert first.returncode == 0
+    workers = [subprocess.Popen(command, env=worker_env(), stderr=subprocess.PIPE) for _ in range(2)]
+    for worker in workers:
+        assert worker.wait(timeout=600) == 0, worker.stderr.read()
+    assert_exact_counts(stores, 6)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            os.path.join(os.path.dirname(sys.executable), "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+            return True
+        except Exception:
+            return False
+
+    try:
+        wait_for(up, timeout=90, what="mlflow server")
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_two_workers_share_one_mlflow_server(stores, data_dir, random_weights, mlflow_server):
+    stores = {**stores, "--tracking-uri": mlflow_server}
+    command = sweep_command(stores, data_dir, random_weights, 4, 10, "--jobs", "2")
+    env = {**worker_env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert_exact_counts(stores, 4)
+    runs, _, _ = children_by_trial(stores)
+    client = MlflowClient(mlflow_server)
+    for run in runs.values():
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/head.pt"]
