@@ -1,0 +1,184 @@
+"""Each bad input: one `Error:` line naming the problem, a non-zero exit, no traceback, stores intact."""
+
+import os
+import pickle
+import shutil
+import socket
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_split, write_image
+from sweep_helpers import load_study, mlflow_runs, run_sweep_cli
+
+from sweep.cli import cli
+
+
+def snapshot(stores):
+    """What a user has recorded: trials with their states, runs with their statuses."""
+    study = load_study(stores)
+    _, runs = mlflow_runs(stores)
+    return (
+        sorted((t.number, t.state.name) for t in study.trials),
+        sorted((r.info.run_id, r.info.status) for r in runs),
+    )
+
+
+@pytest.fixture
+def existing(stores, data_dir, random_weights):
+    """A study with one finished trial, as a user would have before making a mistake."""
+    assert run_sweep_cli(stores, data_dir, random_weights, trials=1, epochs=1).exit_code == 0
+    return snapshot(stores)
+
+
+def invoke(stores, *args):
+    argv = list(args)
+    for key, value in stores.items():
+        argv += [key, value]
+    return CliRunner().invoke(cli, argv)
+
+
+def run_with(stores, data_dir, weights, *extra):
+    return invoke(
+        stores,
+        "run",
+        "--data-dir",
+        str(data_dir),
+        "--backbone-weights",
+        str(weights),
+        "--trials",
+        "2",
+        "--epochs",
+        "1",
+        "--quiet",
+        *extra,
+    )
+
+
+def assert_one_error(result, *fragments, code=1):
+    assert result.exit_code == code, result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+def break_data(data_dir, case):
+    hat = data_dir / "train" / "hat"
+    if case == "missing data dir":
+        shutil.rmtree(data_dir)
+    elif case == "train without class folders":
+        shutil.rmtree(data_dir / "train")
+        (data_dir / "train").mkdir()
+    elif case == "class folder without images":
+        for image in hat.iterdir():
+            image.unlink()
+    elif case == "zero-byte jpeg":
+        (hat / "00.jpg").write_bytes(b"")
+    elif case == "truncated jpeg":
+        write_image(hat / "00.jpg", size=200)
+        (hat / "00.jpg").write_bytes((hat / "00.jpg").read_bytes()[:600])
+    elif case == "text named .jpg":
+        (hat / "00.jpg").write_text("just some text")
+    elif case == "validation class that train lacks":
+        make_split(data_dir / "validation", classes=("socks",), per_class=1)
+
+
+BAD_DATA = {
+    "missing data dir": ("does not exist", "one sub-folder per class"),
+    "train without class folders": ("has no class folders",),
+    "class folder without images": ("hat has no images",),
+    "zero-byte jpeg": ("unreadable image", "00.jpg", "--skip-bad-images"),
+    "truncated jpeg": ("unreadable image", "00.jpg"),
+    "text named .jpg": ("unreadable image", "00.jpg"),
+    "validation class that train lacks": ("socks", "training split does not have"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_bad_data_is_one_clear_error_and_loses_nothing(case, existing, stores, data_dir, random_weights):
+    break_data(data_dir, case)
+    assert_one_error(run_with(stores, data_dir, random_weights), *BAD_DATA[case])
+    assert snapshot(stores) == existing
+
+
+@pytest.mark.parametrize(
+    "options,fragment",
+    [(["--trials", "0"], "--trials"), (["--epochs", "-1"], "--epochs"), (["--device", "tpu"], "--device")],
+)
+def test_bad_options_are_usage_errors(options, fragment, existing, stores, data_dir, random_weights):
+    result = run_with(stores, data_dir, random_weights, *options)
+    assert_one_error(result, fragment, code=2)
+    assert snapshot(stores) == existing
+
+
+def test_an_unreachable_tracking_server_fails_before_any_work(existing, stores, data_dir, random_weights, tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cache = tmp_path / "fresh-cache"
+    result = run_with(
+        {**stores, "--tracking-uri": f"http://127.0.0.1:{port}", "--cache-dir": str(cache)}, data_dir, random_weights
+    )
+    assert_one_error(result, "cannot reach the MLflow tracking store", f"127.0.0.1:{port}")
+    assert not cache.exists()  # no features were extracted, no trial started
+    assert snapshot(stores) == existing
+
+
+def test_skip_bad_images_leaves_them_out_and_lists_them(stores, data_dir, random_weights):
+    (data_dir / "train" / "hat" / "00.jpg").write_bytes(b"")
+    result = run_with(stores, data_dir, random_weights, "--skip-bad-images")
+    assert result.exit_code == 0, result.output
+    client, runs = mlflow_runs(stores)
+    parent = next(r for r in runs if r.data.tags.get("sweep.role") == "study")
+    listed = client.download_artifacts(parent.info.run_id, "skipped_images.txt", str(data_dir.parent))
+    assert open(listed).read().strip() == str(data_dir / "train" / "hat" / "00.jpg")
+
+
+def test_export_into_a_missing_or_unwritable_folder(existing, stores, random_weights, tmp_path):
+    missing = invoke(
+        stores, "best", "--export", str(tmp_path / "nope" / "model.pt"), "--backbone-weights", str(random_weights)
+    )
+    assert_one_error(missing, "does not exist")
+    if os.geteuid() == 0:  # root writes through permission bits; /proc refuses new files to anyone
+        unwritable = "/proc/model.pt"
+    else:
+        folder = tmp_path / "read-only"
+        folder.mkdir(mode=0o555)
+        unwritable = str(folder / "model.pt")
+    result = invoke(stores, "best", "--export", unwritable, "--backbone-weights", str(random_weights))
+    assert_one_error(result, "cannot write", "writable folder")
+    assert not os.path.exists(unwritable)
+    assert snapshot(stores) == existing
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/clothing-sweep-pwned",))
+
+
+@pytest.mark.parametrize("kind", ["text", "pickle", "torch-pickle", "state_dict"])
+def test_predict_refuses_files_that_are_not_exported_models(kind, tmp_path, data_dir):
+    path = tmp_path / "model.pt"
+    if kind == "text":
+        path.write_text("hello")
+    elif kind == "pickle":
+        path.write_bytes(pickle.dumps(RunsCode()))
+    elif kind == "torch-pickle":
+        torch.save({"x": RunsCode()}, path)
+    else:
+        torch.save({"weight": torch.zeros(2)}, path)
+    if os.path.exists("/tmp/clothing-sweep-pwned"):
+        os.remove("/tmp/clothing-sweep-pwned")
+    result = CliRunner().invoke(cli, ["predict", str(path), str(data_dir / "train" / "hat" / "00.jpg")])
+    assert_one_error(result, str(path), "not a clothing model")
+    assert not os.path.exists("/tmp/clothing-sweep-pwned")
+
+
+def test_best_on_an_empty_study(stores):
+    import optuna
+
+    os.makedirs(os.path.dirname(stores["--storage"].removeprefix("sqlite:///")), exist_ok=True)
+    optuna.create_study(study_name="clothing", storage=stores["--storage"])
+    assert_one_error(invoke(stores, "best"), "no COMPLETE trial")
