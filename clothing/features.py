@@ -140,7 +140,7 @@ def extract_features(
     *,
     device: torch.device,
     precision: str = "fp32",
-    batch_size: int = 64,
+    batch_size: int = 32,
     num_workers: int | None = None,
     progress: bool = True,
 ) -> list[int]:
@@ -192,7 +192,7 @@ def cached_features(
     *,
     device: torch.device | str = "cpu",
     precision: str = "auto",
-    batch_size: int = 64,
+    batch_size: int = 32,
     num_workers: int | None = None,
     skip_bad_images: bool = False,
     progress: bool = True,

@@ -1,0 +1,252 @@
+"""`python -m bench` (`make bench`): each figure against its baseline, measured in the same run.
+
+Needs CLOTHING_DATA_DIR and CLOTHING_BACKBONE_WEIGHTS (the real dataset and weights). It takes about
+ten minutes on a 2-core CPU; `--limit N` uses the first N images of each class for a quick look.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+from mlflow import MlflowClient
+from torch import nn
+
+from bench.notebook import notebook_epoch, notebook_features
+from clothing.data import ClothingDataset, build_transforms
+from clothing.features import FeatureBatches, cached_features, resolve_precision
+from clothing.model import build_head, load_backbone
+from clothing.train import set_seed, train_and_evaluate
+from sweep.config import SweepConfig
+from sweep.study import run_sweep
+
+SWEEP_TRIALS, SWEEP_EPOCHS = 20, 10
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def head_val_acc(train_x, train_y, val_x, val_y, epochs: int = 10) -> float:
+    """Validation accuracy of one fixed head configuration trained on the given features."""
+    set_seed(42)
+    head = build_head(int(train_y.max()) + 1, size_inner=100)
+    batches = FeatureBatches(train_x, train_y, 32, shuffle=True, generator=torch.Generator().manual_seed(42))
+    history = train_and_evaluate(
+        head,
+        torch.optim.Adam(head.parameters(), lr=1e-3),
+        batches,
+        FeatureBatches(val_x, val_y, 256),
+        nn.CrossEntropyLoss(),
+        epochs,
+        "cpu",
+    )
+    return max(h["val_acc"] for h in history)
+
+
+class MlflowTimer:
+    """Adds up the wall time spent inside MlflowClient calls (outermost calls only)."""
+
+    def __init__(self) -> None:
+        self.seconds, self._depth, self._saved = 0.0, 0, {}
+
+    def __enter__(self) -> MlflowTimer:
+        for name in dir(MlflowClient):
+            attr = getattr(MlflowClient, name)
+            if not name.startswith("_") and callable(attr):
+                self._saved[name] = attr
+                setattr(MlflowClient, name, self._wrap(attr))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, attr in self._saved.items():
+            setattr(MlflowClient, name, attr)
+
+    def _wrap(self, method):
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            self._depth += 1
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.seconds += time.perf_counter() - start
+
+        return wrapper
+
+
+def cold_sweep(data_dir: Path, weights: Path, workdir: Path) -> tuple[float, float]:
+    """A whole default-size sweep from a cold cache in a fresh process: (wall seconds, peak RSS GB)."""
+    command = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        "-m",
+        "sweep",
+        "run",
+        "--quiet",
+        "--study",
+        "cold",
+        "--trials",
+        str(SWEEP_TRIALS),
+        "--epochs",
+        str(SWEEP_EPOCHS),
+        "--data-dir",
+        str(data_dir),
+        "--backbone-weights",
+        str(weights),
+        "--storage",
+        f"sqlite:///{workdir / 'optuna.db'}",
+        "--tracking-uri",
+        f"sqlite:///{workdir / 'mlflow.db'}",
+        "--cache-dir",
+        str(workdir / "cache"),
+    ]
+    result, seconds = timed(subprocess.run, command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"cold sweep failed:\n{result.stderr[-3000:]}")
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
+    return seconds, peak_kb / 1024**2
+
+
+def limited_copy(data_dir: Path, root: Path, limit: int) -> Path:
+    """A data folder of symlinks to the first `limit` images of each class, for a quick run."""
+    for split in ("train", "validation"):
+        dataset = ClothingDataset(data_dir / split)
+        per_class: dict[int, int] = {}
+        for path, label in zip(dataset.image_paths, dataset.labels):
+            per_class[label] = per_class.get(label, 0) + 1
+            if per_class[label] > limit:
+                continue
+            link = root / split / Path(path).parent.name / Path(path).name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(Path(path).resolve())
+    return root
+
+
+@click.command()
+@click.option("--limit", type=int, default=None, help="Use only the first N images of each class (quick look).")
+def main(limit: int | None) -> None:
+    """Print the benchmark table."""
+    data_dir, weights = Path(os.environ.get("CLOTHING_DATA_DIR", "")), os.environ.get("CLOTHING_BACKBONE_WEIGHTS")
+    if not (data_dir / "train").is_dir() or not weights:
+        raise click.ClickException("set CLOTHING_DATA_DIR and CLOTHING_BACKBONE_WEIGHTS to the real data and weights")
+    backbone = load_backbone(weights)
+    work = Path(tempfile.mkdtemp(prefix="clothing-bench-"))
+    if limit:
+        data_dir = limited_copy(data_dir, work / "data", limit)
+    train = ClothingDataset(data_dir / "train", build_transforms())
+    val = ClothingDataset(data_dir / "validation", build_transforms(), train.class_to_idx)
+    n_images = len(train) + len(val)
+    rows: list[tuple[str, str, str]] = []
+    print(f"bench: {n_images} images, work dir {work}", file=sys.stderr)
+
+    # 1. Extraction: the notebook's pipeline vs ours, over the same images.
+    reference = {}
+    reference["train"], t_nb_train = timed(notebook_features, train, backbone)
+    reference["val"], t_nb_val = timed(notebook_features, val, backbone)
+    t_notebook_pass = t_nb_train + t_nb_val
+    fast = {}
+    fast["train"], t_train = timed(cached_features, train, backbone, work / "cache-a", progress=False)
+    fast["val"], t_val = timed(cached_features, val, backbone, work / "cache-a", progress=False)
+    t_pass = t_train + t_val
+    precision = resolve_precision("auto", torch.device("cpu"))
+    rows.append(
+        ("extraction, notebook pipeline", f"{n_images / t_notebook_pass:.1f} img/s", f"{t_notebook_pass:.1f} s")
+    )
+    rows.append(
+        (
+            f"extraction, project pipeline ({precision})",
+            f"{n_images / t_pass:.1f} img/s",
+            f"{t_notebook_pass / t_pass:.2f}x notebook (target >= 3x)",
+        )
+    )
+
+    # Quality guard: features and a trained head against the reference pipeline.
+    cosine = nn.functional.cosine_similarity(reference["val"], fast["val"].features, dim=1).min().item()
+    acc_ref = head_val_acc(reference["train"], fast["train"].labels, reference["val"], fast["val"].labels)
+    acc_fast = head_val_acc(fast["train"].features, fast["train"].labels, fast["val"].features, fast["val"].labels)
+    rows.append(("quality: min cosine vs reference (val)", f"{cosine:.6f}", "target >= 0.99"))
+    rows.append(
+        (
+            "quality: head val_acc reference / fast",
+            f"{acc_ref:.3f} / {acc_fast:.3f}",
+            f"diff {abs(acc_ref - acc_fast) * 100:.1f} pt (target <= 1)",
+        )
+    )
+
+    # 2. One training epoch: cached features vs the notebook's image loop.
+    _, t_nb_epoch = timed(notebook_epoch, train, val, backbone)
+    head = build_head(len(train.classes), 100)
+    batches = FeatureBatches(fast["train"].features, fast["train"].labels, 32, shuffle=True)
+    _, t_epoch = timed(
+        train_and_evaluate,
+        head,
+        torch.optim.Adam(head.parameters(), lr=1e-3),
+        batches,
+        FeatureBatches(fast["val"].features, fast["val"].labels, 32),
+        nn.CrossEntropyLoss(),
+        1,
+        "cpu",
+    )
+    rows.append(("one epoch, notebook loop (images)", f"{t_nb_epoch:.1f} s", ""))
+    rows.append(("one epoch, cached features", f"{t_epoch:.3f} s", f"{t_nb_epoch / t_epoch:.0f}x faster"))
+
+    # 3. Whole sweeps: cold (fresh process, empty cache) and warm (cache from step 1), with MLflow's share.
+    t_cold, peak_gb = cold_sweep(data_dir, Path(weights), work)
+    rows.append(
+        (
+            f"sweep {SWEEP_TRIALS}x{SWEEP_EPOCHS}, cold cache (process)",
+            f"{t_cold:.1f} s",
+            f"{t_cold / t_notebook_pass:.2f}x one notebook pass (target < 1)",
+        )
+    )
+    rows.append(("  peak memory of that sweep (max RSS)", f"{peak_gb:.2f} GB", "target < 2 GB"))
+    cfg = SweepConfig(
+        data_dir=data_dir,
+        study="warm",
+        trials=SWEEP_TRIALS,
+        epochs=SWEEP_EPOCHS,
+        storage=f"sqlite:///{work / 'optuna.db'}",
+        tracking_uri=f"sqlite:///{work / 'mlflow.db'}",
+        backbone_weights=weights,
+        cache_dir=work / "cache-a",
+        progress=False,
+    )
+    with MlflowTimer() as mlflow_time:
+        _, t_warm = timed(run_sweep, cfg, lambda _: None)
+    rows.append((f"sweep {SWEEP_TRIALS}x{SWEEP_EPOCHS}, warm cache (in process)", f"{t_warm:.1f} s", "target <= 30 s"))
+    rows.append(
+        (
+            "  MLflow logging share of that sweep",
+            f"{100 * mlflow_time.seconds / t_warm:.1f} %",
+            f"{mlflow_time.seconds:.1f} s (target <= 10 %)",
+        )
+    )
+
+    print(
+        f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}; {n_images} images\n"
+    )
+    width = max(len(r[0]) for r in rows)
+    print(f"| {'figure'.ljust(width)} | value | against baseline / target |")
+    print(f"| {'-' * width} | --- | --- |")
+    for name, value, note in rows:
+        print(f"| {name.ljust(width)} | {value} | {note} |")
+
+
+if __name__ == "__main__":
+    main()
