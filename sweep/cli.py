@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import warnings
@@ -12,15 +13,23 @@ import click
 
 from clothing.checkpoint import CheckpointError, load_model
 from clothing.data import IMAGE_SIZE, ClothingDataset, DatasetError, build_transforms
-from clothing.features import FeatureBatches, cached_features
+from clothing.features import PRECISIONS, FeatureBatches, cached_features
 from clothing.model import TORCHVISION_WEIGHTS, BackboneError, load_backbone
 from clothing.predict import model_transform
 from clothing.predict import top_k as predict_top_k
 from clothing.train import evaluate
 from sweep.config import SweepConfig, default_cache_dir, default_storage, default_tracking_uri
-from sweep.export import export_model, fetch_head, head_module
+from sweep.export import export_model, fetch_head, head_module, register_winner
 from sweep.select import DEFAULT_TOLERANCE, eligible, rule_text, select_winner
-from sweep.study import SweepError, open_study, record_rows, resolve_device, run_sweep, trial_records
+from sweep.study import (
+    SweepError,
+    open_study,
+    publish_study,
+    record_rows,
+    resolve_device,
+    run_sweep,
+    trial_records,
+)
 from sweep.tracking import Tracker, TrackingError, rows_to_csv, ui_command
 
 USER_ERRORS = (DatasetError, BackboneError, CheckpointError, TrackingError, SweepError)
@@ -52,60 +61,75 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def study_options(command):
-    """Options that name a study and its stores, shared by run and best."""
-    options = [
-        click.option(
-            "--study", default="clothing", show_default=True, help="Optuna study name = MLflow experiment name."
-        ),
-        click.option(
-            "--storage",
-            default=default_storage,
-            show_default="sqlite:///<abs>/mlruns/optuna.db",
-            help="Optuna storage URL (SQLite, PostgreSQL, MySQL, ...).",
-        ),
-        click.option(
-            "--tracking-uri",
-            envvar="MLFLOW_TRACKING_URI",
-            default=default_tracking_uri,
-            show_default="$MLFLOW_TRACKING_URI, else sqlite:///<abs>/mlruns/mlflow.db",
-            help="MLflow tracking store or server.",
-        ),
-        click.option(
-            "--data-dir",
-            envvar="CLOTHING_DATA_DIR",
-            default="data/clothing-dataset-small",
-            show_default=True,
-            type=click.Path(path_type=Path),
-            help="Folder with train/, validation/ and optionally test/ (env CLOTHING_DATA_DIR).",
-        ),
-        click.option(
-            "--backbone-weights",
-            envvar="CLOTHING_BACKBONE_WEIGHTS",
-            default=TORCHVISION_WEIGHTS,
-            show_default=True,
-            help="Local MobileNetV2 state_dict, or IMAGENET1K_V1 to download torchvision's "
-            "(env CLOTHING_BACKBONE_WEIGHTS).",
-        ),
-        click.option(
-            "--cache-dir",
-            envvar="CLOTHING_CACHE_DIR",
-            default=default_cache_dir,
-            show_default="mlruns/cache",
-            type=click.Path(path_type=Path),
-            help="Where cached features live (env CLOTHING_CACHE_DIR).",
-        ),
-        click.option(
-            "--device",
-            type=click.Choice(["auto", "cpu", "cuda"]),
-            default="auto",
-            show_default=True,
-            help="Where to run; auto picks CUDA when available.",
-        ),
-    ]
+def _apply(options, command):
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def study_options(command):
+    """Options that name a study and its stores."""
+    return _apply(
+        [
+            click.option(
+                "--study", default="clothing", show_default=True, help="Optuna study name = MLflow experiment name."
+            ),
+            click.option(
+                "--storage",
+                default=default_storage,
+                show_default="sqlite:///<abs>/mlruns/optuna.db",
+                help="Optuna storage URL (SQLite, PostgreSQL, MySQL, ...).",
+            ),
+            click.option(
+                "--tracking-uri",
+                envvar="MLFLOW_TRACKING_URI",
+                default=default_tracking_uri,
+                show_default="$MLFLOW_TRACKING_URI, else sqlite:///<abs>/mlruns/mlflow.db",
+                help="MLflow tracking store or server.",
+            ),
+        ],
+        command,
+    )
+
+
+def data_options(command):
+    """Options that name the data, the backbone and where to compute."""
+    return _apply(
+        [
+            click.option(
+                "--data-dir",
+                envvar="CLOTHING_DATA_DIR",
+                default="data/clothing-dataset-small",
+                show_default=True,
+                type=click.Path(path_type=Path),
+                help="Folder with train/, validation/ and optionally test/ (env CLOTHING_DATA_DIR).",
+            ),
+            click.option(
+                "--backbone-weights",
+                envvar="CLOTHING_BACKBONE_WEIGHTS",
+                default=TORCHVISION_WEIGHTS,
+                show_default=True,
+                help="Local MobileNetV2 state_dict, or IMAGENET1K_V1 to download torchvision's "
+                "(env CLOTHING_BACKBONE_WEIGHTS).",
+            ),
+            click.option(
+                "--cache-dir",
+                envvar="CLOTHING_CACHE_DIR",
+                default=default_cache_dir,
+                show_default="mlruns/cache",
+                type=click.Path(path_type=Path),
+                help="Where cached features live (env CLOTHING_CACHE_DIR).",
+            ),
+            click.option(
+                "--device",
+                type=click.Choice(["auto", "cpu", "cuda"]),
+                default="auto",
+                show_default=True,
+                help="Where to run; auto picks CUDA when available.",
+            ),
+        ],
+        command,
+    )
 
 
 def format_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS, marker: int | None = None) -> str:
@@ -135,6 +159,7 @@ def cli() -> None:
 
 @cli.command()
 @study_options
+@data_options
 @click.option(
     "--trials",
     default=20,
@@ -154,10 +179,11 @@ def cli() -> None:
 )
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "fp32", "bf16"]),
+    type=click.Choice(PRECISIONS),
     default="auto",
     show_default=True,
-    help="Feature extraction precision; auto uses bf16 only where the hardware runs it natively.",
+    help="Feature extraction: exact (eager fp32, the reference), fp32 (fused graph), bf16; "
+    "auto picks the fastest the hardware runs natively. All stay within cosine 0.99 of exact.",
 )
 @click.option(
     "--skip-bad-images",
@@ -178,7 +204,8 @@ def run(jobs: int, quiet: bool, **options) -> None:
     cfg = SweepConfig(**options, progress=not quiet)
     say = (lambda _: None) if quiet else click.echo
     result = run_sweep(cfg, say, jobs=jobs)
-    click.echo(format_table(record_rows(result.records)))
+    winner = select_winner(result.records)
+    click.echo(format_table(record_rows(result.records, winner), marker=winner.number if winner else None))
     click.echo(f"\nBrowse the runs: {ui_command(cfg.tracking_uri)}")
     if result.errors and result.finished_here == 0:
         raise SweepError(f"every trial of this run failed; first error: {result.errors[0]}")
@@ -188,6 +215,7 @@ def run(jobs: int, quiet: bool, **options) -> None:
 
 @cli.command()
 @study_options
+@data_options
 @click.option(
     "--tolerance",
     default=DEFAULT_TOLERANCE,
@@ -202,18 +230,27 @@ def run(jobs: int, quiet: bool, **options) -> None:
     default=None,
     help="Write the winner as a self-contained model file here.",
 )
+@click.option(
+    "--register",
+    "register_name",
+    default=None,
+    help="Also register the winner in the MLflow model registry under this name.",
+)
 @user_errors
-def best(study, storage, tracking_uri, data_dir, backbone_weights, cache_dir, device, tolerance, export_path) -> None:
-    """Show the leading trials and the winner; optionally export it and score it on test/."""
+def best(
+    study, storage, tracking_uri, data_dir, backbone_weights, cache_dir, device, tolerance, export_path, register_name
+) -> None:
+    """Show the leading trials and the winner; optionally export or register it, and score it on test/."""
     if export_path is not None and not export_path.parent.is_dir():
         raise CheckpointError(f"folder {export_path.parent} for --export does not exist; create it first")
     cfg = SweepConfig(data_dir=data_dir, study=study, storage=storage, tracking_uri=tracking_uri)
-    records = trial_records(open_study(cfg, create=False))
+    optuna_study = open_study(cfg, create=False)
+    records = trial_records(optuna_study)
     winner = select_winner(records, tolerance)
     if winner is None:
         raise SweepError(f"study {study!r} has no COMPLETE trial yet; run `python -m sweep run --study {study}`")
     leading = sorted([r for r in records if r.state == "COMPLETE"], key=lambda r: -r.val_acc)[:10]
-    click.echo(format_table(record_rows(leading), marker=winner.number))
+    click.echo(format_table(record_rows(leading, winner), marker=winner.number))
     click.echo(f"\nRule: {rule_text(tolerance)} ({len(eligible(records, tolerance))} trial(s) in the band)")
     click.echo(
         f"Winner: trial {winner.number}  lr {winner.params['lr']:.2e}  size_inner {winner.params['size_inner']}"
@@ -234,10 +271,10 @@ def best(study, storage, tracking_uri, data_dir, backbone_weights, cache_dir, de
                 "sweep.tolerance": tolerance,
             },
         )
-        tracker.log_text(parent_id, rows_to_csv(record_rows(records)), "trials.csv")
+        publish_study(tracker, parent_id, optuna_study, records, tolerance)
 
     test_dir = Path(data_dir) / "test"
-    if export_path is None and not test_dir.is_dir():
+    if export_path is None and register_name is None and not test_dir.is_dir():
         return
     backbone = load_backbone(backbone_weights)
     head = fetch_head(tracker, winner)
@@ -252,15 +289,64 @@ def best(study, storage, tracking_uri, data_dir, backbone_weights, cache_dir, de
             test_dir, build_transforms(IMAGE_SIZE), {c: i for i, c in enumerate(head["classes"])}
         )
         features = cached_features(test_set, backbone, cache_dir, device=resolve_device(device))
-        metrics["test_acc"] = evaluate(
-            head_module(head), FeatureBatches(features.features, features.labels, 256), "cpu"
-        )
-        tracker.client.log_metric(winner.run_id, "test_acc", metrics["test_acc"])
+        batches = FeatureBatches(features.features, features.labels, 256)
+        metrics["test_acc"] = evaluate(head_module(head), batches, "cpu")
+        tracker.log_metrics(winner.run_id, {"test_acc": metrics["test_acc"]})
         click.echo(f"test_acc {metrics['test_acc']:.3f} on {len(features.labels)} images of {test_dir}")
     if export_path is not None:
         export_model(head, backbone, export_path, metrics)
         click.echo(f"Exported trial {winner.number} to {export_path}")
+    if register_name is not None:
+        version = register_winner(tracker, head, backbone, register_name)
+        click.echo(f"Registered trial {winner.number} as models:/{register_name}/{version}")
     click.echo(f"Browse the runs: {ui_command(tracking_uri)}")
+
+
+SORT_KEYS = {
+    "number": lambda r: r.number,
+    "val_acc": lambda r: (r.val_acc is None, -(r.val_acc or 0), r.number),
+    "gap": lambda r: (r.gap is None, r.gap or 0, r.number),
+}
+
+
+@cli.command()
+@study_options
+@click.option(
+    "--sort",
+    "sort_by",
+    type=click.Choice(list(SORT_KEYS)),
+    default="number",
+    show_default=True,
+    help="Order of the rows.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+    help="Aligned table for a terminal, or CSV / JSON for programs.",
+)
+@click.option(
+    "--tolerance",
+    default=DEFAULT_TOLERANCE,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Tolerance of the winner rule, for marking the winner.",
+)
+@user_errors
+def trials(study, storage, tracking_uri, sort_by, fmt, tolerance) -> None:
+    """Every trial of a study with its state, parameters, scores and MLflow run id; the winner marked."""
+    cfg = SweepConfig(data_dir=Path("."), study=study, storage=storage, tracking_uri=tracking_uri)
+    records = trial_records(open_study(cfg, create=False))
+    winner = select_winner(records, tolerance)
+    rows = record_rows(sorted(records, key=SORT_KEYS[sort_by]), winner)
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+    elif fmt == "csv":
+        click.echo(rows_to_csv(rows), nl=False)
+    else:
+        click.echo(format_table(rows, (*TABLE_COLUMNS, "mlflow_run_id"), marker=winner.number if winner else None))
 
 
 @cli.command()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+import clothing
 from clothing.checkpoint import FORMAT_VERSION, HEAD, MODEL, CheckpointError, load_checkpoint, save_checkpoint
 from clothing.model import ClothingClassifierMobileNet, build_head, weights_fingerprint
 from sweep.select import TrialRecord
@@ -65,3 +66,20 @@ def export_model(head: dict, backbone: torch.nn.Module, path: str | Path, metric
         "mlflow_run_id": head["mlflow_run_id"],
     }
     return save_checkpoint(payload, path)
+
+
+def register_winner(tracker: Tracker, head: dict, backbone: torch.nn.Module, name: str) -> str:
+    """Log the winner's full model on its run as an MLflow PyTorch model and register a version of `name`."""
+    model = build_model(head, backbone)
+    size = head["image_size"]
+    example = torch.zeros(1, 3, size, size).numpy()  # one normalised image, NCHW float32
+    metadata = {
+        "classes": list(head["classes"]),
+        "preprocessing": f"RGB, Resize(({size}, {size})), ToTensor, Normalize(mean, std); input NCHW float32",
+        "image_size": size,
+        "mean": list(head["mean"]),
+        "std": list(head["std"]),
+        "output": "logits, one per class in `classes` order",
+    }
+    code = [str(Path(clothing.__file__).parent)]
+    return tracker.register_model(head["mlflow_run_id"], model, name, example, metadata, code)

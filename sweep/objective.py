@@ -24,6 +24,7 @@ from clothing.model import build_head, trainable_parameters
 from clothing.train import TrainingDiverged, set_seed, train_and_evaluate
 from sweep.config import SweepConfig, TrainConfig
 from sweep.data import SweepData
+from sweep.plots import learning_curves
 from sweep.space import suggest
 from sweep.tracking import Tracker
 
@@ -93,7 +94,8 @@ class Objective:
         def on_epoch(epoch: int, metrics: dict, model: nn.Module) -> None:
             values = {k: v for k, v in metrics.items() if k != "epoch"}
             self.tracker.log_metrics(run_id, values, step=epoch)
-            if not best or metrics["val_acc"] > best["metrics"]["val_acc"]:
+            best.setdefault("history", []).append(dict(metrics))
+            if "metrics" not in best or metrics["val_acc"] > best["metrics"]["val_acc"]:
                 best["metrics"] = dict(metrics)
                 best["state_dict"] = copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
             trial.report(metrics["val_acc"], epoch)
@@ -106,7 +108,7 @@ class Objective:
 
     def _finish(self, trial: optuna.Trial, run_id: str, cfg: TrainConfig, best: dict, state: str, tags: dict) -> None:
         """Summary metrics and the best epoch's checkpoint, then close the run with its final state."""
-        if best:
+        if "metrics" in best:
             m = best["metrics"]
             summary = {
                 "best_epoch": m["epoch"],
@@ -118,6 +120,9 @@ class Objective:
                 trial.set_user_attr(key, m[key if key != "best_epoch" else "epoch"])
             self.tracker.log_metrics(run_id, summary)
             self._log_checkpoint(trial.number, run_id, cfg, best)
+            with tempfile.TemporaryDirectory() as tmp:
+                curves = learning_curves(best["history"], m["epoch"], Path(tmp) / "curves.png")
+                self.tracker.log_file(run_id, curves, "plots")
         self.tracker.end_trial(run_id, state, tags)
 
     def _log_checkpoint(self, number: int, run_id: str, cfg: TrainConfig, best: dict) -> None:

@@ -8,6 +8,7 @@ workers on one machine also share a file lock around creating trials, so the tar
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from optuna.trial import TrialState
 from sweep.config import SweepConfig
 from sweep.data import load_splits, prepare_data
 from sweep.objective import Objective
-from sweep.select import TrialRecord
+from sweep.plots import study_plots
+from sweep.select import DEFAULT_TOLERANCE, TrialRecord, select_winner
 from sweep.tracking import Tracker, rows_to_csv
 from sweep.workers import FileLock, lock_path, start_workers
 
@@ -115,10 +117,11 @@ def trial_records(study: optuna.Study) -> list[TrialRecord]:
     ]
 
 
-def record_rows(records: list[TrialRecord]) -> list[dict]:
-    """Flat rows for tables and CSV files."""
+def record_rows(records: list[TrialRecord], winner: TrialRecord | None = None) -> list[dict]:
+    """Flat rows for tables and CSV/JSON files."""
     return [
         {
+            "winner": winner is not None and r.number == winner.number,
             "number": r.number,
             "state": r.state,
             "lr": r.params.get("lr"),
@@ -192,6 +195,18 @@ def run_trials(
     return done, errors
 
 
+def publish_study(
+    tracker: Tracker, parent_id: str, study: optuna.Study, records: list[TrialRecord], tolerance: float
+) -> TrialRecord | None:
+    """Refresh the parent run's trials.csv and study plots; returns the winner under `tolerance`."""
+    winner = select_winner(records, tolerance)
+    tracker.log_text(parent_id, rows_to_csv(record_rows(records, winner)), "trials.csv")
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in study_plots(study, records, tolerance, winner, Path(tmp)):
+            tracker.log_file(parent_id, path, "plots")
+    return winner
+
+
 @dataclass
 class SweepResult:
     records: list[TrialRecord]
@@ -243,6 +258,6 @@ def run_sweep(cfg: SweepConfig, report: Report, jobs: int = 1) -> SweepResult:
             if worker.poll() is None:
                 worker.terminate()
         records = trial_records(study)
-        tracker.log_text(parent_id, rows_to_csv(record_rows(records)), "trials.csv")
+        publish_study(tracker, parent_id, study, records, DEFAULT_TOLERANCE)
         tracker.close_parent(parent_id, status)
     return SweepResult(records, done, errors, parent_id)

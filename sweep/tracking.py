@@ -159,6 +159,37 @@ class Tracker:
     def run_status(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.status
 
+    def register_model(
+        self, run_id: str, model, name: str, input_example, metadata: dict, code_paths: list[str]
+    ) -> str:
+        """Log `model` on `run_id` as an MLflow PyTorch model (signature from the example) and register
+        a new version of `name`; returns the version."""
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        with torch.no_grad():
+            output = model(torch.from_numpy(input_example)).numpy()
+        mlflow.set_tracking_uri(self.tracking_uri)
+        status = self.run_status(run_id)
+        # The fluent API logs models to an active run: reopen the trial's run, then restore its status.
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                signature=infer_signature(input_example, output),
+                input_example=input_example,
+                metadata=metadata,
+                registered_model_name=name,
+                # pt2 (the default) freezes the batch size of the example and loads as an
+                # ExportedProgram; "pickle" loads as the nn.Module users expect, and code_paths ships
+                # the model's own classes with it.
+                serialization_format="pickle",
+                code_paths=code_paths,
+            )
+        self.client.set_terminated(run_id, status=status)
+        return str(info.registered_model_version)
+
     def download(self, run_id: str, artifact_path: str, dst: str | Path) -> Path:
         return Path(
             mlflow.artifacts.download_artifacts(

@@ -1,0 +1,97 @@
+"""What users look at: plots in MLflow, the trials table, and a registered winner."""
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from sweep_helpers import load_study, mlflow_runs, run_sweep_cli
+
+from sweep.cli import cli
+
+
+def invoke(stores, *args):
+    argv = list(args)
+    for key, value in stores.items():
+        argv += [key, value]
+    return CliRunner().invoke(cli, argv)
+
+
+@pytest.fixture
+def swept(stores, data_dir, random_weights):
+    result = run_sweep_cli(stores, data_dir, random_weights, trials=5, epochs=2)
+    assert result.exit_code == 0, result.output
+    return stores
+
+
+def trials_cli(stores, *args):
+    return invoke({k: v for k, v in stores.items() if k != "--cache-dir"}, "trials", *args)
+
+
+def artifact_sizes(client, run_id, folder):
+    return {a.path: a.file_size for a in client.list_artifacts(run_id, folder)}
+
+
+def test_plots_are_logged_on_the_parent_and_every_trial(swept):
+    client, runs = mlflow_runs(swept)
+    parent = next(r for r in runs if r.data.tags.get("sweep.role") == "study")
+    plots = artifact_sizes(client, parent.info.run_id, "plots")
+    for name in ("winner_rule.png", "lr_by_size_inner.png", "optimization_history.png", "param_importances.png"):
+        assert plots.get(f"plots/{name}", 0) > 1000, plots
+    for child in (r for r in runs if r.data.tags.get("sweep.role") == "trial"):
+        assert artifact_sizes(client, child.info.run_id, "plots").get("plots/curves.png", 0) > 1000
+
+
+def test_the_trials_command_agrees_with_the_study_in_every_format(swept):
+    study = load_study(swept)
+    expected = {t.number: (t.state.name, t.params["lr"], t.user_attrs["mlflow_run_id"]) for t in study.trials}
+
+    as_json = json.loads(trials_cli(swept, "--format", "json").output)
+    assert {r["number"]: (r["state"], r["lr"], r["mlflow_run_id"]) for r in as_json} == expected
+    assert sum(r["winner"] for r in as_json) == 1
+
+    as_csv = list(csv.DictReader(io.StringIO(trials_cli(swept, "--format", "csv").output)))
+    assert {int(r["number"]): (r["state"], float(r["lr"]), r["mlflow_run_id"]) for r in as_csv} == expected
+    assert [r["winner"] for r in as_csv].count("True") == 1
+
+    table = trials_cli(swept, "--sort", "val_acc").output.splitlines()
+    assert len(table) == 1 + len(expected)
+    starred = [line for line in table if line.startswith("* ")]
+    winner = next(r for r in as_json if r["winner"])
+    assert len(starred) == 1 and winner["mlflow_run_id"] in starred[0]
+    val_accs = [r["val_acc"] for r in sorted(as_json, key=lambda r: -r["val_acc"])]
+    assert [float(line.split()[-3]) for line in table[1:]] == pytest.approx(val_accs, abs=1e-3)  # val_acc column
+
+
+def test_a_registered_winner_loads_in_a_fresh_process_and_agrees_with_the_export(
+    swept, data_dir, random_weights, tmp_path
+):
+    out = tmp_path / "model.pt"
+    result = invoke(
+        swept, "best", "--export", str(out), "--register", "clothing-head", "--backbone-weights", str(random_weights)
+    )
+    assert result.exit_code == 0, result.output
+    assert "models:/clothing-head/1" in result.output
+    images = sorted(str(p) for p in (data_dir / "validation").rglob("*.jpg"))
+    exported = CliRunner().invoke(cli, ["predict", str(out), *images, "--top-k", "1"]).output.splitlines()
+    exported_labels = [line.split()[1] for line in exported[1::2]]
+
+    script = f"""
+import mlflow.pytorch, torch
+from clothing.checkpoint import load_model
+from clothing.predict import model_transform
+from clothing.data import load_image
+mlflow.set_tracking_uri({swept["--tracking-uri"]!r})
+model = mlflow.pytorch.load_model("models:/clothing-head/1").eval()
+_, payload = load_model({str(out)!r})
+transform = model_transform(payload)
+batch = torch.stack([transform(load_image(p)) for p in {images!r}])
+with torch.no_grad():
+    print(" ".join(payload["classes"][i] for i in model(batch).argmax(1).tolist()))
+"""
+    fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert fresh.stdout.split() == exported_labels
