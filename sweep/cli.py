@@ -21,6 +21,7 @@ from clothing.train import evaluate
 from sweep.config import SweepConfig, default_cache_dir, default_storage, default_tracking_uri
 from sweep.export import export_model, fetch_head, head_module, register_winner
 from sweep.select import DEFAULT_TOLERANCE, eligible, rule_text, select_winner
+from sweep.space import OPTIONAL_DIMENSIONS
 from sweep.study import (
     SweepError,
     open_study,
@@ -189,6 +190,13 @@ def cli() -> None:
     "--skip-bad-images",
     is_flag=True,
     help="Leave unreadable images out (listed on the parent run) instead of stopping.",
+)
+@click.option(
+    "--search",
+    type=click.Choice(OPTIONAL_DIMENSIONS),
+    multiple=True,
+    help="Also search this dimension (repeatable): dropout {0, 0.2, 0.5}, weight_decay [1e-6, 1e-2] log, "
+    "label_smoothing {0, 0.1, 0.2}. Off, each keeps 0.",
 )
 @click.option(
     "--jobs",

@@ -27,6 +27,8 @@ class TrainConfig:
     lr: float
     size_inner: int
     dropout: float = 0.0
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
     epochs: int = 10
     batch_size: int = 32
     seed: int = 42
@@ -50,4 +52,5 @@ class SweepConfig:
     cache_dir: Path = RUNS_DIR / "cache"
     precision: str = "auto"
     skip_bad_images: bool = False
+    search: tuple[str, ...] = ()  # opt-in search dimensions beyond lr and size_inner
     progress: bool = True

@@ -86,7 +86,10 @@ class Objective:
     def _train(self, trial: optuna.Trial, cfg: TrainConfig, run_id: str, best: dict) -> None:
         set_seed(cfg.seed)
         head = build_head(len(self.data.classes), cfg.size_inner, cfg.dropout).to(self.device)
-        optimizer = torch.optim.Adam(trainable_parameters(head), lr=cfg.lr)
+        # AdamW with weight_decay=0 is exactly Adam; with decay it is the decoupled form that works.
+        # fused=True: one kernel per step instead of several passes over the weights, which halves a
+        # size_inner=1000 epoch on a small CPU (bench/ measured 0.67 s against 1.30 s).
+        optimizer = torch.optim.AdamW(trainable_parameters(head), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         generator = torch.Generator().manual_seed(cfg.seed)
         train_batches = FeatureBatches(*self.train_xy, cfg.batch_size, shuffle=True, generator=generator)
         val_batches = FeatureBatches(*self.val_xy, cfg.batch_size)
@@ -102,9 +105,8 @@ class Objective:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} (val_acc {metrics['val_acc']:.3f})")
 
-        train_and_evaluate(
-            head, optimizer, train_batches, val_batches, nn.CrossEntropyLoss(), cfg.epochs, self.device, on_epoch
-        )
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        train_and_evaluate(head, optimizer, train_batches, val_batches, criterion, cfg.epochs, self.device, on_epoch)
 
     def _finish(self, trial: optuna.Trial, run_id: str, cfg: TrainConfig, best: dict, state: str, tags: dict) -> None:
         """Summary metrics and the best epoch's checkpoint, then close the run with its final state."""

@@ -66,6 +66,8 @@ def worker_command(cfg: SweepConfig) -> list[str]:
         command += [key, str(value)]
     if cfg.skip_bad_images:
         command.append("--skip-bad-images")
+    for dimension in cfg.search:
+        command += ["--search", dimension]
     return command
 
 

@@ -134,3 +134,35 @@ def test_best_on_a_missing_study_or_one_without_complete_trials_is_an_error(stor
     study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
     empty = best_cli(stores, "--study", "empty")
     assert empty.exit_code == 1 and "no COMPLETE trial" in empty.output
+
+
+def test_opt_in_dimensions_are_searched_and_recorded(stores, data_dir, random_weights):
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "--data-dir",
+            str(data_dir),
+            "--backbone-weights",
+            str(random_weights),
+            "--trials",
+            "2",
+            "--epochs",
+            "1",
+            "--quiet",
+            "--search",
+            "dropout",
+            "--search",
+            "label_smoothing",
+            *[item for pair in stores.items() for item in pair],
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    study = load_study(stores)
+    assert all({"lr", "size_inner", "dropout", "label_smoothing"} == set(t.params) for t in study.trials)
+    _, runs = mlflow_runs(stores)
+    for child in (r for r in runs if r.data.tags.get("sweep.role") == "trial"):
+        trial = study.trials[int(child.data.tags["optuna.trial_number"])]
+        assert float(child.data.params["dropout"]) == trial.params["dropout"]
+        assert float(child.data.params["label_smoothing"]) == trial.params["label_smoothing"]
+        assert float(child.data.params["weight_decay"]) == 0.0  # not searched: stays off
