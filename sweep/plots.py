@@ -56,7 +56,8 @@ def winner_rule(records: list[TrialRecord], tolerance: float, winner: TrialRecor
     ax.set_ylabel("val_acc")
     ax.set_title("Winner rule: smallest gap among the most accurate")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if complete:  # nothing to explain on an empty plot
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 

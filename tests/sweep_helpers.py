@@ -9,11 +9,18 @@ from mlflow import MlflowClient
 from sweep.cli import cli
 
 
-def run_sweep_cli(stores, data_dir, weights, trials=3, epochs=2, study="clothing"):
-    argv = [
-        "run",
-        "--study",
-        study,
+def with_stores(argv: list[str], stores: dict[str, str]) -> list[str]:
+    """`argv` plus the options that keep every store in tmp_path."""
+    return [*argv, *(item for pair in stores.items() for item in pair)]
+
+
+def invoke(stores: dict[str, str], *args: str):
+    """Run the CLI in this process on the given stores."""
+    return CliRunner().invoke(cli, with_stores(list(args), stores))
+
+
+def run_args(data_dir, weights, trials: int, epochs: int) -> list[str]:
+    return [
         "--data-dir",
         str(data_dir),
         "--backbone-weights",
@@ -24,9 +31,10 @@ def run_sweep_cli(stores, data_dir, weights, trials=3, epochs=2, study="clothing
         str(epochs),
         "--quiet",
     ]
-    for key, value in stores.items():
-        argv += [key, value]
-    return CliRunner().invoke(cli, argv)
+
+
+def run_sweep_cli(stores, data_dir, weights, trials=3, epochs=2, *extra: str):
+    return invoke(stores, "run", *run_args(data_dir, weights, trials, epochs), *extra)
 
 
 def mlflow_runs(stores, study="clothing"):

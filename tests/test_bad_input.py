@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import make_split, write_image
-from sweep_helpers import load_study, mlflow_runs, run_sweep_cli
+from sweep_helpers import invoke, load_study, mlflow_runs, run_args, run_sweep_cli
 
 from sweep.cli import cli
 
@@ -31,28 +31,8 @@ def existing(stores, data_dir, random_weights):
     return snapshot(stores)
 
 
-def invoke(stores, *args):
-    argv = list(args)
-    for key, value in stores.items():
-        argv += [key, value]
-    return CliRunner().invoke(cli, argv)
-
-
 def run_with(stores, data_dir, weights, *extra):
-    return invoke(
-        stores,
-        "run",
-        "--data-dir",
-        str(data_dir),
-        "--backbone-weights",
-        str(weights),
-        "--trials",
-        "2",
-        "--epochs",
-        "1",
-        "--quiet",
-        *extra,
-    )
+    return invoke(stores, "run", *run_args(data_dir, weights, trials=2, epochs=1), *extra)
 
 
 def assert_one_error(result, *fragments, code=1):

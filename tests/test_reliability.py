@@ -11,7 +11,7 @@ import time
 import optuna
 import pytest
 from mlflow import MlflowClient
-from sweep_helpers import load_study, mlflow_runs, run_sweep_cli
+from sweep_helpers import load_study, mlflow_runs, run_args, run_sweep_cli, with_stores
 
 import sweep.objective as objective_module
 
@@ -19,27 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 def sweep_command(stores, data_dir, weights, trials, epochs, *extra):
-    command = [
-        sys.executable,
-        "-m",
-        "sweep",
-        "run",
-        "--data-dir",
-        str(data_dir),
-        "--backbone-weights",
-        str(weights),
-        "--trials",
-        str(trials),
-        "--epochs",
-        str(epochs),
-        "--pruner",
-        "none",
-        "--quiet",
-        *extra,
-    ]
-    for key, value in stores.items():
-        command += [key, value]
-    return command
+    """The same command line a user types, as a separate process."""
+    argv = [*run_args(data_dir, weights, trials, epochs), "--pruner", "none", *extra]
+    return with_stores([sys.executable, "-m", "sweep", "run", *argv], stores)
 
 
 def worker_env():

@@ -2,7 +2,7 @@ import optuna
 import pytest
 import torch
 from click.testing import CliRunner
-from sweep_helpers import load_study, mlflow_runs, run_sweep_cli
+from sweep_helpers import invoke, load_study, mlflow_runs, run_sweep_cli
 
 from clothing.checkpoint import load_model
 from clothing.model import load_backbone
@@ -15,10 +15,7 @@ METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 
 
 def best_cli(stores, *extra):
-    argv = ["best", *extra]
-    for key, value in stores.items():
-        argv += [key, value]
-    return CliRunner().invoke(cli, argv)
+    return invoke(stores, "best", *extra)
 
 
 @pytest.fixture
@@ -137,26 +134,7 @@ def test_best_on_a_missing_study_or_one_without_complete_trials_is_an_error(stor
 
 
 def test_opt_in_dimensions_are_searched_and_recorded(stores, data_dir, random_weights):
-    result = CliRunner().invoke(
-        cli,
-        [
-            "run",
-            "--data-dir",
-            str(data_dir),
-            "--backbone-weights",
-            str(random_weights),
-            "--trials",
-            "2",
-            "--epochs",
-            "1",
-            "--quiet",
-            "--search",
-            "dropout",
-            "--search",
-            "label_smoothing",
-            *[item for pair in stores.items() for item in pair],
-        ],
-    )
+    result = run_sweep_cli(stores, data_dir, random_weights, 2, 1, "--search", "dropout", "--search", "label_smoothing")
     assert result.exit_code == 0, result.output
     study = load_study(stores)
     assert all({"lr", "size_inner", "dropout", "label_smoothing"} == set(t.params) for t in study.trials)

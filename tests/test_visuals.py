@@ -8,16 +8,9 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from sweep_helpers import load_study, mlflow_runs, run_sweep_cli
+from sweep_helpers import invoke, load_study, mlflow_runs, run_sweep_cli
 
 from sweep.cli import cli
-
-
-def invoke(stores, *args):
-    argv = list(args)
-    for key, value in stores.items():
-        argv += [key, value]
-    return CliRunner().invoke(cli, argv)
 
 
 @pytest.fixture
