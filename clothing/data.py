@@ -66,8 +66,9 @@ def find_unreadable_images(paths: Sequence[str | Path]) -> list[str]:
     return bad
 
 
-def build_transforms(image_size: int = IMAGE_SIZE, train: bool = False) -> Callable:
-    """The notebook's preprocessing; `train=True` adds the course's light augmentation."""
+def build_transforms(image_size: int = IMAGE_SIZE, train: bool = False, mirror: bool = False) -> Callable:
+    """The notebook's preprocessing; `train=True` adds the course's light augmentation, `mirror=True`
+    flips every image (the second view of test-time augmentation)."""
     if train:
         steps = [
             transforms.RandomRotation(10),
@@ -76,6 +77,8 @@ def build_transforms(image_size: int = IMAGE_SIZE, train: bool = False) -> Calla
         ]
     else:
         steps = [transforms.Resize((image_size, image_size))]
+    if mirror:
+        steps.append(transforms.RandomHorizontalFlip(p=1.0))
     return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 

@@ -19,7 +19,7 @@ from clothing.predict import model_transform
 from clothing.predict import top_k as predict_top_k
 from clothing.train import evaluate
 from sweep.config import SweepConfig, default_cache_dir, default_storage, default_tracking_uri
-from sweep.export import export_model, fetch_head, head_module, register_winner
+from sweep.export import export_model, fetch_head, head_module, mirror_val_acc, register_winner
 from sweep.select import DEFAULT_TOLERANCE, eligible, rule_text, select_winner
 from sweep.space import OPTIONAL_DIMENSIONS
 from sweep.study import (
@@ -238,6 +238,7 @@ def run(jobs: int, quiet: bool, **options) -> None:
     default=None,
     help="Write the winner as a self-contained model file here.",
 )
+@click.option("--tta", is_flag=True, help="Also report val_acc with test-time augmentation (image + mirror).")
 @click.option(
     "--register",
     "register_name",
@@ -246,7 +247,17 @@ def run(jobs: int, quiet: bool, **options) -> None:
 )
 @user_errors
 def best(
-    study, storage, tracking_uri, data_dir, backbone_weights, cache_dir, device, tolerance, export_path, register_name
+    study,
+    storage,
+    tracking_uri,
+    data_dir,
+    backbone_weights,
+    cache_dir,
+    device,
+    tolerance,
+    export_path,
+    tta,
+    register_name,
 ) -> None:
     """Show the leading trials and the winner; optionally export or register it, and score it on test/."""
     if export_path is not None and not export_path.parent.is_dir():
@@ -282,7 +293,7 @@ def best(
         publish_study(tracker, parent_id, optuna_study, records, tolerance)
 
     test_dir = Path(data_dir) / "test"
-    if export_path is None and register_name is None and not test_dir.is_dir():
+    if export_path is None and register_name is None and not tta and not test_dir.is_dir():
         return
     backbone = load_backbone(backbone_weights)
     head = fetch_head(tracker, winner)
@@ -292,6 +303,10 @@ def best(
         "gap": winner.gap,
         "best_epoch": winner.best_epoch,
     }
+    if tta:
+        metrics["val_acc_tta"] = mirror_val_acc(head, backbone, Path(data_dir), cache_dir, resolve_device(device))
+        tracker.log_metrics(winner.run_id, {"val_acc_tta": metrics["val_acc_tta"]})
+        click.echo(f"val_acc {winner.val_acc:.3f} without TTA, {metrics['val_acc_tta']:.3f} with TTA (image + mirror)")
     if test_dir.is_dir():
         test_set = ClothingDataset(
             test_dir, build_transforms(IMAGE_SIZE), {c: i for i, c in enumerate(head["classes"])}
@@ -361,11 +376,12 @@ def trials(study, storage, tracking_uri, sort_by, fmt, tolerance) -> None:
 @click.argument("model_file", metavar="MODEL", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1), help="Classes to show per image.")
+@click.option("--tta", is_flag=True, help="Average the logits of each image and its mirror image.")
 @user_errors
-def predict(model_file: Path, images: tuple[str, ...], top_k: int) -> None:
+def predict(model_file: Path, images: tuple[str, ...], top_k: int, tta: bool) -> None:
     """Top-k classes of each IMAGE with an exported MODEL (no network, nothing else needed)."""
     model, payload = load_model(model_file)
-    predictions = predict_top_k(model, images, model_transform(payload), payload["classes"], top_k)
+    predictions = predict_top_k(model, images, model_transform(payload), payload["classes"], top_k, tta=tta)
     for path, preds in zip(images, predictions):
         click.echo(path)
         for name, prob in preds:

@@ -9,6 +9,8 @@ import torch
 
 import clothing
 from clothing.checkpoint import FORMAT_VERSION, HEAD, MODEL, CheckpointError, load_checkpoint, save_checkpoint
+from clothing.data import ClothingDataset, build_transforms
+from clothing.features import cached_features
 from clothing.model import ClothingClassifierMobileNet, build_head, weights_fingerprint
 from sweep.select import TrialRecord
 from sweep.tracking import Tracker
@@ -83,3 +85,22 @@ def register_winner(tracker: Tracker, head: dict, backbone: torch.nn.Module, nam
     }
     code = [str(Path(clothing.__file__).parent)]
     return tracker.register_model(head["mlflow_run_id"], model, name, example, metadata, code)
+
+
+def mirror_val_acc(head: dict, backbone: torch.nn.Module, data_dir: Path, cache_dir: Path, device) -> float:
+    """Validation accuracy of the winner's head with test-time augmentation (image + mirror logits).
+
+    Both views come from the feature cache, so this costs one extra backbone pass over validation/
+    the first time."""
+    class_to_idx = {name: i for i, name in enumerate(head["classes"])}
+    module = head_module(head)
+    logits, labels = 0, None
+    for mirror in (False, True):
+        split = ClothingDataset(
+            data_dir / "validation", build_transforms(head["image_size"], mirror=mirror), class_to_idx
+        )
+        features = cached_features(split, backbone, cache_dir, device=device, progress=False)
+        with torch.no_grad():
+            logits = logits + module(features.features)
+        labels = features.labels
+    return (logits.argmax(dim=1) == labels).float().mean().item()

@@ -144,3 +144,12 @@ def test_opt_in_dimensions_are_searched_and_recorded(stores, data_dir, random_we
         assert float(child.data.params["dropout"]) == trial.params["dropout"]
         assert float(child.data.params["label_smoothing"]) == trial.params["label_smoothing"]
         assert float(child.data.params["weight_decay"]) == 0.0  # not searched: stays off
+
+
+def test_best_reports_tta_separately(swept, stores, data_dir, random_weights):
+    result = best_cli(stores, "--tta", "--backbone-weights", str(random_weights), "--data-dir", str(data_dir))
+    assert result.exit_code == 0, result.output
+    assert "without TTA" in result.output and "with TTA (image + mirror)" in result.output
+    _, runs = mlflow_runs(stores)
+    winner = next(r for r in runs if r.data.tags.get("sweep.winner") == "true")
+    assert 0.0 <= winner.data.metrics["val_acc_tta"] <= 1.0
