@@ -19,7 +19,14 @@ from clothing.predict import model_transform
 from clothing.predict import top_k as predict_top_k
 from clothing.train import evaluate
 from sweep.config import SweepConfig, default_cache_dir, default_storage, default_tracking_uri
-from sweep.export import export_model, fetch_head, head_module, mirror_val_acc, register_winner
+from sweep.export import (
+    check_backbone,
+    export_model,
+    fetch_head,
+    head_module,
+    mirror_val_acc,
+    register_winner,
+)
 from sweep.select import DEFAULT_TOLERANCE, eligible, rule_text, select_winner
 from sweep.space import OPTIONAL_DIMENSIONS
 from sweep.study import (
@@ -297,6 +304,7 @@ def best(
         return
     backbone = load_backbone(backbone_weights)
     head = fetch_head(tracker, winner)
+    check_backbone(head, backbone)  # test scores, TTA and exports all need the weights it trained on
     metrics = {
         "val_acc": winner.val_acc,
         "train_acc": winner.train_acc,

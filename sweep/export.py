@@ -1,4 +1,5 @@
-"""The winner's head checkpoint (an MLflow artifact) + the backbone -> a self-contained model.pt."""
+"""The winner's head checkpoint (an MLflow artifact) + the backbone -> a self-contained model.pt, a
+registered MLflow model, or a test-time-augmented validation score."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ import socket
 import pytest
 import torch
 from click.testing import CliRunner
+from torchvision import models
 from conftest import make_split, write_image
 from sweep_helpers import invoke, load_study, mlflow_runs, run_args, run_sweep_cli
 
@@ -162,3 +163,11 @@ def test_best_on_an_empty_study(stores):
     os.makedirs(os.path.dirname(stores["--storage"].removeprefix("sqlite:///")), exist_ok=True)
     optuna.create_study(study_name="clothing", storage=stores["--storage"])
     assert_one_error(invoke(stores, "best"), "no COMPLETE trial")
+
+
+def test_best_with_other_backbone_weights_is_refused(existing, stores, data_dir, tmp_path):
+    torch.manual_seed(123)
+    other = tmp_path / "other.pth"
+    torch.save(models.mobilenet_v2(weights=None).state_dict(), other)
+    result = invoke(stores, "best", "--tta", "--backbone-weights", str(other), "--data-dir", str(data_dir))
+    assert_one_error(result, "other backbone weights", "--backbone-weights")
