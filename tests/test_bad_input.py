@@ -8,9 +8,9 @@ import socket
 import pytest
 import torch
 from click.testing import CliRunner
-from torchvision import models
 from conftest import make_split, write_image
 from sweep_helpers import invoke, load_study, mlflow_runs, run_args, run_sweep_cli
+from torchvision import models
 
 from sweep.cli import cli
 
