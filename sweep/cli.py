@@ -140,6 +140,15 @@ def data_options(command):
     )
 
 
+tolerance_option = click.option(
+    "--tolerance",
+    default=DEFAULT_TOLERANCE,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Winner rule: trials within this much of the best val_acc compete on the smallest gap.",
+)
+
+
 def format_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS, marker: int | None = None) -> str:
     """Aligned columns; the row whose number is `marker` is starred."""
 
@@ -231,13 +240,7 @@ def run(jobs: int, quiet: bool, **options) -> None:
 @cli.command()
 @study_options
 @data_options
-@click.option(
-    "--tolerance",
-    default=DEFAULT_TOLERANCE,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Trials within this much of the best val_acc compete on the smallest gap.",
-)
+@tolerance_option
 @click.option(
     "--export",
     "export_path",
@@ -358,13 +361,7 @@ SORT_KEYS = {
     show_default=True,
     help="Aligned table for a terminal, or CSV / JSON for programs.",
 )
-@click.option(
-    "--tolerance",
-    default=DEFAULT_TOLERANCE,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Tolerance of the winner rule, for marking the winner.",
-)
+@tolerance_option
 @user_errors
 def trials(study, storage, tracking_uri, sort_by, fmt, tolerance) -> None:
     """Every trial of a study with its state, parameters, scores and MLflow run id; the winner marked."""

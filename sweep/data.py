@@ -28,13 +28,9 @@ def load_splits(data_dir: Path) -> tuple[ClothingDataset, ClothingDataset]:
     return train, val
 
 
-def prepare_data(
-    cfg: SweepConfig,
-    device: torch.device,
-    splits: tuple[ClothingDataset, ClothingDataset] | None = None,
-) -> SweepData:
-    """Cached features of the train and validation splits (one backbone pass on a cold cache)."""
-    train_set, val_set = splits or load_splits(cfg.data_dir)
+def prepare_data(cfg: SweepConfig, device: torch.device, splits: tuple[ClothingDataset, ClothingDataset]) -> SweepData:
+    """Cached features of the splits from `load_splits` (one backbone pass on a cold cache)."""
+    train_set, val_set = splits
     backbone = load_backbone(cfg.backbone_weights)
     options = dict(device=device, precision=cfg.precision, skip_bad_images=cfg.skip_bad_images, progress=cfg.progress)
     train = cached_features(train_set, backbone, cfg.cache_dir, **options)

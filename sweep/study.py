@@ -197,14 +197,13 @@ def run_trials(
 
 def publish_study(
     tracker: Tracker, parent_id: str, study: optuna.Study, records: list[TrialRecord], tolerance: float
-) -> TrialRecord | None:
-    """Refresh the parent run's trials.csv and study plots; returns the winner under `tolerance`."""
+) -> None:
+    """Refresh the parent run's trials.csv and study plots, the winner marked under `tolerance`."""
     winner = select_winner(records, tolerance)
     tracker.log_text(parent_id, rows_to_csv(record_rows(records, winner)), "trials.csv")
     with tempfile.TemporaryDirectory() as tmp:
         for path in study_plots(study, records, tolerance, winner, Path(tmp)):
             tracker.log_file(parent_id, path, "plots")
-    return winner
 
 
 @dataclass
@@ -227,8 +226,9 @@ def run_sweep(cfg: SweepConfig, report: Report, jobs: int = 1) -> SweepResult:
     splits = load_splits(cfg.data_dir)
     tracker.check_reachable()
     study = open_study(cfg)
-    if _count(study, FINISHED) >= cfg.trials:
-        report(f"study {cfg.study!r} already has {_count(study, FINISHED)} finished trials (target {cfg.trials})")
+    finished = _count(study, FINISHED)
+    if finished >= cfg.trials:
+        report(f"study {cfg.study!r} already has {finished} finished trials (target {cfg.trials})")
     data = prepare_data(cfg, device, splits)
     experiment_id = tracker.experiment_id(cfg.study)
     parent_params = {
