@@ -176,9 +176,9 @@ def main(limit: int | None) -> None:
     )
 
     # Quality guard: features and a trained head against the reference pipeline.
-    cosine = nn.functional.cosine_similarity(reference["val"], fast["val"].features, dim=1).min().item()
+    cosine = nn.functional.cosine_similarity(reference["val"], fast["val"].plain, dim=1).min().item()
     acc_ref = head_val_acc(reference["train"], fast["train"].labels, reference["val"], fast["val"].labels)
-    acc_fast = head_val_acc(fast["train"].features, fast["train"].labels, fast["val"].features, fast["val"].labels)
+    acc_fast = head_val_acc(fast["train"].plain, fast["train"].labels, fast["val"].plain, fast["val"].labels)
     rows.append(("quality: min cosine vs reference (val)", f"{cosine:.6f}", "target >= 0.99"))
     rows.append(
         (
@@ -191,13 +191,13 @@ def main(limit: int | None) -> None:
     # 2. One training epoch: cached features vs the notebook's image loop.
     _, t_nb_epoch = timed(notebook_epoch, train, val, backbone)
     head = build_head(len(train.classes), 100)
-    batches = FeatureBatches(fast["train"].features, fast["train"].labels, 32, shuffle=True)
+    batches = FeatureBatches(fast["train"].plain, fast["train"].labels, 32, shuffle=True)
     _, t_epoch = timed(
         train_and_evaluate,
         head,
         torch.optim.Adam(head.parameters(), lr=1e-3),
         batches,
-        FeatureBatches(fast["val"].features, fast["val"].labels, 32),
+        FeatureBatches(fast["val"].plain, fast["val"].labels, 32),
         nn.CrossEntropyLoss(),
         1,
         "cpu",

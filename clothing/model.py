@@ -3,6 +3,11 @@
 The model is split where the sweep needs it: `features` (conv trunk, frozen, always in eval mode),
 `pool` (global average pool + flatten, no weights) and `head` (the only trainable part). Training
 the head on cached pooled features is then exactly training the full model on images.
+
+Partial fine-tuning moves the cut: with `finetune_blocks=k` the last k inverted-residual blocks and
+the closing 1x1 convolution (`features[cut:]`, cut = 18 - k) train too, BatchNorm included, while
+`features[:cut]` stays frozen in eval mode. `tail()` is the trainable part as one module, so training
+it on cached activations at the cut is exactly training the full model on images.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from torch import nn
 from torchvision import models
 
 FEATURE_DIM = 1280  # MobileNetV2's pooled feature size
+# MobileNetV2's `features`: [0] stem conv, [1..17] inverted-residual blocks, [18] the 1x1 conv to 1280.
+LAST_CONV = 18
+MAX_FINETUNE_BLOCKS = 17
 TORCHVISION_WEIGHTS = "IMAGENET1K_V1"
 
 
@@ -72,8 +80,15 @@ def build_head(num_classes: int, size_inner: int, dropout: float = 0.0) -> nn.Se
     )
 
 
+def finetune_cut(blocks: int) -> int:
+    """Index in `features` where the trainable tail starts when the last `blocks` blocks train."""
+    if not 0 <= blocks <= MAX_FINETUNE_BLOCKS:
+        raise ValueError(f"finetune blocks must be in 0..{MAX_FINETUNE_BLOCKS}, got {blocks}")
+    return LAST_CONV - blocks if blocks else LAST_CONV + 1  # 0: nothing of the trunk trains
+
+
 class ClothingClassifierMobileNet(nn.Module):
-    """Frozen MobileNetV2 trunk + global average pool + a small trainable head."""
+    """MobileNetV2 trunk (frozen up to the cut) + global average pool + a small trainable head."""
 
     def __init__(
         self,
@@ -81,22 +96,30 @@ class ClothingClassifierMobileNet(nn.Module):
         size_inner: int = 100,
         dropout: float = 0.0,
         backbone: models.MobileNetV2 | None = None,
+        finetune_blocks: int = 0,
     ) -> None:
         super().__init__()
         backbone = backbone if backbone is not None else load_backbone(None)
         self.features = backbone.features
-        for param in self.features.parameters():
-            param.requires_grad = False
+        self.cut = finetune_cut(finetune_blocks)
+        for index, layer in enumerate(self.features):
+            for param in layer.parameters():
+                param.requires_grad = index >= self.cut
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = build_head(num_classes, size_inner, dropout)
-        self.features.eval()
+        self.train(False)
 
     def train(self, mode: bool = True) -> ClothingClassifierMobileNet:
         # A frozen trunk must keep using its BatchNorm running statistics: in train mode they would
         # drift towards each batch and the features would no longer match the cached ones.
         super().train(mode)
-        self.features.eval()
+        self.features[: self.cut].eval()
         return self
+
+    def tail(self) -> nn.Sequential:
+        """The trainable part from the cut on (shares its modules with this model): activations at
+        the cut -> logits. Without fine-tuning it is pool + head."""
+        return nn.Sequential(self.features[self.cut :], self.pool, self.head)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.pool(self.features(images)))

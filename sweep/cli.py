@@ -13,19 +13,18 @@ import click
 
 from clothing.checkpoint import CheckpointError, load_model
 from clothing.data import IMAGE_SIZE, ClothingDataset, DatasetError, build_transforms
-from clothing.features import PRECISIONS, FeatureBatches, cached_features
-from clothing.model import TORCHVISION_WEIGHTS, BackboneError, load_backbone
+from clothing.features import PRECISIONS
+from clothing.model import MAX_FINETUNE_BLOCKS, TORCHVISION_WEIGHTS, BackboneError, load_backbone
 from clothing.predict import model_transform
 from clothing.predict import top_k as predict_top_k
-from clothing.train import evaluate
 from sweep.config import SweepConfig, default_cache_dir, default_storage, default_tracking_uri
 from sweep.export import (
     check_backbone,
     export_model,
     fetch_head,
-    head_module,
     mirror_val_acc,
     register_winner,
+    split_logits,
 )
 from sweep.select import DEFAULT_TOLERANCE, eligible, rule_text, select_winner
 from sweep.space import OPTIONAL_DIMENSIONS
@@ -41,7 +40,7 @@ from sweep.study import (
 from sweep.tracking import Tracker, TrackingError, rows_to_csv, ui_command
 
 USER_ERRORS = (DatasetError, BackboneError, CheckpointError, TrackingError, SweepError)
-TABLE_COLUMNS = ("number", "state", "lr", "size_inner", "best_epoch", "train_acc", "val_acc", "gap")
+TABLE_COLUMNS = ("number", "stage", "state", "lr", "size_inner", "best_epoch", "train_acc", "val_acc", "gap")
 
 
 def user_errors(command):
@@ -221,7 +220,32 @@ def cli() -> None:
     type=click.IntRange(min=1),
     help="Worker processes on this machine sharing the study (features are extracted once first).",
 )
+@click.option(
+    "--views",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="Cached views per training image: 1 the plain image, 2 adds its mirror, more add the course's "
+    "random rotation/crop/flip; each epoch draws one view per image. Each view costs one backbone pass.",
+)
+@click.option(
+    "--finetune-blocks",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, MAX_FINETUNE_BLOCKS),
+    help="Stage 2: then fine-tune the winner's last K inverted-residual blocks (and the final 1x1 conv) "
+    "on activations cached at the cut, as one more trial tagged stage=finetune; 0 = off.",
+)
+@click.option("--finetune-epochs", default=5, show_default=True, type=click.IntRange(min=1), help="Epochs of stage 2.")
+@click.option(
+    "--finetune-lr",
+    default=1e-4,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Learning rate of stage 2 (blocks and head): small, so the pretrained blocks are adjusted, not overwritten.",
+)
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--worker", is_flag=True, hidden=True, help="Internal: a --jobs worker (sweep trials only).")
 @user_errors
 def run(jobs: int, quiet: bool, **options) -> None:
     """Run (or resume) a study: extract features once, then train a head per trial."""
@@ -284,6 +308,7 @@ def best(
     click.echo(
         f"Winner: trial {winner.number}  lr {winner.params['lr']:.2e}  size_inner {winner.params['size_inner']}"
         f"  val_acc {winner.val_acc:.3f}  gap {winner.gap:+.3f}  (epoch {winner.best_epoch})"
+        + ("  [stage 2: fine-tuned]" if winner.stage != "head" else "")
     )
 
     tracker = Tracker(tracking_uri)
@@ -306,7 +331,7 @@ def best(
     if export_path is None and register_name is None and not tta and not test_dir.is_dir():
         return
     backbone = load_backbone(backbone_weights)
-    head = fetch_head(tracker, winner)
+    head = {**fetch_head(tracker, winner), "trial": winner.number}  # a stage-2 checkpoint names its source
     check_backbone(head, backbone)  # test scores, TTA and exports all need the weights it trained on
     metrics = {
         "val_acc": winner.val_acc,
@@ -322,11 +347,10 @@ def best(
         test_set = ClothingDataset(
             test_dir, build_transforms(IMAGE_SIZE), {c: i for i, c in enumerate(head["classes"])}
         )
-        features = cached_features(test_set, backbone, cache_dir, device=resolve_device(device))
-        batches = FeatureBatches(features.features, features.labels, 256)
-        metrics["test_acc"] = evaluate(head_module(head), batches, "cpu")
+        logits, labels = split_logits(head, backbone, test_set, cache_dir, resolve_device(device))
+        metrics["test_acc"] = (logits.argmax(dim=1) == labels).float().mean().item()
         tracker.log_metrics(winner.run_id, {"test_acc": metrics["test_acc"]})
-        click.echo(f"test_acc {metrics['test_acc']:.3f} on {len(features.labels)} images of {test_dir}")
+        click.echo(f"test_acc {metrics['test_acc']:.3f} on {len(labels)} images of {test_dir}")
     if export_path is not None:
         export_model(head, backbone, export_path, metrics)
         click.echo(f"Exported trial {winner.number} to {export_path}")

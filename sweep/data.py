@@ -1,4 +1,5 @@
-"""The sweep's data: both splits' cached features, computed once per (images, weights, transform)."""
+"""The sweep's data: both splits' cached features (training views, and activations at the fine-tuning
+cut when stage 2 is on), computed once per (images, weights, transforms, views, cut)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from clothing.data import IMAGE_SIZE, ClothingDataset, build_transforms
 from clothing.features import FeatureSet, cached_features
-from clothing.model import load_backbone, weights_fingerprint
+from clothing.model import finetune_cut, load_backbone, weights_fingerprint
 from sweep.config import SweepConfig
 
 
@@ -32,7 +33,11 @@ def prepare_data(cfg: SweepConfig, device: torch.device, splits: tuple[ClothingD
     """Cached features of the splits from `load_splits` (one backbone pass on a cold cache)."""
     train_set, val_set = splits
     backbone = load_backbone(cfg.backbone_weights)
-    options = dict(device=device, precision=cfg.precision, skip_bad_images=cfg.skip_bad_images, progress=cfg.progress)
-    train = cached_features(train_set, backbone, cfg.cache_dir, **options)
+    # With fine-tuning on, the same pass also caches the activations entering the blocks that train.
+    cut = finetune_cut(cfg.finetune_blocks) if cfg.finetune_blocks else None
+    options = dict(
+        device=device, precision=cfg.precision, cut=cut, skip_bad_images=cfg.skip_bad_images, progress=cfg.progress
+    )
+    train = cached_features(train_set, backbone, cfg.cache_dir, views=cfg.views, **options)
     val = cached_features(val_set, backbone, cfg.cache_dir, **options)
     return SweepData(train_set.classes, train, val, weights_fingerprint(backbone))

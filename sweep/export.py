@@ -3,6 +3,7 @@ registered MLflow model, or a test-time-augmented validation score."""
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -42,10 +43,20 @@ def check_backbone(head: dict, backbone: torch.nn.Module) -> None:
 
 
 def build_model(head: dict, backbone: torch.nn.Module) -> ClothingClassifierMobileNet:
-    """The full model: the given backbone's trunk with the trained head."""
+    """The full model: the given backbone's trunk with the trained head, and for a stage-2 checkpoint
+    its fine-tuned last blocks (on a copy: the caller's backbone keeps serving the feature cache)."""
     check_backbone(head, backbone)
-    model = ClothingClassifierMobileNet(head["num_classes"], head["size_inner"], head.get("dropout", 0.0), backbone)
+    blocks = head.get("finetune_blocks", 0)
+    model = ClothingClassifierMobileNet(
+        head["num_classes"],
+        head["size_inner"],
+        head.get("dropout", 0.0),
+        copy.deepcopy(backbone) if blocks else backbone,
+        finetune_blocks=blocks,
+    )
     model.head.load_state_dict(head["state_dict"])
+    if blocks:
+        model.features[model.cut :].load_state_dict(head["trunk_state_dict"])
     return model.eval()
 
 
@@ -58,6 +69,7 @@ def export_model(head: dict, backbone: torch.nn.Module, path: str | Path, metric
         "state_dict": model.state_dict(),
         "size_inner": head["size_inner"],
         "dropout": head.get("dropout", 0.0),
+        "finetune_blocks": head.get("finetune_blocks", 0),
         "num_classes": head["num_classes"],
         "classes": head["classes"],
         "image_size": head["image_size"],
@@ -88,20 +100,34 @@ def register_winner(tracker: Tracker, head: dict, backbone: torch.nn.Module, nam
     return tracker.register_model(head["mlflow_run_id"], model, name, example, metadata, code)
 
 
-def mirror_val_acc(head: dict, backbone: torch.nn.Module, data_dir: Path, cache_dir: Path, device) -> float:
-    """Validation accuracy of the winner's head with test-time augmentation (image + mirror logits).
+def split_logits(
+    head: dict, backbone: torch.nn.Module, split: ClothingDataset, cache_dir: Path, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of the checkpoint over a split, from cached features, or for a fine-tuned
+    checkpoint from the activations cached at its cut: the frozen trunk runs at most once per split."""
+    if head.get("finetune_blocks", 0):
+        model = build_model(head, backbone)
+        module, cut = model.tail(), model.cut
+    else:
+        module, cut = head_module(head), None
+    features = cached_features(split, backbone, cache_dir, device=device, cut=cut, progress=False)
+    inputs = features.activations()[:, 0] if cut is not None else features.plain
+    with torch.no_grad():
+        logits = torch.cat([module(batch) for batch in inputs.split(256)])
+    return logits, features.labels
 
-    Both views come from the feature cache, so this costs one extra backbone pass over validation/
-    the first time."""
+
+def mirror_val_acc(head: dict, backbone: torch.nn.Module, data_dir: Path, cache_dir: Path, device) -> float:
+    """Validation accuracy of the winner with test-time augmentation (image + mirror logits).
+
+    Both views come from the cache, so this costs one extra backbone pass over validation/ the
+    first time."""
     class_to_idx = {name: i for i, name in enumerate(head["classes"])}
-    module = head_module(head)
     logits, labels = 0, None
     for mirror in (False, True):
         split = ClothingDataset(
             data_dir / "validation", build_transforms(head["image_size"], mirror=mirror), class_to_idx
         )
-        features = cached_features(split, backbone, cache_dir, device=device, progress=False)
-        with torch.no_grad():
-            logits = logits + module(features.features)
-        labels = features.labels
+        view_logits, labels = split_logits(head, backbone, split, cache_dir, device)
+        logits = logits + view_logits
     return (logits.argmax(dim=1) == labels).float().mean().item()

@@ -44,9 +44,10 @@ class Objective:
         self.cfg, self.data, self.tracker = cfg, data, tracker
         self.experiment_id, self.parent_id, self.device = experiment_id, parent_id, device
         self.on_start: Callable[[], None] | None = None  # called once the trial exists in the storage
-        # Features move to the device once; every trial and epoch reuses them.
+        # Features move to the device once; every trial and epoch reuses them. Training draws one of
+        # the cached views of each image per epoch; validation sees the plain images.
         self.train_xy = (data.train.features.to(device), data.train.labels.to(device))
-        self.val_xy = (data.val.features.to(device), data.val.labels.to(device))
+        self.val_xy = (data.val.plain.to(device), data.val.labels.to(device))
 
     def __call__(self, trial: optuna.Trial) -> float:
         if self.on_start is not None:
@@ -58,6 +59,7 @@ class Objective:
             "backbone": self.data.backbone_id,
             "precision": self.cfg.precision,
             "num_train": len(self.train_xy[1]),
+            "views": self.data.train.views,
         }
         run_id = self.tracker.start_trial(self.experiment_id, self.parent_id, self.cfg.study, trial.number, params)
         trial.set_user_attr("mlflow_run_id", run_id)
@@ -91,16 +93,11 @@ class Objective:
         # size_inner=1000 epoch on a small CPU (bench/ measured 0.67 s against 1.30 s).
         optimizer = torch.optim.AdamW(trainable_parameters(head), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         generator = torch.Generator().manual_seed(cfg.seed)
-        train_batches = FeatureBatches(*self.train_xy, cfg.batch_size, shuffle=True, generator=generator)
+        train_batches = FeatureBatches(*self.train_xy, cfg.batch_size, shuffle=True, generator=generator, views=True)
         val_batches = FeatureBatches(*self.val_xy, cfg.batch_size)
 
         def on_epoch(epoch: int, metrics: dict, model: nn.Module) -> None:
-            values = {k: v for k, v in metrics.items() if k != "epoch"}
-            self.tracker.log_metrics(run_id, values, step=epoch)
-            best.setdefault("history", []).append(dict(metrics))
-            if "metrics" not in best or metrics["val_acc"] > best["metrics"]["val_acc"]:
-                best["metrics"] = dict(metrics)
-                best["state_dict"] = copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
+            track_epoch(self.tracker, run_id, best, metrics, model)
             trial.report(metrics["val_acc"], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} (val_acc {metrics['val_acc']:.3f})")
@@ -112,39 +109,60 @@ class Objective:
         """Summary metrics and the best epoch's checkpoint, then close the run with its final state."""
         if "metrics" in best:
             m = best["metrics"]
-            summary = {
-                "best_epoch": m["epoch"],
-                "best_train_acc": m["train_acc"],
-                "best_val_acc": m["val_acc"],
-                "gap": m["train_acc"] - m["val_acc"],
-            }
-            for key in ("best_epoch", "train_acc", "val_acc"):
-                trial.set_user_attr(key, m[key if key != "best_epoch" else "epoch"])
-            self.tracker.log_metrics(run_id, summary)
-            self._log_checkpoint(trial.number, run_id, cfg, best)
-            with tempfile.TemporaryDirectory() as tmp:
-                curves = learning_curves(best["history"], m["epoch"], Path(tmp) / "curves.png")
-                self.tracker.log_file(run_id, curves, "plots")
+            for key, value in best_attrs(m).items():
+                trial.set_user_attr(key, value)
+            payload = checkpoint_payload(self.data, self.cfg.study, cfg, best, trial.number, run_id)
+            log_best(self.tracker, run_id, best, payload)
         self.tracker.end_trial(run_id, state, tags)
 
-    def _log_checkpoint(self, number: int, run_id: str, cfg: TrainConfig, best: dict) -> None:
-        payload = {
-            "format_version": FORMAT_VERSION,
-            "kind": HEAD,
-            "state_dict": best["state_dict"],
-            "num_classes": len(self.data.classes),
-            "classes": list(self.data.classes),
-            "size_inner": cfg.size_inner,
-            "dropout": cfg.dropout,
-            "image_size": IMAGE_SIZE,
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-            "backbone_fingerprint": self.data.backbone_id,
-            "config": asdict(cfg),
-            "metrics": best["metrics"],
-            "study": self.cfg.study,
-            "trial": number,
-            "mlflow_run_id": run_id,
-        }
-        with tempfile.TemporaryDirectory() as tmp:
-            self.tracker.log_file(run_id, save_checkpoint(payload, Path(tmp) / "head.pt"), "checkpoint")
+
+def track_epoch(tracker: Tracker, run_id: str, best: dict, metrics: dict, model: nn.Module) -> None:
+    """Log one epoch's metrics; keep the history and the weights of the best validation epoch."""
+    tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=metrics["epoch"])
+    best.setdefault("history", []).append(dict(metrics))
+    if "metrics" not in best or metrics["val_acc"] > best["metrics"]["val_acc"]:
+        best["metrics"] = dict(metrics)
+        best["state_dict"] = copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
+
+
+def best_attrs(metrics: dict) -> dict:
+    """What the Optuna trial keeps for the winner rule: the scores at the checkpointed epoch."""
+    return {"best_epoch": metrics["epoch"], "train_acc": metrics["train_acc"], "val_acc": metrics["val_acc"]}
+
+
+def checkpoint_payload(data: SweepData, study: str, cfg: TrainConfig, best: dict, number: int, run_id: str) -> dict:
+    """A head checkpoint: the best epoch's weights plus everything needed to use them."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": HEAD,
+        "state_dict": best["state_dict"],
+        "num_classes": len(data.classes),
+        "classes": list(data.classes),
+        "size_inner": cfg.size_inner,
+        "dropout": cfg.dropout,
+        "image_size": IMAGE_SIZE,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "backbone_fingerprint": data.backbone_id,
+        "config": asdict(cfg),
+        "metrics": best["metrics"],
+        "study": study,
+        "trial": number,
+        "mlflow_run_id": run_id,
+    }
+
+
+def log_best(tracker: Tracker, run_id: str, best: dict, payload: dict) -> None:
+    """Summary metrics at the checkpointed epoch, the checkpoint and the learning curves."""
+    m = best["metrics"]
+    summary = {
+        "best_epoch": m["epoch"],
+        "best_train_acc": m["train_acc"],
+        "best_val_acc": m["val_acc"],
+        "gap": m["train_acc"] - m["val_acc"],
+    }
+    tracker.log_metrics(run_id, summary)
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker.log_file(run_id, save_checkpoint(payload, Path(tmp) / "head.pt"), "checkpoint")
+        curves = learning_curves(best["history"], m["epoch"], Path(tmp) / "curves.png")
+        tracker.log_file(run_id, curves, "plots")

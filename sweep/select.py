@@ -22,6 +22,7 @@ class TrialRecord:
     train_acc: float | None = None
     val_acc: float | None = None
     run_id: str | None = None
+    stage: str = "head"  # "head": a sweep trial; "finetune": stage 2, the winner with its last blocks trained
 
     @property
     def gap(self) -> float | None:

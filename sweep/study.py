@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 from sweep.config import SweepConfig
 from sweep.data import load_splits, prepare_data
+from sweep.finetune import HEAD_STAGE, finetune_winner
 from sweep.objective import Objective
 from sweep.plots import study_plots
 from sweep.select import DEFAULT_TOLERANCE, TrialRecord, select_winner
@@ -112,6 +113,7 @@ def trial_records(study: optuna.Study) -> list[TrialRecord]:
             train_acc=t.user_attrs.get("train_acc"),
             val_acc=t.user_attrs.get("val_acc"),
             run_id=t.user_attrs.get("mlflow_run_id"),
+            stage=t.user_attrs.get("stage", HEAD_STAGE),
         )
         for t in study.get_trials(deepcopy=False)
     ]
@@ -123,6 +125,7 @@ def record_rows(records: list[TrialRecord], winner: TrialRecord | None = None) -
         {
             "winner": winner is not None and r.number == winner.number,
             "number": r.number,
+            "stage": r.stage,
             "state": r.state,
             "lr": r.params.get("lr"),
             "size_inner": r.params.get("size_inner"),
@@ -150,7 +153,9 @@ def describe_trial(trial: optuna.trial.FrozenTrial, seconds: float) -> str:
 
 
 def _count(study: optuna.Study, states) -> int:
-    return len(study.get_trials(deepcopy=False, states=states))
+    """Sweep trials in `states`; a stage-2 trial does not count towards the target."""
+    trials = study.get_trials(deepcopy=False, states=states)
+    return sum(t.user_attrs.get("stage", HEAD_STAGE) == HEAD_STAGE for t in trials)
 
 
 def run_trials(
@@ -252,6 +257,9 @@ def run_sweep(cfg: SweepConfig, report: Report, jobs: int = 1) -> SweepResult:
         done, errors = run_trials(study, objective, cfg, report, heartbeat=cfg.storage.startswith(RDB_SCHEMES))
         for worker in workers:
             worker.wait()
+        if cfg.finetune_blocks and not cfg.worker:
+            records = trial_records(study)
+            finetune_winner(cfg, data, study, records, tracker, experiment_id, parent_id, device, report)
         status = "FINISHED"
     finally:
         for worker in workers:

@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 
 ROLE_TAG = "sweep.role"
 STUDY_TAG = "sweep.study"
+STAGE_TAG = "stage"  # head (stage 1, a sweep trial) or finetune (stage 2)
 PARENT_ROLE, TRIAL_ROLE = "study", "trial"
 # Optuna's final state -> the MLflow run status that says the same thing.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
@@ -120,18 +121,16 @@ class Tracker:
     def close_parent(self, parent_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(parent_id, status=status)
 
-    def start_trial(self, experiment_id: str, parent_id: str, study: str, number: int, params: dict) -> str:
-        run = self.client.create_run(
-            experiment_id,
-            run_name=f"trial-{number:03d}",
-            tags={
-                "mlflow.parentRunId": parent_id,
-                ROLE_TAG: TRIAL_ROLE,
-                STUDY_TAG: study,
-                "optuna.trial_number": str(number),
-                "optuna.state": "RUNNING",
-            },
-        )
+    def start_trial(
+        self, experiment_id: str, parent_id: str, study: str, number: int | None, params: dict, stage: str = "head"
+    ) -> str:
+        """A nested run for one trial: `trial-NNN`, or for a stage-2 run (whose Optuna trial is only
+        added when it finishes, `number` None) `finetune-NNN` after the trial it starts from."""
+        tags = {"mlflow.parentRunId": parent_id, ROLE_TAG: TRIAL_ROLE, STUDY_TAG: study, STAGE_TAG: stage}
+        if number is not None:
+            tags.update({"optuna.trial_number": str(number), "optuna.state": "RUNNING"})
+        name = f"trial-{number:03d}" if stage == "head" else f"{stage}-{params.get('source_trial', 0):03d}"
+        run = self.client.create_run(experiment_id, run_name=name, tags=tags)
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run.info.run_id
 

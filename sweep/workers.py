@@ -46,7 +46,7 @@ class FileLock:
 
 def worker_command(cfg: SweepConfig) -> list[str]:
     """The `python -m sweep run` command line of one worker process for the same study."""
-    command = [sys.executable, "-m", "sweep", "run", "--jobs", "1", "--quiet"]
+    command = [sys.executable, "-m", "sweep", "run", "--jobs", "1", "--quiet", "--worker"]
     options = {
         "--data-dir": cfg.data_dir,
         "--study": cfg.study,
@@ -61,6 +61,8 @@ def worker_command(cfg: SweepConfig) -> list[str]:
         "--pruner": cfg.pruner,
         "--cache-dir": cfg.cache_dir,
         "--precision": cfg.precision,
+        "--views": cfg.views,
+        "--finetune-blocks": cfg.finetune_blocks,  # the cut is part of the feature cache's key
     }
     for key, value in options.items():
         command += [key, str(value)]

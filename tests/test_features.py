@@ -19,7 +19,7 @@ def train_set(data_dir):
 def test_second_call_reads_the_cache_without_running_the_backbone(train_set, tmp_path, monkeypatch):
     backbone = load_backbone(None)
     first = cached_features(train_set, backbone, tmp_path, progress=False)
-    assert not first.cache_hit and first.features.shape == (12, 1280)
+    assert not first.cache_hit and first.features.shape == (12, 1, 1280)
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the backbone ran although the cache should have hit")
@@ -54,9 +54,9 @@ def test_other_weights_or_transform_miss_the_cache(train_set, tmp_path):
 def test_fast_pipeline_stays_within_the_quality_guard(train_set, tmp_path):
     """The fused inference graph (and any reduced precision) keeps cosine >= 0.99 on every image."""
     backbone = load_backbone(None)
-    reference = cached_features(train_set, backbone, tmp_path, precision="exact", progress=False).features
+    reference = cached_features(train_set, backbone, tmp_path, precision="exact", progress=False).plain
     for precision in ("auto", "fp32"):
-        fast = cached_features(train_set, backbone, tmp_path, precision=precision, progress=False).features
+        fast = cached_features(train_set, backbone, tmp_path, precision=precision, progress=False).plain
         cosine = torch.nn.functional.cosine_similarity(reference, fast, dim=1)
         assert cosine.min() >= 0.99, precision
 
@@ -81,13 +81,20 @@ def test_no_partial_cache_file_after_an_interrupted_extraction(train_set, tmp_pa
     class Interrupted(Exception):
         pass
 
-    def explode(*args, **kwargs):
-        raise Interrupted
-
     backbone = load_backbone(None)
-    monkeypatch.setattr(backbone.features, "forward", explode)
+    last_layer = backbone.features[-1]
+    calls = []
+
+    def explode_on_the_second_batch(images):
+        calls.append(len(images))
+        if len(calls) > 2:  # a probe of one image, one batch written, then the interruption
+            raise Interrupted
+        return type(last_layer).forward(last_layer, images)
+
+    monkeypatch.setattr(last_layer, "forward", explode_on_the_second_batch)
     with pytest.raises(Interrupted):
-        cached_features(train_set, backbone, tmp_path / "cache", precision="exact", progress=False)
+        cached_features(train_set, backbone, tmp_path / "cache", precision="exact", batch_size=4, progress=False)
+    assert calls == [1, 4, 4]
     assert list((tmp_path / "cache").iterdir()) == []
 
 

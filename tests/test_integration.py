@@ -27,8 +27,8 @@ def test_head_on_cached_real_features_reaches_080_val_accuracy_in_3_epochs(tmp_p
     history = train_and_evaluate(
         head,
         torch.optim.Adam(head.parameters(), lr=1e-3),
-        FeatureBatches(train.features, train.labels, 32, shuffle=True, generator=torch.Generator().manual_seed(42)),
-        FeatureBatches(val.features, val.labels, 256),
+        FeatureBatches(train.plain, train.labels, 32, shuffle=True, generator=torch.Generator().manual_seed(42)),
+        FeatureBatches(val.plain, val.labels, 256),
         nn.CrossEntropyLoss(),
         3,
         "cpu",

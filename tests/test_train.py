@@ -146,8 +146,8 @@ def test_training_on_cached_features_equals_training_the_full_model_on_images(da
     feature_history = train_and_evaluate(
         head,
         torch.optim.SGD(head.parameters(), lr=0.05, momentum=0.9),
-        FeatureBatches(train.features, train.labels, 4),
-        FeatureBatches(val.features, val.labels, 4),
+        FeatureBatches(train.plain, train.labels, 4),
+        FeatureBatches(val.plain, val.labels, 4),
         nn.CrossEntropyLoss(),
         2,
         "cpu",
@@ -155,7 +155,7 @@ def test_training_on_cached_features_equals_training_the_full_model_on_images(da
 
     images = torch.stack([train_set[i][0] for i in range(len(train_set))])
     with torch.no_grad():
-        torch.testing.assert_close(train.features, full.pool(full.features(images)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(train.plain, full.pool(full.features(images)), rtol=1e-4, atol=1e-5)
     for name, value in head.state_dict().items():
         torch.testing.assert_close(value, full.head.state_dict()[name], rtol=1e-4, atol=1e-5)
     for a, b in zip(image_history, feature_history):

@@ -1,0 +1,191 @@
+"""Augmented views in the feature cache, and partial fine-tuning on cached activations (stage 2)."""
+
+import copy
+
+import pytest
+import torch
+from sweep_helpers import invoke, load_study, mlflow_runs, run_sweep_cli
+from torch import nn
+from torch.utils.data import DataLoader
+
+from clothing.checkpoint import load_model
+from clothing.data import ClothingDataset, build_transforms
+from clothing.features import FeatureBatches, cached_features
+from clothing.model import ClothingClassifierMobileNet, load_backbone, trainable_parameters, weights_fingerprint
+from clothing.train import train_and_evaluate
+from sweep.export import export_model, fetch_head, split_logits
+from sweep.finetune import with_tail_weights
+from sweep.select import select_winner
+from sweep.study import trial_records
+from sweep.tracking import Tracker
+
+
+@pytest.fixture
+def train_set(data_dir):
+    return ClothingDataset(data_dir / "train", build_transforms())
+
+
+def test_the_cache_holds_the_requested_views_each_different(train_set, tmp_path):
+    backbone = load_backbone(None)
+    views = cached_features(train_set, backbone, tmp_path, views=4, precision="exact", progress=False)
+    assert views.features.shape == (12, 4, 1280) and views.views == 4
+    for image in views.features:
+        for a in range(4):
+            for b in range(a + 1, 4):
+                assert not torch.allclose(image[a], image[b], rtol=1e-3, atol=0), (a, b)
+    plain = cached_features(train_set, backbone, tmp_path, precision="exact", progress=False)
+    torch.testing.assert_close(views.plain, plain.plain)  # view 0 is the image as evaluation sees it
+    # The random views are fixed: extracting them again elsewhere gives the same rows.
+    again = cached_features(train_set, backbone, tmp_path / "other", views=4, precision="exact", progress=False)
+    torch.testing.assert_close(again.features, views.features)
+    assert cached_features(train_set, backbone, tmp_path, views=4, precision="exact", progress=False).cache_hit
+    assert not cached_features(train_set, backbone, tmp_path, views=3, precision="exact", progress=False).cache_hit
+
+
+def test_an_epoch_draws_one_view_per_image():
+    images, views = 10, 4
+    # Row (i, v) holds 10 * i + v, so every sample says which image and view it came from.
+    x = (10 * torch.arange(images).unsqueeze(1) + torch.arange(views)).float().unsqueeze(-1)
+    y = torch.arange(images)
+    batches = FeatureBatches(x, y, 3, shuffle=True, generator=torch.Generator().manual_seed(0), views=True)
+    drawn = []
+    for _ in range(5):
+        rows, labels = map(torch.cat, zip(*batches))
+        assert sorted(labels.tolist()) == list(range(images))  # each image once per epoch
+        assert torch.equal(rows[:, 0].long() // 10, labels)  # a view of the image itself
+        drawn.append((rows[:, 0].long() % 10).tolist())
+    assert len({v for epoch in drawn for v in epoch}) == views  # every view gets drawn
+    assert drawn[0] != drawn[1]  # and another one next epoch
+
+
+def test_finetuning_trains_only_the_blocks_after_the_cut(train_set):
+    torch.manual_seed(0)
+    model = ClothingClassifierMobileNet(num_classes=3, size_inner=8, backbone=load_backbone(None), finetune_blocks=2)
+    assert model.cut == 16
+    before = {k: v.clone() for k, v in model.features.state_dict().items()}
+    loader = DataLoader(train_set, batch_size=4, shuffle=True)
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-2)
+    train_and_evaluate(model, optimizer, loader, loader, nn.CrossEntropyLoss(), 1, "cpu")
+    after = model.features.state_dict()
+    frozen = [k for k in before if int(k.split(".")[0]) < model.cut]
+    tuned = [k for k in before if int(k.split(".")[0]) >= model.cut]
+    assert all(torch.equal(before[k], after[k]) for k in frozen)  # weights and BN statistics
+    assert any(k.endswith("running_mean") for k in tuned)
+    assert all(not torch.equal(before[k], after[k]) for k in tuned if not k.endswith("num_batches_tracked"))
+
+
+def calibrated_backbone(images: torch.Tensor) -> nn.Module:
+    """A random MobileNetV2 whose BatchNorm statistics match `images`: a fresh one passes activations
+    of ~1e-10 to its last blocks, where float rounding is not small next to the signal."""
+    torch.manual_seed(0)
+    backbone = load_backbone(None)
+    for layer in backbone.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.momentum = None  # cumulative average over the calibration pass
+    backbone.train()
+    with torch.no_grad():
+        backbone.features(images)
+    return backbone.eval()
+
+
+def test_training_the_tail_on_cached_activations_equals_training_on_images(data_dir, tmp_path):
+    """Stage 2's fast path is exact: same initial weights and batches -> the same blocks and head,
+    BatchNorm statistics included (SGD for the reason given in test_train)."""
+    train_set = ClothingDataset(data_dir / "train", build_transforms())
+    val_set = ClothingDataset(data_dir / "validation", build_transforms(), class_to_idx=train_set.class_to_idx)
+    backbone = calibrated_backbone(torch.stack([image for image, _ in train_set]))
+    torch.manual_seed(1)
+    full = ClothingClassifierMobileNet(3, 8, backbone=copy.deepcopy(backbone), finetune_blocks=1)
+    cached = copy.deepcopy(full)
+
+    def sgd(module):
+        return torch.optim.SGD(trainable_parameters(module), lr=0.01, momentum=0.9)
+
+    loaders = DataLoader(train_set, batch_size=4), DataLoader(val_set, batch_size=4)
+    image_history = train_and_evaluate(full, sgd(full), *loaders, nn.CrossEntropyLoss(), 2, "cpu")
+
+    options = dict(cut=cached.cut, precision="exact", progress=False)
+    train = cached_features(train_set, backbone, tmp_path, views=1, **options)
+    val = cached_features(val_set, backbone, tmp_path, **options)
+    tail = cached.tail()
+    batches = (
+        FeatureBatches(train.activations(), train.labels, 4, views=True),
+        FeatureBatches(val.activations()[:, 0], val.labels, 4),
+    )
+    cached_history = train_and_evaluate(tail, sgd(tail), *batches, nn.CrossEntropyLoss(), 2, "cpu")
+
+    # Float tolerance: the cached activations come from batches of another size in channels-last
+    # layout, so their last bits differ; two epochs carry that into ~1e-5 on a few weights.
+    for name, value in full.state_dict().items():
+        torch.testing.assert_close(cached.state_dict()[name], value, rtol=1e-3, atol=1e-4)
+    for a, b in zip(image_history, cached_history):
+        assert a["train_acc"] == b["train_acc"] and a["val_acc"] == b["val_acc"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
+def test_the_exported_finetuned_model_predicts_like_the_one_in_memory(train_set, tmp_path):
+    backbone = load_backbone(None)
+    torch.manual_seed(2)
+    model = ClothingClassifierMobileNet(3, 8, backbone=copy.deepcopy(backbone), finetune_blocks=3)
+    loader = DataLoader(train_set, batch_size=4, shuffle=True)
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-3)
+    train_and_evaluate(model, optimizer, loader, loader, nn.CrossEntropyLoss(), 1, "cpu")
+    head = {
+        "num_classes": 3,
+        "size_inner": 8,
+        "classes": train_set.classes,
+        "image_size": 224,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "backbone_fingerprint": weights_fingerprint(backbone),
+        "study": "s",
+        "trial": 0,
+        "mlflow_run_id": "r",
+    }
+    checkpoint = with_tail_weights(head, model.tail().state_dict(), 3)
+    exported, payload = load_model(export_model(checkpoint, backbone, tmp_path / "model.pt", {}))
+    assert payload["finetune_blocks"] == 3
+    images = torch.stack([train_set[i][0] for i in range(len(train_set))])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(images), model.eval()(images))
+
+
+def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_dir, random_weights, tmp_path):
+    extra = ("--views", "2", "--finetune-blocks", "1", "--finetune-epochs", "2")
+    result = run_sweep_cli(stores, data_dir, random_weights, 3, 2, *extra)
+    assert result.exit_code == 0, result.output
+
+    study = load_study(stores)
+    stages = [t.user_attrs.get("stage") for t in study.trials]
+    assert stages.count("finetune") == 1 and len(stages) == 4  # not counted towards --trials 3
+    records = trial_records(study)
+    tuned = next(r for r in records if r.stage == "finetune")
+    source = study.trials[tuned.number].user_attrs["source_trial"]
+    assert tuned.params == study.trials[source].params and tuned.state == "COMPLETE"
+
+    client, runs = mlflow_runs(stores)
+    run = next(r for r in runs if r.data.tags.get("stage") == "finetune")
+    assert run.info.run_id == tuned.run_id and run.info.status == "FINISHED"
+    assert run.info.run_name == f"finetune-{source:03d}"
+    assert run.data.tags["optuna.trial_number"] == str(tuned.number)
+    assert run.data.params["finetune_blocks"] == "1" and run.data.params["views"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
+
+    # The export of the stage-2 checkpoint predicts what stage 2 measured.
+    head = fetch_head(Tracker(stores["--tracking-uri"]), tuned)
+    backbone = load_backbone(random_weights)
+    val_set = ClothingDataset(data_dir / "validation", build_transforms(), {c: i for i, c in enumerate(head["classes"])})
+    model, _ = load_model(export_model(head, backbone, tmp_path / "model.pt", {}))
+    images = torch.stack([val_set[i][0] for i in range(len(val_set))])
+    logits, labels = split_logits(head, backbone, val_set, stores["--cache-dir"], "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), logits, rtol=1e-3, atol=1e-3)
+    assert (logits.argmax(1) == labels).float().mean().item() == pytest.approx(tuned.val_acc)
+
+    # Resuming neither adds sweep trials nor repeats stage 2.
+    again = run_sweep_cli(stores, data_dir, random_weights, 3, 2, *extra)
+    assert again.exit_code == 0, again.output
+    assert len(load_study(stores).trials) == 4
+    best = invoke(stores, "best", "--tolerance", "1")
+    assert best.exit_code == 0, best.output
+    assert ("[stage 2: fine-tuned]" in best.output) == (select_winner(records, 1).stage == "finetune")
