@@ -137,13 +137,11 @@ def optimize_for_cpu(extractor: torch.nn.Module, image_shape: tuple[int, ...]) -
         return torch.jit.optimize_for_inference(traced)
 
 
-def cache_key(
-    dataset: ClothingDataset, weights_id: str, precision: str, views: int = 1, seed: int = 0, cut: int | None = None
-) -> str:
+def cache_key(dataset: ClothingDataset, weights_id: str, precision: str, views: int = 1, seed: int = 0) -> str:
     """Hash of everything the features depend on: files (path, size, mtime), labels, weights, the
-    transform of every view, the views' seed and the cut."""
+    transform of every view and the views' seed. (Activations add their cut to the file name.)"""
     digest = hashlib.sha256(
-        f"format={CACHE_FORMAT};weights={weights_id};precision={precision};views={views};seed={seed};cut={cut}".encode()
+        f"format={CACHE_FORMAT};weights={weights_id};precision={precision};views={views};seed={seed}".encode()
     )
     for transform in view_transforms(dataset, views):
         digest.update(repr(transform).encode())
@@ -290,10 +288,11 @@ def cached_features(
     """
     device = torch.device(device)
     precision = resolve_precision(precision, device)
-    key = cache_key(dataset, weights_fingerprint(backbone), precision, views, seed, cut)
+    key = cache_key(dataset, weights_fingerprint(backbone), precision, views, seed)
     cache_dir = Path(cache_dir)
     cache_file = cache_dir / f"features-{key}.npy"
-    activation_file = cache_dir / f"activations-{key}.npy" if cut is not None else None
+    # A pass with a cut also writes the features, so a later run without fine-tuning reuses them.
+    activation_file = cache_dir / f"activations-{key}-cut{cut}.npy" if cut is not None else None
     bad_file = cache_file.with_suffix(".bad.json")
     out_files = [f for f in (activation_file, cache_file) if f is not None]
     hit = bad_file.is_file() and all(f.is_file() for f in out_files)

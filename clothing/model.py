@@ -113,6 +113,7 @@ class ClothingClassifierMobileNet(nn.Module):
         # A frozen trunk must keep using its BatchNorm running statistics: in train mode they would
         # drift towards each batch and the features would no longer match the cached ones.
         super().train(mode)
+        self.features.train(mode and self.cut <= LAST_CONV)  # the trunk trains only from the cut on
         self.features[: self.cut].eval()
         return self
 

@@ -239,7 +239,7 @@ def cli() -> None:
 @click.option("--finetune-epochs", default=5, show_default=True, type=click.IntRange(min=1), help="Epochs of stage 2.")
 @click.option(
     "--finetune-lr",
-    default=1e-4,
+    default=3e-5,
     show_default=True,
     type=click.FloatRange(min=0, min_open=True),
     help="Learning rate of stage 2 (blocks and head): small, so the pretrained blocks are adjusted, not overwritten.",

@@ -35,7 +35,7 @@ HEAD_STAGE, FINETUNE_STAGE = "head", "finetune"
 TRUNK_PREFIX, HEAD_PREFIX = "0.", "2."  # keys of the tail module: Sequential(features[cut:], pool, head)
 
 
-def finetune_source(study: optuna.Study, records: list[TrialRecord]) -> TrialRecord | None:
+def finetune_source(records: list[TrialRecord]) -> TrialRecord | None:
     """The trial stage 2 starts from: the winner among the sweep (stage-1) trials."""
     return select_winner([r for r in records if r.stage == HEAD_STAGE])
 
@@ -61,7 +61,7 @@ def finetune_winner(
     report: Callable[[str], None],
 ) -> None:
     """Fine-tune the sweep's winner once per (winner, K); a finished one is not repeated on resume."""
-    source = finetune_source(study, records)
+    source = finetune_source(records)
     if source is None:
         report("stage 2 skipped: no COMPLETE sweep trial to fine-tune")
         return
@@ -82,7 +82,7 @@ def finetune_winner(
     report(f"stage 2: fine-tuning trial {source.number} with its last {blocks} block(s), lr {cfg.finetune_lr:.1e}")
     best: dict = {}
     try:
-        model = _train(cfg, data, head, train_cfg, tracker, run_id, best, device, report)
+        _train(cfg, data, head, train_cfg, tracker, run_id, best, device, report)
     except TrainingDiverged as exc:
         tracker.end_trial(run_id, "PRUNED", {"sweep.stop_reason": f"diverged: {exc}"})
         report(f"stage 2 stopped: the loss diverged ({exc}); try a smaller --finetune-lr")
@@ -94,7 +94,6 @@ def finetune_winner(
     log_best(tracker, run_id, best, with_tail_weights(payload, best["state_dict"], blocks))
     number = _add_trial(study, source, best["metrics"], run_id, blocks)
     tracker.end_trial(run_id, "COMPLETE", {"optuna.trial_number": number})
-    del model
 
 
 def with_tail_weights(payload: dict, tail_state: dict, blocks: int) -> dict:
@@ -123,7 +122,9 @@ def _train(
     best: dict,
     device: torch.device,
     report: Callable[[str], None],
-) -> ClothingClassifierMobileNet:
+) -> None:
+    """Train the blocks after the cut and the head on the cached activations; `best` gets the
+    history and the best validation epoch's weights of the tail."""
     set_seed(train_cfg.seed)
     model = ClothingClassifierMobileNet(
         head["num_classes"],
@@ -158,7 +159,6 @@ def _train(
 
     criterion = nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
     train_and_evaluate(tail, optimizer, train_batches, val_batches, criterion, train_cfg.epochs, device, on_epoch)
-    return model
 
 
 def _add_trial(study: optuna.Study, source: TrialRecord, metrics: dict, run_id: str, blocks: int) -> int:

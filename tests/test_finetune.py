@@ -174,7 +174,8 @@ def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_di
     # The export of the stage-2 checkpoint predicts what stage 2 measured.
     head = fetch_head(Tracker(stores["--tracking-uri"]), tuned)
     backbone = load_backbone(random_weights)
-    val_set = ClothingDataset(data_dir / "validation", build_transforms(), {c: i for i, c in enumerate(head["classes"])})
+    class_to_idx = {c: i for i, c in enumerate(head["classes"])}
+    val_set = ClothingDataset(data_dir / "validation", build_transforms(), class_to_idx)
     model, _ = load_model(export_model(head, backbone, tmp_path / "model.pt", {}))
     images = torch.stack([val_set[i][0] for i in range(len(val_set))])
     logits, labels = split_logits(head, backbone, val_set, stores["--cache-dir"], "cpu")
