@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 
+from sweep.cli import quiet_libraries
 from sweep.config import SweepConfig
 from sweep.select import select_winner
 from sweep.study import open_study, trial_records
@@ -50,6 +51,7 @@ def run_row(work: Path, options: tuple[str, ...]) -> tuple[float, dict]:
 def main(work_dir: Path | None) -> None:
     if not (os.environ.get("CLOTHING_DATA_DIR") and os.environ.get("CLOTHING_BACKBONE_WEIGHTS")):
         raise click.ClickException("set CLOTHING_DATA_DIR and CLOTHING_BACKBONE_WEIGHTS to the real data and weights")
+    quiet_libraries()
     root = work_dir or Path(tempfile.mkdtemp(prefix="bench-accuracy-"))
     click.echo("| sweep | winner val_acc | winner gap | winner stage | best val_acc of any trial | wall time |")
     click.echo("| --- | --- | --- | --- | --- | --- |")

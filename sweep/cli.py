@@ -236,7 +236,7 @@ def cli() -> None:
     help="Stage 2: then fine-tune the winner's last K inverted-residual blocks (and the final 1x1 conv) "
     "on activations cached at the cut, as one more trial tagged stage=finetune; 0 = off.",
 )
-@click.option("--finetune-epochs", default=5, show_default=True, type=click.IntRange(min=1), help="Epochs of stage 2.")
+@click.option("--finetune-epochs", default=10, show_default=True, type=click.IntRange(min=1), help="Epochs of stage 2.")
 @click.option(
     "--finetune-lr",
     default=3e-5,
@@ -308,7 +308,7 @@ def best(
     click.echo(
         f"Winner: trial {winner.number}  lr {winner.params['lr']:.2e}  size_inner {winner.params['size_inner']}"
         f"  val_acc {winner.val_acc:.3f}  gap {winner.gap:+.3f}  (epoch {winner.best_epoch})"
-        + ("  [stage 2: fine-tuned]" if winner.stage != "head" else "")
+        + (f"  [stage 2: trial {winner.source_trial} fine-tuned]" if winner.stage != "head" else "")
     )
 
     tracker = Tracker(tracking_uri)

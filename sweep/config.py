@@ -55,7 +55,7 @@ class SweepConfig:
     search: tuple[str, ...] = ()  # opt-in search dimensions beyond lr and size_inner
     views: int = 1  # cached views per training image (1: the plain image, no augmentation)
     finetune_blocks: int = 0  # stage 2: fine-tune the winner's last K inverted-residual blocks (0: off)
-    finetune_epochs: int = 5
+    finetune_epochs: int = 10
     finetune_lr: float = 3e-5
     worker: bool = False  # a `--jobs` worker process: sweep trials only, stage 2 is the main process's
     progress: bool = True

@@ -23,6 +23,7 @@ class TrialRecord:
     val_acc: float | None = None
     run_id: str | None = None
     stage: str = "head"  # "head": a sweep trial; "finetune": stage 2, the winner with its last blocks trained
+    source_trial: int | None = None  # stage 2: the sweep trial it went on from (whose params it shows)
 
     @property
     def gap(self) -> float | None:

@@ -114,6 +114,7 @@ def trial_records(study: optuna.Study) -> list[TrialRecord]:
             val_acc=t.user_attrs.get("val_acc"),
             run_id=t.user_attrs.get("mlflow_run_id"),
             stage=t.user_attrs.get("stage", HEAD_STAGE),
+            source_trial=t.user_attrs.get("source_trial"),
         )
         for t in study.get_trials(deepcopy=False)
     ]

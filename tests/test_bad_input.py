@@ -86,7 +86,14 @@ def test_bad_data_is_one_clear_error_and_loses_nothing(case, existing, stores, d
 
 @pytest.mark.parametrize(
     "options,fragment",
-    [(["--trials", "0"], "--trials"), (["--epochs", "-1"], "--epochs"), (["--device", "tpu"], "--device")],
+    [
+        (["--trials", "0"], "--trials"),
+        (["--epochs", "-1"], "--epochs"),
+        (["--device", "tpu"], "--device"),
+        (["--views", "0"], "--views"),
+        (["--finetune-blocks", "18"], "--finetune-blocks"),
+        (["--finetune-lr", "0"], "--finetune-lr"),
+    ],
 )
 def test_bad_options_are_usage_errors(options, fragment, existing, stores, data_dir, random_weights):
     result = run_with(stores, data_dir, random_weights, *options)

@@ -189,4 +189,5 @@ def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_di
     assert len(load_study(stores).trials) == 4
     best = invoke(stores, "best", "--tolerance", "1")
     assert best.exit_code == 0, best.output
-    assert ("[stage 2: fine-tuned]" in best.output) == (select_winner(records, 1).stage == "finetune")
+    shown = f"[stage 2: trial {source} fine-tuned]" in best.output
+    assert shown == (select_winner(records, 1).stage == "finetune")
