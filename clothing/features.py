@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clothing.data import ClothingDataset, DatasetError, build_transforms, load_image
@@ -55,8 +55,7 @@ class BadImagesError(DatasetError):
 
 @dataclass
 class FeatureSet:
-    """Cached features of one split, only the readable images; `dataset` batches (plain feature,
-    label) pairs for a DataLoader."""
+    """Cached features of one split, only the readable images."""
 
     features: torch.Tensor  # (N, V, 1280) float32: V views of each image, view 0 the plain image
     labels: torch.Tensor  # (N,) int64
@@ -74,10 +73,6 @@ class FeatureSet:
     @property
     def views(self) -> int:
         return self.features.shape[1]
-
-    @property
-    def dataset(self) -> TensorDataset:
-        return TensorDataset(self.plain, self.labels)
 
     def activations(self) -> torch.Tensor:
         """(N, V, C, H, W) activations at the cut, read from the cache only when asked for."""

@@ -92,16 +92,3 @@ def train_and_evaluate(
         if on_epoch is not None:
             on_epoch(epoch, metrics, model)
     return history
-
-
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str) -> float:
-    """Accuracy of `model` over `loader`."""
-    device = torch.device(device)
-    model.to(device).eval()
-    correct, seen = 0, 0
-    with torch.no_grad():
-        for inputs, labels in loader:
-            outputs = model(inputs.to(device))
-            correct += (outputs.argmax(dim=1).cpu() == labels).sum().item()
-            seen += labels.size(0)
-    return correct / max(seen, 1)
