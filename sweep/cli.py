@@ -331,7 +331,7 @@ def best(
     if export_path is None and register_name is None and not tta and not test_dir.is_dir():
         return
     backbone = load_backbone(backbone_weights)
-    head = {**fetch_head(tracker, winner), "trial": winner.number}  # a stage-2 checkpoint names its source
+    head = fetch_head(tracker, winner)
     check_backbone(head, backbone)  # test scores, TTA and exports all need the weights it trained on
     metrics = {
         "val_acc": winner.val_acc,

@@ -21,11 +21,13 @@ CHECKPOINT_ARTIFACT = "checkpoint/head.pt"
 
 
 def fetch_head(tracker: Tracker, record: TrialRecord) -> dict:
-    """The winner's head checkpoint, downloaded from its MLflow run."""
+    """The trial's head checkpoint, downloaded from its MLflow run, named after the trial. (A stage-2
+    checkpoint is written before its Optuna trial exists, so it carries the number of its source.)"""
     if not record.run_id:
         raise CheckpointError(f"trial {record.number} has no MLflow run to take its checkpoint from")
     with tempfile.TemporaryDirectory() as tmp:
-        return load_checkpoint(tracker.download(record.run_id, CHECKPOINT_ARTIFACT, tmp), kind=HEAD)
+        head = load_checkpoint(tracker.download(record.run_id, CHECKPOINT_ARTIFACT, tmp), kind=HEAD)
+    return {**head, "trial": record.number}
 
 
 def head_module(head: dict) -> torch.nn.Module:
