@@ -6,7 +6,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 DATA_URL := https://github.com/alexeygrigorev/clothing-dataset-small.git
 export CLOTHING_DATA_DIR ?= data/clothing-dataset-small
 
-.PHONY: install test lint sweep best ui data bench bench-accuracy clean
+.PHONY: install test lint mutants sweep best ui data bench bench-accuracy clean
 
 install: $(STAMP)
 
@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(PY) -m pytest
+
+# Plants known bugs one at a time and runs the tests that must catch each (tests/mutants.py); slow,
+# so not part of `make test` or CI.
+mutants: install
+	$(PY) tests/mutants.py
 
 lint: install
 	$(VENV)/bin/ruff check .

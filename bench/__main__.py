@@ -27,7 +27,7 @@ from clothing.features import FeatureBatches, cached_features, resolve_precision
 from clothing.model import build_head, load_backbone
 from clothing.train import set_seed, train_and_evaluate
 from sweep.config import SweepConfig
-from sweep.study import run_sweep
+from sweep.pipeline import run_sweep
 
 SWEEP_TRIALS, SWEEP_EPOCHS = 20, 10
 

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import click
 
-from sweep.cli import quiet_libraries
-from sweep.config import SweepConfig
+from sweep.pipeline import quiet_libraries
 from sweep.select import select_winner
-from sweep.study import open_study, trial_records
+from sweep.study import load_studies, trial_records
 
 # Each row adds one technique to the one above it; the last is the Makefile's `make sweep`.
 ROWS = (
@@ -53,17 +52,15 @@ def main(work_dir: Path | None) -> None:
         raise click.ClickException("set CLOTHING_DATA_DIR and CLOTHING_BACKBONE_WEIGHTS to the real data and weights")
     quiet_libraries()
     root = work_dir or Path(tempfile.mkdtemp(prefix="bench-accuracy-"))
-    click.echo("| sweep | winner val_acc | winner gap | winner stage | best val_acc of any trial | wall time |")
+    click.echo("| sweep | winner val_acc | winner gap | winner | best val_acc of any trial | wall time |")
     click.echo("| --- | --- | --- | --- | --- | --- |")
     for index, (name, options) in enumerate(ROWS):
         seconds, stores = run_row(root / f"row{index}", options)
-        cfg = SweepConfig(data_dir=Path("."), storage=stores["--storage"], tracking_uri=stores["--tracking-uri"])
-        records = trial_records(open_study(cfg, create=False))
+        records = trial_records(*load_studies("clothing", stores["--storage"]))
         winner = select_winner(records)
         best = max(r.val_acc for r in records if r.val_acc is not None)
         click.echo(
-            f"| {name} | {winner.val_acc:.3f} | {winner.gap:+.3f} | {winner.stage} (trial {winner.number}) "
-            f"| {best:.3f} | {seconds:.0f} s |"
+            f"| {name} | {winner.val_acc:.3f} | {winner.gap:+.3f} | {winner.name} | {best:.3f} | {seconds:.0f} s |"
         )
     start = time.perf_counter()
     output = subprocess.run(

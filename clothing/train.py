@@ -65,11 +65,17 @@ def train_and_evaluate(
     num_epochs: int,
     device: torch.device | str,
     on_epoch: EpochCallback | None = None,
+    train_eval_loader: Iterable | None = None,
 ) -> list[dict]:
     """Train for `num_epochs`, validating after each; returns one metrics dict per epoch.
 
-    Each dict has epoch (1-based), train_loss, train_acc, val_loss, val_acc; losses are averaged per
-    sample. `on_epoch(epoch, metrics, model)` runs after each epoch and may raise to stop early
+    Each dict has epoch (1-based), train_loss, train_acc, val_loss, val_acc, running_train_loss and
+    running_train_acc; losses are averaged per sample. The running ones are measured while training
+    (train mode: dropout on, over whatever augmentation `train_loader` gives). train_loss/train_acc
+    are the honest ones when `train_eval_loader` (the plain training images) is given: the model in
+    eval mode after the epoch, like validation, so train minus val is a real generalisation gap;
+    without it they equal the running ones.
+    `on_epoch(epoch, metrics, model)` runs after each epoch and may raise to stop early
     (e.g. optuna.TrialPruned); raises TrainingDiverged as soon as a loss is not finite.
     """
     device = torch.device(device)
@@ -77,16 +83,22 @@ def train_and_evaluate(
     history = []
     for epoch in range(1, num_epochs + 1):
         model.train()
-        train_loss, train_acc = _run_epoch(model, train_loader, criterion, device, optimizer)
+        running_loss, running_acc = _run_epoch(model, train_loader, criterion, device, optimizer)
         model.eval()
         with torch.no_grad():
             val_loss, val_acc = _run_epoch(model, val_loader, criterion, device, None)
+            if train_eval_loader is not None:
+                train_loss, train_acc = _run_epoch(model, train_eval_loader, criterion, device, None)
+            else:
+                train_loss, train_acc = running_loss, running_acc
         metrics = {
             "epoch": epoch,
             "train_loss": train_loss,
             "train_acc": train_acc,
             "val_loss": val_loss,
             "val_acc": val_acc,
+            "running_train_loss": running_loss,
+            "running_train_acc": running_acc,
         }
         history.append(metrics)
         if on_epoch is not None:

@@ -1,3 +1,4 @@
 from sweep.cli import cli
 
-cli()
+if __name__ == "__main__":  # `--jobs` workers are spawned processes: they must not run the CLI again
+    cli()

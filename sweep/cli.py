@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
-import os
-import warnings
 from pathlib import Path
 
 import click
@@ -26,21 +23,14 @@ from sweep.export import (
     register_winner,
     split_logits,
 )
+from sweep.pipeline import publish_study, quiet_libraries, run_sweep
 from sweep.select import DEFAULT_TOLERANCE, eligible, rule_text, select_winner
-from sweep.space import OPTIONAL_DIMENSIONS
-from sweep.study import (
-    SweepError,
-    open_study,
-    publish_study,
-    record_rows,
-    resolve_device,
-    run_sweep,
-    trial_records,
-)
-from sweep.tracking import Tracker, TrackingError, rows_to_csv, ui_command
+from sweep.space import FINETUNE_LR_RANGE, MAX_EPOCHS, OPTIONAL_DIMENSIONS
+from sweep.study import SweepError, format_params, load_studies, resolve_device, trial_records
+from sweep.table import format_table, record_rows, rows_to_csv
+from sweep.tracking import Tracker, TrackingError, ui_command
 
 USER_ERRORS = (DatasetError, BackboneError, CheckpointError, TrackingError, SweepError)
-TABLE_COLUMNS = ("number", "stage", "state", "lr", "size_inner", "best_epoch", "train_acc", "val_acc", "gap")
 
 
 def user_errors(command):
@@ -54,18 +44,6 @@ def user_errors(command):
             raise click.ClickException(str(exc)) from exc
 
     return wrapper
-
-
-def quiet_libraries() -> None:
-    # Our own one-line-per-trial progress replaces Optuna's and MLflow's INFO chatter.
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    # Heartbeats are marked experimental but are Optuna's documented crash-recovery mechanism.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _apply(options, command):
@@ -148,25 +126,6 @@ tolerance_option = click.option(
 )
 
 
-def format_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS, marker: int | None = None) -> str:
-    """Aligned columns; the row whose number is `marker` is starred."""
-
-    def cell(value) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.2e}" if abs(value) < 1e-2 and value != 0 else f"{value:.3f}"
-        return str(value)
-
-    cells = [[cell(row[c]) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    lines = ["  " + "  ".join(c.rjust(w) for c, w in zip(columns, widths))]
-    for row, rendered in zip(rows, cells):
-        star = "* " if row["number"] == marker else "  "
-        lines.append(star + "  ".join(v.rjust(w) for v, w in zip(rendered, widths)))
-    return "\n".join(lines)
-
-
 @click.group()
 def cli() -> None:
     """Hyperparameter sweeps with experiment tracking for the clothing classifier."""
@@ -184,7 +143,13 @@ def cli() -> None:
     help="Target number of finished (COMPLETE or PRUNED) trials; a re-run only adds what is missing.",
 )
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1), help="Epochs per trial.")
-@click.option("--seed", default=42, show_default=True, type=int, help="Sampler and training seed.")
+@click.option(
+    "--seed",
+    default=42,
+    show_default=True,
+    type=click.IntRange(0, 2**32 - 1),
+    help="Sampler and training seed; each trial's draws are seeded from it and the trial's number.",
+)
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Training batch size.")
 @click.option(
     "--pruner",
@@ -236,24 +201,24 @@ def cli() -> None:
     help="Stage 2: then fine-tune the winner's last K inverted-residual blocks (and the final 1x1 conv) "
     "on activations cached at the cut, as one more trial tagged stage=finetune; 0 = off.",
 )
-@click.option("--finetune-epochs", default=10, show_default=True, type=click.IntRange(min=1), help="Epochs of stage 2.")
+@click.option(
+    "--finetune-epochs", default=10, show_default=True, type=click.IntRange(1, MAX_EPOCHS), help="Epochs of stage 2."
+)
 @click.option(
     "--finetune-lr",
     default=3e-5,
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
+    type=click.FloatRange(*FINETUNE_LR_RANGE),
     help="Learning rate of stage 2 (blocks and head): small, so the pretrained blocks are adjusted, not overwritten.",
 )
 @click.option("--quiet", is_flag=True, help="No progress output.")
-@click.option("--worker", is_flag=True, hidden=True, help="Internal: a --jobs worker (sweep trials only).")
 @user_errors
 def run(jobs: int, quiet: bool, **options) -> None:
     """Run (or resume) a study: extract features once, then train a head per trial."""
     cfg = SweepConfig(**options, progress=not quiet)
     say = (lambda _: None) if quiet else click.echo
     result = run_sweep(cfg, say, jobs=jobs)
-    winner = select_winner(result.records)
-    click.echo(format_table(record_rows(result.records, winner), marker=winner.number if winner else None))
+    click.echo(format_table(record_rows(result.records, select_winner(result.records))))
     click.echo(f"\nBrowse the runs: {ui_command(cfg.tracking_uri)}")
     if result.errors and result.finished_here == 0:
         raise SweepError(f"every trial of this run failed; first error: {result.errors[0]}")
@@ -296,19 +261,17 @@ def best(
     """Show the leading trials and the winner; optionally export or register it, and score it on test/."""
     if export_path is not None and not export_path.parent.is_dir():
         raise CheckpointError(f"folder {export_path.parent} for --export does not exist; create it first")
-    cfg = SweepConfig(data_dir=data_dir, study=study, storage=storage, tracking_uri=tracking_uri)
-    optuna_study = open_study(cfg, create=False)
-    records = trial_records(optuna_study)
+    records = trial_records(*load_studies(study, storage))
     winner = select_winner(records, tolerance)
     if winner is None:
         raise SweepError(f"study {study!r} has no COMPLETE trial yet; run `python -m sweep run --study {study}`")
     leading = sorted([r for r in records if r.state == "COMPLETE"], key=lambda r: -r.val_acc)[:10]
-    click.echo(format_table(record_rows(leading, winner), marker=winner.number))
+    click.echo(format_table(record_rows(leading, winner)))
     click.echo(f"\nRule: {rule_text(tolerance)} ({len(eligible(records, tolerance))} trial(s) in the band)")
     click.echo(
-        f"Winner: trial {winner.number}  lr {winner.params['lr']:.2e}  size_inner {winner.params['size_inner']}"
+        f"Winner: {winner.name}  {format_params(winner.params)}"
         f"  val_acc {winner.val_acc:.3f}  gap {winner.gap:+.3f}  (epoch {winner.best_epoch})"
-        + (f"  [stage 2: trial {winner.source_trial} fine-tuned]" if winner.stage != "head" else "")
+        + (f"  [stage 2 of trial-{winner.source_trial:03d}]" if winner.source_trial is not None else "")
     )
 
     tracker = Tracker(tracking_uri)
@@ -319,13 +282,13 @@ def best(
         tracker.set_tags(
             parent_id,
             {
-                "sweep.winner_trial": winner.number,
+                "sweep.winner_trial": winner.name,
                 "sweep.winner_run_id": winner.run_id,
                 "sweep.rule": rule_text(tolerance),
                 "sweep.tolerance": tolerance,
             },
         )
-        publish_study(tracker, parent_id, optuna_study, records, tolerance)
+        publish_study(tracker, parent_id, study, storage, tolerance)
 
     test_dir = Path(data_dir) / "test"
     if export_path is None and register_name is None and not tta and not test_dir.is_dir():
@@ -353,15 +316,15 @@ def best(
         click.echo(f"test_acc {metrics['test_acc']:.3f} on {len(labels)} images of {test_dir}")
     if export_path is not None:
         export_model(head, backbone, export_path, metrics)
-        click.echo(f"Exported trial {winner.number} to {export_path}")
+        click.echo(f"Exported {winner.name} to {export_path}")
     if register_name is not None:
         version = register_winner(tracker, head, backbone, register_name)
-        click.echo(f"Registered trial {winner.number} as models:/{register_name}/{version}")
+        click.echo(f"Registered {winner.name} as models:/{register_name}/{version}")
     click.echo(f"Browse the runs: {ui_command(tracking_uri)}")
 
 
 SORT_KEYS = {
-    "number": lambda r: r.number,
+    "number": lambda r: (r.stage != "head", r.number),
     "val_acc": lambda r: (r.val_acc is None, -(r.val_acc or 0), r.number),
     "gap": lambda r: (r.gap is None, r.gap or 0, r.number),
 }
@@ -389,8 +352,7 @@ SORT_KEYS = {
 @user_errors
 def trials(study, storage, tracking_uri, sort_by, fmt, tolerance) -> None:
     """Every trial of a study with its state, parameters, scores and MLflow run id; the winner marked."""
-    cfg = SweepConfig(data_dir=Path("."), study=study, storage=storage, tracking_uri=tracking_uri)
-    records = trial_records(open_study(cfg, create=False))
+    records = trial_records(*load_studies(study, storage))
     winner = select_winner(records, tolerance)
     rows = record_rows(sorted(records, key=SORT_KEYS[sort_by]), winner)
     if fmt == "json":
@@ -398,7 +360,7 @@ def trials(study, storage, tracking_uri, sort_by, fmt, tolerance) -> None:
     elif fmt == "csv":
         click.echo(rows_to_csv(rows), nl=False)
     else:
-        click.echo(format_table(rows, (*TABLE_COLUMNS, "mlflow_run_id"), marker=winner.number if winner else None))
+        click.echo(format_table(rows, with_run_id=True))
 
 
 @cli.command()

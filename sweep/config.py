@@ -57,5 +57,14 @@ class SweepConfig:
     finetune_blocks: int = 0  # stage 2: fine-tune the winner's last K inverted-residual blocks (0: off)
     finetune_epochs: int = 10
     finetune_lr: float = 3e-5
-    worker: bool = False  # a `--jobs` worker process: sweep trials only, stage 2 is the main process's
     progress: bool = True
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What one stage-2 trial trains with: the source trial's head, its last `blocks` blocks unfrozen,
+    and `train` (the source's head configuration with stage 2's own lr and epochs)."""
+
+    source_trial: int
+    blocks: int
+    train: TrainConfig

@@ -29,14 +29,16 @@ def load_splits(data_dir: Path) -> tuple[ClothingDataset, ClothingDataset]:
     return train, val
 
 
-def prepare_data(cfg: SweepConfig, device: torch.device, splits: tuple[ClothingDataset, ClothingDataset]) -> SweepData:
+def prepare_data(
+    cfg: SweepConfig, device: torch.device, splits: tuple[ClothingDataset, ClothingDataset], progress: bool = True
+) -> SweepData:
     """Cached features of the splits from `load_splits` (one backbone pass on a cold cache)."""
     train_set, val_set = splits
     backbone = load_backbone(cfg.backbone_weights)
     # With fine-tuning on, the same pass also caches the activations entering the blocks that train.
     cut = finetune_cut(cfg.finetune_blocks) if cfg.finetune_blocks else None
     options = dict(
-        device=device, precision=cfg.precision, cut=cut, skip_bad_images=cfg.skip_bad_images, progress=cfg.progress
+        device=device, precision=cfg.precision, cut=cut, skip_bad_images=cfg.skip_bad_images, progress=progress
     )
     train = cached_features(train_set, backbone, cfg.cache_dir, views=cfg.views, **options)
     val = cached_features(val_set, backbone, cfg.cache_dir, **options)

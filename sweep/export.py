@@ -21,13 +21,11 @@ CHECKPOINT_ARTIFACT = "checkpoint/head.pt"
 
 
 def fetch_head(tracker: Tracker, record: TrialRecord) -> dict:
-    """The trial's head checkpoint, downloaded from its MLflow run, named after the trial. (A stage-2
-    checkpoint is written before its Optuna trial exists, so it carries the number of its source.)"""
+    """The trial's checkpoint (its head, and for stage 2 its fine-tuned blocks), from its MLflow run."""
     if not record.run_id:
-        raise CheckpointError(f"trial {record.number} has no MLflow run to take its checkpoint from")
+        raise CheckpointError(f"{record.name} has no MLflow run to take its checkpoint from")
     with tempfile.TemporaryDirectory() as tmp:
-        head = load_checkpoint(tracker.download(record.run_id, CHECKPOINT_ARTIFACT, tmp), kind=HEAD)
-    return {**head, "trial": record.number}
+        return load_checkpoint(tracker.download(record.run_id, CHECKPOINT_ARTIFACT, tmp), kind=HEAD)
 
 
 def head_module(head: dict) -> torch.nn.Module:
@@ -103,7 +101,7 @@ def register_winner(tracker: Tracker, head: dict, backbone: torch.nn.Module, nam
 
 
 def split_logits(
-    head: dict, backbone: torch.nn.Module, split: ClothingDataset, cache_dir: Path, device
+    head: dict, backbone: torch.nn.Module, split: ClothingDataset, cache_dir: Path, device, precision: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of the checkpoint over a split, from cached features, or for a fine-tuned
     checkpoint from the activations cached at its cut: the frozen trunk runs at most once per split."""
@@ -112,7 +110,7 @@ def split_logits(
         module, cut = model.tail(), model.cut
     else:
         module, cut = head_module(head), None
-    features = cached_features(split, backbone, cache_dir, device=device, cut=cut, progress=False)
+    features = cached_features(split, backbone, cache_dir, device=device, precision=precision, cut=cut, progress=False)
     inputs = features.activations()[:, 0] if cut is not None else features.plain
     with torch.no_grad():
         logits = torch.cat([module(batch) for batch in inputs.split(256)])

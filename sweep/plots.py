@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 
-from sweep.select import TrialRecord, eligible  # noqa: E402
+from sweep.select import HEAD_STAGE, TrialRecord, eligible  # noqa: E402
 
 
 def learning_curves(history: list[dict], best_epoch: int, path: Path) -> Path:
@@ -47,12 +47,12 @@ def winner_rule(records: list[TrialRecord], tolerance: float, winner: TrialRecor
                 label="eligible" if inside else "other",
             )
         for r in complete:
-            ax.annotate(str(r.number), (r.gap, r.val_acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                r.name.removeprefix("trial-"), (r.gap, r.val_acc), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
     if winner is not None:
-        ax.scatter(
-            [winner.gap], [winner.val_acc], s=200, marker="*", color="tab:red", label=f"winner: trial {winner.number}"
-        )
-    ax.set_xlabel("gap = train_acc - val_acc (at the checkpointed epoch)")
+        ax.scatter([winner.gap], [winner.val_acc], s=200, marker="*", color="tab:red", label=f"winner: {winner.name}")
+    ax.set_xlabel("gap = train_acc (eval mode, plain training images) - val_acc, at the best epoch")
     ax.set_ylabel("val_acc")
     ax.set_title("Winner rule: smallest gap among the most accurate")
     ax.grid(alpha=0.3)
@@ -62,8 +62,8 @@ def winner_rule(records: list[TrialRecord], tolerance: float, winner: TrialRecor
 
 
 def lr_by_size_inner(records: list[TrialRecord], path: Path) -> Path:
-    """Where the good configurations are: lr (log) by size_inner, coloured by val_acc."""
-    done = [r for r in records if r.val_acc is not None and "lr" in r.params]
+    """Where the good configurations are: stage 1's lr (log) by size_inner, coloured by val_acc."""
+    done = [r for r in records if r.val_acc is not None and r.stage == HEAD_STAGE]
     fig, ax = plt.subplots(figsize=(6, 4))
     sizes = sorted({r.params["size_inner"] for r in done})
     points = ax.scatter(

@@ -1,31 +1,31 @@
-"""The Optuna side of a sweep: storage, sampler, pruner and the trial loop.
+"""The Optuna side of a sweep: storage, samplers, the two studies, and the trial loop.
 
 Storage mechanics: the default is SQLite with heartbeats (a crashed trial goes stale and is failed
 and replaced) and a 60 s busy timeout (writers queue rather than fail with "database is locked");
 workers on one machine also share a file lock around creating trials, so the target is met exactly.
+
+Stage 2 lives in a study of its own, `<study>.finetune`, in the same storage: the stage-1 sampler
+never sees a stage-2 observation, and each study's trial numbers name its trials (trial-007,
+finetune-000).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
+import numpy as np
 import optuna
 import torch
-from optuna.trial import TrialState
+from optuna.samplers import BaseSampler, PartialFixedSampler, TPESampler
+from optuna.trial import FrozenTrial, TrialState
 
 from sweep.config import SweepConfig
-from sweep.data import load_splits, prepare_data
-from sweep.finetune import HEAD_STAGE, finetune_winner
-from sweep.objective import Objective
-from sweep.plots import study_plots
-from sweep.select import DEFAULT_TOLERANCE, TrialRecord, select_winner
-from sweep.tracking import Tracker, rows_to_csv
-from sweep.workers import FileLock, lock_path, start_workers
+from sweep.select import DEFAULT_TOLERANCE, FINETUNE_STAGE, HEAD_STAGE, TrialRecord, rule_text, trial_name
+from sweep.space import describe_finetune_space, describe_space
+from sweep.tracking import Tracker
+from sweep.workers import FileLock, lock_path
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # A trial whose process died stops sending heartbeats; after the grace period the next worker to
@@ -51,10 +51,56 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _mark_stale_run_failed(tracker_uri: str) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+def finetune_study_name(study: str) -> str:
+    return f"{study}.{FINETUNE_STAGE}"
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler seed of trial `number`: distinct for every trial of a study, the same on every run."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+class TrialSeededSampler(BaseSampler):
+    """TPE, seeded per trial from (--seed, trial number).
+
+    One TPESampler(seed) per process would draw the same start-up configurations again in every
+    process that opens the study with that seed: a resumed run, a `--jobs` worker, another machine.
+    Trial numbers are unique within a study, so seeding each trial's draws from its number never
+    repeats a configuration, and an uninterrupted run with a given seed still draws the same sequence.
+    TPE keeps nothing between trials but its random state (it reads the history from the study), so
+    a fresh TPESampler per trial is the same algorithm.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._per_trial: dict[int, TPESampler] = {}
+
+    def _sampler(self, trial: FrozenTrial) -> TPESampler:
+        if trial.number not in self._per_trial:
+            self._per_trial[trial.number] = TPESampler(seed=trial_seed(self.seed, trial.number))
+        return self._per_trial[trial.number]
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._sampler(trial).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict:
+        return self._sampler(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
+        return self._sampler(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, distribution) -> object:
+        return self._sampler(trial).sample_independent(study, trial, param_name, distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values) -> None:
+        self._sampler(trial).after_trial(study, trial, state, values)
+        self._per_trial.pop(trial.number, None)
+
+
+def _mark_stale_run_failed(tracker_uri: str) -> Callable[[optuna.Study, FrozenTrial], None]:
     """Heartbeat callback: a trial whose worker died gets its MLflow run closed as FAILED."""
 
-    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
             Tracker(tracker_uri).end_trial(run_id, "FAIL", {"sweep.error": "worker stopped (no heartbeat)"})
@@ -65,7 +111,7 @@ def _mark_stale_run_failed(tracker_uri: str) -> Callable[[optuna.Study, optuna.t
 def make_storage(url: str, tracking_uri: str | None = None) -> optuna.storages.BaseStorage:
     """An Optuna storage with heartbeats, so that a crashed trial does not stay RUNNING forever."""
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(os.path.dirname(url.removeprefix("sqlite:///")) or ".", exist_ok=True)
     if url.startswith(RDB_SCHEMES):
         engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
         return optuna.storages.RDBStorage(
@@ -78,32 +124,71 @@ def make_storage(url: str, tracking_uri: str | None = None) -> optuna.storages.B
     return optuna.storages.get_storage(url)
 
 
-def open_study(cfg: SweepConfig, create: bool = True) -> optuna.Study:
-    storage = make_storage(cfg.storage, cfg.tracking_uri)
-    if not create:
-        try:
-            return optuna.load_study(study_name=cfg.study, storage=storage)
-        except KeyError as exc:
-            raise SweepError(
-                f"no study named {cfg.study!r} in {cfg.storage}; run `python -m sweep run --study {cfg.study}` first"
-            ) from exc
-    pruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
-        if cfg.pruner == "median"
-        else optuna.pruners.NopPruner()
-    )
-    return optuna.create_study(
-        study_name=cfg.study,
-        storage=storage,
+def open_study(
+    name: str,
+    storage: str,
+    *,
+    tracking_uri: str | None = None,
+    seed: int = 42,
+    pruner: str = "median",
+    fixed_params: dict | None = None,
+) -> optuna.Study:
+    """Create or resume a study for running trials; `fixed_params` pins those params (stage 2)."""
+    sampler: BaseSampler = TrialSeededSampler(seed)
+    if fixed_params:
+        sampler = PartialFixedSampler(fixed_params, sampler)
+    study = optuna.create_study(
+        study_name=name,
+        storage=make_storage(storage, tracking_uri),
         direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=cfg.seed),
-        pruner=pruner,
+        sampler=sampler,
+        pruner=(
+            optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+            if pruner == "median"
+            else optuna.pruners.NopPruner()
+        ),
         load_if_exists=True,
     )
+    study.set_metric_names(["val_acc"])
+    return study
 
 
-def trial_records(study: optuna.Study) -> list[TrialRecord]:
-    """The study's trials as the winner rule sees them (metrics at each trial's checkpointed epoch)."""
+def load_studies(name: str, storage: str) -> tuple[optuna.Study, optuna.Study | None]:
+    """A finished or running study for reading: stage 1, and stage 2 when there is one."""
+    store = make_storage(storage)
+    try:
+        study = optuna.load_study(study_name=name, storage=store)
+    except KeyError as exc:
+        raise SweepError(
+            f"no study named {name!r} in {storage}; run `python -m sweep run --study {name}` first"
+        ) from exc
+    try:
+        finetune = optuna.load_study(study_name=finetune_study_name(name), storage=store)
+    except KeyError:
+        finetune = None
+    return study, finetune
+
+
+def describe_study(study: optuna.Study, cfg: SweepConfig, stage: str) -> None:
+    """User attrs that say what the study is, in optuna-dashboard and anywhere else it is read."""
+    study.set_user_attr("rule", rule_text(DEFAULT_TOLERANCE))
+    study.set_user_attr("tolerance", DEFAULT_TOLERANCE)
+    study.set_user_attr("objective", "maximize val_acc at the trial's best epoch (reported every epoch)")
+    stages = {HEAD_STAGE: f"stage 1: a head on frozen features ({cfg.study})"}
+    if cfg.finetune_blocks:
+        stages[FINETUNE_STAGE] = (
+            f"stage 2: the stage-1 winner's last {cfg.finetune_blocks} block(s) fine-tuned "
+            f"({finetune_study_name(cfg.study)})"
+        )
+    study.set_user_attr("stages", stages)
+    study.set_user_attr("stage", stage)
+    space = describe_space(cfg) if stage == HEAD_STAGE else describe_finetune_space(cfg)
+    study.set_user_attr("search_space", space)
+
+
+def trial_records(study: optuna.Study, finetune: optuna.Study | None = None) -> list[TrialRecord]:
+    """Both stages' trials as the winner rule sees them (metrics at each trial's checkpointed epoch)."""
+    studies = [(study, HEAD_STAGE)] + ([(finetune, FINETUNE_STAGE)] if finetune is not None else [])
     return [
         TrialRecord(
             number=t.number,
@@ -113,56 +198,45 @@ def trial_records(study: optuna.Study) -> list[TrialRecord]:
             train_acc=t.user_attrs.get("train_acc"),
             val_acc=t.user_attrs.get("val_acc"),
             run_id=t.user_attrs.get("mlflow_run_id"),
-            stage=t.user_attrs.get("stage", HEAD_STAGE),
-            source_trial=t.user_attrs.get("source_trial"),
+            stage=stage,
         )
-        for t in study.get_trials(deepcopy=False)
+        for s, stage in studies
+        for t in s.get_trials(deepcopy=False)
     ]
 
 
-def record_rows(records: list[TrialRecord], winner: TrialRecord | None = None) -> list[dict]:
-    """Flat rows for tables and CSV/JSON files."""
-    return [
-        {
-            "winner": winner is not None and r.number == winner.number,
-            "number": r.number,
-            "stage": r.stage,
-            "state": r.state,
-            "lr": r.params.get("lr"),
-            "size_inner": r.params.get("size_inner"),
-            "best_epoch": r.best_epoch,
-            "train_acc": r.train_acc,
-            "val_acc": r.val_acc,
-            "gap": r.gap,
-            "mlflow_run_id": r.run_id,
-        }
-        for r in records
-    ]
+def format_params(params: dict) -> str:
+    def value(v) -> str:
+        return f"{v:.2e}" if isinstance(v, float) and v != 0 and abs(v) < 1e-2 else str(v)
+
+    return "  ".join(f"{k} {value(v)}" for k, v in params.items())
 
 
-def describe_trial(trial: optuna.trial.FrozenTrial, seconds: float) -> str:
-    """One progress line per finished trial."""
-    lr, size = trial.params.get("lr"), trial.params.get("size_inner")
+def describe_trial(trial: FrozenTrial, stage: str, seconds: float) -> str:
+    """One progress line per finished trial, with every parameter it trained with."""
     val, train = trial.user_attrs.get("val_acc"), trial.user_attrs.get("train_acc")
     scores = f"val_acc {val:.3f}  gap {train - val:+.3f}" if val is not None else "no epoch finished"
-    line = (
-        f"trial {trial.number:3d}  lr {lr:.2e}  size_inner {size:>4}  {scores}  {trial.state.name:<8}  {seconds:5.1f}s"
-    )
+    line = f"{trial_name(stage, trial.number)}  {format_params(trial.params)}  {scores}  {trial.state.name:<8}"
+    line += f"  {seconds:5.1f}s"
     if trial.state == TrialState.FAIL:
         line += f"  ({trial.user_attrs.get('error', 'failed')})"
     return line
 
 
-def _count(study: optuna.Study, states) -> int:
-    """Sweep trials in `states`; a stage-2 trial does not count towards the target."""
-    trials = study.get_trials(deepcopy=False, states=states)
-    return sum(t.user_attrs.get("stage", HEAD_STAGE) == HEAD_STAGE for t in trials)
+def count_finished(study: optuna.Study, counts: Callable[[FrozenTrial], bool] = lambda _: True) -> int:
+    return sum(counts(t) for t in study.get_trials(deepcopy=False, states=FINISHED))
 
 
 def run_trials(
-    study: optuna.Study, objective: Objective, cfg: SweepConfig, report: Report, heartbeat: bool
+    study: optuna.Study,
+    objective,
+    target: int,
+    storage: str,
+    report: Report,
+    stage: str = HEAD_STAGE,
+    counts: Callable[[FrozenTrial], bool] = lambda _: True,
 ) -> tuple[int, list[str]]:
-    """Run trials until the study has `cfg.trials` finished ones.
+    """Run trials of `objective` until `study` has `target` finished ones that `counts`.
 
     With heartbeats, trials RUNNING elsewhere are waited for rather than counted as done: another
     worker's usually finish, and a crashed worker's go stale when their heartbeat stops and are then
@@ -170,19 +244,20 @@ def run_trials(
     machine never overshoot the target. A failing trial is replaced, up to as many failures as
     trials were missing. Returns (trials finished by this process, error messages).
     """
-    lock = FileLock(lock_path(cfg.storage))
-    allowed_failures = max(cfg.trials - _count(study, FINISHED), 1)
+    heartbeat = storage.startswith(RDB_SCHEMES)
+    lock = FileLock(lock_path(storage))
+    allowed_failures = max(target - count_finished(study, counts), 1)
     done, errors = 0, []
     while len(errors) < allowed_failures:
-        ran: list[optuna.trial.FrozenTrial] = []
+        ran: list[FrozenTrial] = []
         lock.acquire()
         try:
             optuna.storages.fail_stale_trials(study)
-            finished = _count(study, FINISHED)
-            running = _count(study, (TrialState.RUNNING,)) if heartbeat else 0
-            if finished >= cfg.trials:
+            finished = count_finished(study, counts)
+            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) if heartbeat else 0
+            if finished >= target:
                 break
-            if finished + running >= cfg.trials:
+            if finished + running >= target:
                 lock.release()
                 time.sleep(HEARTBEAT_SECONDS / 2)
                 continue
@@ -193,80 +268,9 @@ def run_trials(
             lock.release()
             objective.on_start = None
         trial = ran[0]
-        report(describe_trial(trial, time.perf_counter() - started))
+        report(describe_trial(trial, stage, time.perf_counter() - started))
         if trial.state in FINISHED:
             done += 1
         else:
-            errors.append(f"trial {trial.number}: {trial.user_attrs.get('error', 'failed')}")
+            errors.append(f"{trial_name(stage, trial.number)}: {trial.user_attrs.get('error', 'failed')}")
     return done, errors
-
-
-def publish_study(
-    tracker: Tracker, parent_id: str, study: optuna.Study, records: list[TrialRecord], tolerance: float
-) -> None:
-    """Refresh the parent run's trials.csv and study plots, the winner marked under `tolerance`."""
-    winner = select_winner(records, tolerance)
-    tracker.log_text(parent_id, rows_to_csv(record_rows(records, winner)), "trials.csv")
-    with tempfile.TemporaryDirectory() as tmp:
-        for path in study_plots(study, records, tolerance, winner, Path(tmp)):
-            tracker.log_file(parent_id, path, "plots")
-
-
-@dataclass
-class SweepResult:
-    records: list[TrialRecord]
-    finished_here: int
-    errors: list[str]
-    parent_id: str
-
-
-def run_sweep(cfg: SweepConfig, report: Report, jobs: int = 1) -> SweepResult:
-    """Run (or resume) the study to `cfg.trials` finished trials, tracked in MLflow.
-
-    Everything that can fail on bad input (data folders, tracking store, images) is checked before
-    the first trial. With `jobs > 1`, features are extracted here once, then `jobs - 1` worker
-    processes join this one on the same study.
-    """
-    device = resolve_device(cfg.device)
-    tracker = Tracker(cfg.tracking_uri)
-    splits = load_splits(cfg.data_dir)
-    tracker.check_reachable()
-    study = open_study(cfg)
-    finished = _count(study, FINISHED)
-    if finished >= cfg.trials:
-        report(f"study {cfg.study!r} already has {finished} finished trials (target {cfg.trials})")
-    data = prepare_data(cfg, device, splits)
-    experiment_id = tracker.experiment_id(cfg.study)
-    parent_params = {
-        "data_dir": cfg.data_dir,
-        "epochs": cfg.epochs,
-        "batch_size": cfg.batch_size,
-        "seed": cfg.seed,
-        "pruner": cfg.pruner,
-        "backbone": data.backbone_id,
-        "storage": cfg.storage,
-    }
-    parent_id = tracker.open_parent(experiment_id, cfg.study, parent_params)
-    if data.train.bad_paths or data.val.bad_paths:
-        tracker.log_text(parent_id, "\n".join(data.train.bad_paths + data.val.bad_paths), "skipped_images.txt")
-    workers = start_workers(cfg, jobs - 1) if jobs > 1 else []
-    if workers:
-        torch.set_num_threads(max(1, torch.get_num_threads() // jobs))
-    objective = Objective(cfg, data, tracker, experiment_id, parent_id, device)
-    status = "KILLED"
-    try:
-        done, errors = run_trials(study, objective, cfg, report, heartbeat=cfg.storage.startswith(RDB_SCHEMES))
-        for worker in workers:
-            worker.wait()
-        if cfg.finetune_blocks and not cfg.worker:
-            records = trial_records(study)
-            finetune_winner(cfg, data, study, records, tracker, experiment_id, parent_id, device, report)
-        status = "FINISHED"
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.terminate()
-        records = trial_records(study)
-        publish_study(tracker, parent_id, study, records, DEFAULT_TOLERANCE)
-        tracker.close_parent(parent_id, status)
-    return SweepResult(records, done, errors, parent_id)

@@ -8,8 +8,6 @@ processes can log side by side.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import time
 from contextlib import contextmanager
@@ -122,14 +120,17 @@ class Tracker:
         self.client.set_terminated(parent_id, status=status)
 
     def start_trial(
-        self, experiment_id: str, parent_id: str, study: str, number: int | None, params: dict, stage: str = "head"
+        self, experiment_id: str, parent_id: str, study: str, name: str, number: int, params: dict, stage: str
     ) -> str:
-        """A nested run for one trial: `trial-NNN`, or for a stage-2 run (whose Optuna trial is only
-        added when it finishes, `number` None) `finetune-NNN` after the trial it starts from."""
-        tags = {"mlflow.parentRunId": parent_id, ROLE_TAG: TRIAL_ROLE, STUDY_TAG: study, STAGE_TAG: stage}
-        if number is not None:
-            tags.update({"optuna.trial_number": str(number), "optuna.state": "RUNNING"})
-        name = f"trial-{number:03d}" if stage == "head" else f"{stage}-{params.get('source_trial', 0):03d}"
+        """A nested run for one trial, named as the trial is everywhere else (trial-007, finetune-000)."""
+        tags = {
+            "mlflow.parentRunId": parent_id,
+            ROLE_TAG: TRIAL_ROLE,
+            STUDY_TAG: study,
+            STAGE_TAG: stage,
+            "optuna.trial_number": str(number),
+            "optuna.state": "RUNNING",
+        }
         run = self.client.create_run(experiment_id, run_name=name, tags=tags)
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run.info.run_id
@@ -195,16 +196,6 @@ class Tracker:
                 run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=self.tracking_uri
             )
         )
-
-
-def rows_to_csv(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
 
 
 def ui_command(tracking_uri: str) -> str:

@@ -4,12 +4,13 @@ worker processes behind `--jobs N`."""
 from __future__ import annotations
 
 import fcntl
+import multiprocessing
 import os
-import subprocess
-import sys
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-from sweep.config import RUNS_DIR, SweepConfig
+from sweep.config import RUNS_DIR
 
 
 def lock_path(storage: str) -> Path:
@@ -44,37 +45,13 @@ class FileLock:
             self._handle = None
 
 
-def worker_command(cfg: SweepConfig) -> list[str]:
-    """The `python -m sweep run` command line of one worker process for the same study."""
-    command = [sys.executable, "-m", "sweep", "run", "--jobs", "1", "--quiet", "--worker"]
-    options = {
-        "--data-dir": cfg.data_dir,
-        "--study": cfg.study,
-        "--trials": cfg.trials,
-        "--epochs": cfg.epochs,
-        "--storage": cfg.storage,
-        "--tracking-uri": cfg.tracking_uri,
-        "--backbone-weights": cfg.backbone_weights,
-        "--seed": cfg.seed,
-        "--batch-size": cfg.batch_size,
-        "--device": cfg.device,
-        "--pruner": cfg.pruner,
-        "--cache-dir": cfg.cache_dir,
-        "--precision": cfg.precision,
-        "--views": cfg.views,
-        "--finetune-blocks": cfg.finetune_blocks,  # the cut is part of the feature cache's key
-    }
-    for key, value in options.items():
-        command += [key, str(value)]
-    if cfg.skip_bad_images:
-        command.append("--skip-bad-images")
-    for dimension in cfg.search:
-        command += ["--search", dimension]
-    return command
-
-
-def start_workers(cfg: SweepConfig, count: int) -> list[subprocess.Popen]:
-    """Start `count` worker processes; each gets an equal share of the CPU threads."""
+def start_workers(target: Callable[..., None], args: tuple, count: int) -> list[BaseProcess]:
+    """Start `count` processes running `target(*args, threads)`, each with an equal share of the CPU
+    threads. They are spawned, not forked: a fresh interpreter gets the frozen config as an object
+    (pickled), and never inherits this process's open database connections or torch thread pools."""
     threads = max(1, (os.cpu_count() or 1) // (count + 1))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    return [subprocess.Popen(worker_command(cfg), env=env) for _ in range(count)]
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=target, args=(*args, threads)) for _ in range(count)]
+    for worker in workers:
+        worker.start()
+    return workers

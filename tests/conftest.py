@@ -1,35 +1,18 @@
-"""Shared fixtures: tiny generated image folders, a random backbone, real stores in tmp_path."""
+"""Shared fixtures: tiny generated image folders, an informative backbone, real stores in tmp_path."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torchvision import models
+from images import calibrated_backbone, make_split
+from sweep_helpers import load_study, sweep
 
-CLASSES = ("hat", "pants", "shoes")
-# Each class gets its own base colour, so a head can separate them even on a random backbone.
-BASE_COLOURS = {"hat": (200, 40, 40), "pants": (40, 200, 40), "shoes": (40, 40, 200), "socks": (200, 200, 40)}
-
-
-def write_image(path: Path, colour=(128, 128, 128), seed: int = 0, size: int = 40, mode: str = "RGB") -> Path:
-    """A small noisy image of one colour; the format follows the file's extension."""
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(np.array(colour) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).convert(mode).save(path)
-    return path
-
-
-def make_split(root: Path, classes=CLASSES, per_class: int = 4, seed: int = 0) -> Path:
-    for c, name in enumerate(classes):
-        for i in range(per_class):
-            write_image(root / name / f"{i:02d}.jpg", BASE_COLOURS[name], seed=seed + 100 * c + i)
-    return root
+from sweep.select import select_winner
+from sweep.study import trial_records
 
 
 @pytest.fixture
@@ -42,22 +25,67 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def random_weights(tmp_path_factory) -> Path:
-    """A randomly initialised MobileNetV2 saved as a state_dict, standing in for ImageNet weights."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "mobilenet_v2_random.pth"
-    torch.save(models.mobilenet_v2(weights=None).state_dict(), path)
+def tiny_weights(tmp_path_factory) -> Path:
+    """A random MobileNetV2 with BatchNorm calibrated on styled images, saved as a state_dict: it stands
+    in for the ImageNet weights, and its features tell the classes apart."""
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_v2_calibrated.pth"
+    torch.save(calibrated_backbone().state_dict(), path)
     return path
+
+
+def stores_in(folder: Path) -> dict[str, str]:
+    """CLI options that put every piece of run state (Optuna, MLflow, cache) in `folder`."""
+    return {
+        "--storage": f"sqlite:///{folder / 'optuna.db'}",
+        "--tracking-uri": f"sqlite:///{folder / 'mlflow.db'}",
+        "--cache-dir": str(folder / "cache"),
+    }
 
 
 @pytest.fixture
 def stores(tmp_path: Path) -> dict[str, str]:
-    """CLI options that put every piece of run state (Optuna, MLflow, cache) in tmp_path."""
-    return {
-        "--storage": f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}",
-        "--tracking-uri": f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}",
-        "--cache-dir": str(tmp_path / "runs" / "cache"),
-    }
+    return stores_in(tmp_path / "runs")
+
+
+@dataclass(frozen=True)
+class Swept:
+    """A finished sweep on informative tiny data: read it, don't add trials to it."""
+
+    stores: dict[str, str]
+    data_dir: Path
+    weights: Path
+    trials: int
+    epochs: int
+
+
+@pytest.fixture(scope="session")
+def swept(tmp_path_factory, tiny_weights) -> Swept:
+    """10 trials x 6 epochs with the median pruner, on 4 classes (12 train, 8 validation and 8 harder
+    test images each). The fixture checks that the trials differ, so it can never decay into a sweep
+    whose numbers are all the same (then every assertion on values would pass vacuously)."""
+    root = tmp_path_factory.mktemp("swept")
+    data = root / "data"
+    make_split(data / "train", classes=ALL, per_class=12)
+    make_split(data / "validation", classes=ALL, per_class=8, seed=50_000)
+    make_split(data / "test", classes=ALL, per_class=8, seed=90_000, noise=45.0)
+    result = sweep(
+        "run", *data_args(data, tiny_weights), "--trials", "10", "--epochs", "6", "--quiet", stores=stores_in(root)
+    )
+    assert result.exit_code == 0, result.output
+    records = trial_records(load_study(stores_in(root)))
+    complete = [r for r in records if r.state == "COMPLETE"]
+    assert len({r.val_acc for r in complete}) >= 3, "the trials should reach different accuracies"
+    assert any(r.best_epoch > 1 for r in complete), "some trial should peak after epoch 1"
+    assert any(r.state == "PRUNED" for r in records), "the median pruner should prune some trial"
+    assert select_winner(records).number != 0, "the winner should not be trial 0 by the tie-break"
+    return Swept(stores_in(root), data, tiny_weights, trials=10, epochs=6)
+
+
+ALL = ("hat", "pants", "shoes", "socks")
+
+
+def data_args(data: Path, weights: Path) -> list[str]:
+    return ["--data-dir", str(data), "--backbone-weights", str(weights)]
 
 
 def real_data() -> tuple[Path, Path] | None:

@@ -1,22 +1,39 @@
-"""Helpers for driving the sweep CLI against real stores in tmp_path."""
+"""Driving the sweep CLI against real stores in tmp_path, with the command line on show."""
 
 from __future__ import annotations
 
+import shlex
+
 import optuna
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from mlflow import MlflowClient
 
 from sweep.cli import cli
 
-
-def with_stores(argv: list[str], stores: dict[str, str]) -> list[str]:
-    """`argv` plus the options that keep every store in tmp_path."""
-    return [*argv, *(item for pair in stores.items() for item in pair)]
+STORE_OPTIONS = {"trials": ("--storage", "--tracking-uri")}  # commands that take fewer than all three
 
 
-def invoke(stores: dict[str, str], *args: str):
-    """Run the CLI in this process on the given stores."""
-    return CliRunner().invoke(cli, with_stores(list(args), stores))
+def store_args(command: str, stores: dict[str, str]) -> list[str]:
+    """The options that keep every store in tmp_path, as far as `command` takes them."""
+    wanted = STORE_OPTIONS.get(command, tuple(stores))
+    return [item for key, value in stores.items() if key in wanted for item in (key, value)]
+
+
+def sweep(*argv, stores: dict[str, str] | None = None) -> Result:
+    """`python -m sweep ARGV` (plus the store options), run in this process. The result's `command`
+    is the line a user would type; `output_of(result)` shows it with the output on a failure."""
+    args = [str(a) for a in argv] + (store_args(str(argv[0]), stores) if stores else [])
+    result = CliRunner().invoke(cli, args)
+    result.command = "python -m sweep " + shlex.join(args)
+    return result
+
+
+def output_of(result: Result) -> str:
+    return f"$ {getattr(result, 'command', '?')}\n{result.output}"
+
+
+def invoke(stores: dict[str, str], *args: str) -> Result:
+    return sweep(*args, stores=stores)
 
 
 def run_args(data_dir, weights, trials: int, epochs: int) -> list[str]:
@@ -33,8 +50,13 @@ def run_args(data_dir, weights, trials: int, epochs: int) -> list[str]:
     ]
 
 
-def run_sweep_cli(stores, data_dir, weights, trials=3, epochs=2, *extra: str):
-    return invoke(stores, "run", *run_args(data_dir, weights, trials, epochs), *extra)
+def run_sweep_cli(stores, data_dir, weights, trials=3, epochs=2, *extra: str) -> Result:
+    return sweep("run", *run_args(data_dir, weights, trials, epochs), *extra, stores=stores)
+
+
+def with_stores(argv: list[str], stores: dict[str, str]) -> list[str]:
+    """`argv` plus the options that keep every store in tmp_path (for subprocess command lines)."""
+    return [*argv, *(item for pair in stores.items() for item in pair)]
 
 
 def mlflow_runs(stores, study="clothing"):

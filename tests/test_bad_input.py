@@ -8,7 +8,7 @@ import socket
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_split, write_image
+from images import make_split, write_image
 from sweep_helpers import invoke, load_study, mlflow_runs, run_args, run_sweep_cli
 from torchvision import models
 
@@ -26,9 +26,9 @@ def snapshot(stores):
 
 
 @pytest.fixture
-def existing(stores, data_dir, random_weights):
+def existing(stores, data_dir, tiny_weights):
     """A study with one finished trial, as a user would have before making a mistake."""
-    assert run_sweep_cli(stores, data_dir, random_weights, trials=1, epochs=1).exit_code == 0
+    assert run_sweep_cli(stores, data_dir, tiny_weights, trials=1, epochs=1).exit_code == 0
     return snapshot(stores)
 
 
@@ -78,9 +78,9 @@ BAD_DATA = {
 
 
 @pytest.mark.parametrize("case", BAD_DATA)
-def test_bad_data_is_one_clear_error_and_loses_nothing(case, existing, stores, data_dir, random_weights):
+def test_bad_data_is_one_clear_error_and_loses_nothing(case, existing, stores, data_dir, tiny_weights):
     break_data(data_dir, case)
-    assert_one_error(run_with(stores, data_dir, random_weights), *BAD_DATA[case])
+    assert_one_error(run_with(stores, data_dir, tiny_weights), *BAD_DATA[case])
     assert snapshot(stores) == existing
 
 
@@ -95,28 +95,28 @@ def test_bad_data_is_one_clear_error_and_loses_nothing(case, existing, stores, d
         (["--finetune-lr", "0"], "--finetune-lr"),
     ],
 )
-def test_bad_options_are_usage_errors(options, fragment, existing, stores, data_dir, random_weights):
-    result = run_with(stores, data_dir, random_weights, *options)
+def test_bad_options_are_usage_errors(options, fragment, existing, stores, data_dir, tiny_weights):
+    result = run_with(stores, data_dir, tiny_weights, *options)
     assert_one_error(result, fragment, code=2)
     assert snapshot(stores) == existing
 
 
-def test_an_unreachable_tracking_server_fails_before_any_work(existing, stores, data_dir, random_weights, tmp_path):
+def test_an_unreachable_tracking_server_fails_before_any_work(existing, stores, data_dir, tiny_weights, tmp_path):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cache = tmp_path / "fresh-cache"
     result = run_with(
-        {**stores, "--tracking-uri": f"http://127.0.0.1:{port}", "--cache-dir": str(cache)}, data_dir, random_weights
+        {**stores, "--tracking-uri": f"http://127.0.0.1:{port}", "--cache-dir": str(cache)}, data_dir, tiny_weights
     )
     assert_one_error(result, "cannot reach the MLflow tracking store", f"127.0.0.1:{port}")
     assert not cache.exists()  # no features were extracted, no trial started
     assert snapshot(stores) == existing
 
 
-def test_skip_bad_images_leaves_them_out_and_lists_them(stores, data_dir, random_weights):
+def test_skip_bad_images_leaves_them_out_and_lists_them(stores, data_dir, tiny_weights):
     (data_dir / "train" / "hat" / "00.jpg").write_bytes(b"")
-    result = run_with(stores, data_dir, random_weights, "--skip-bad-images")
+    result = run_with(stores, data_dir, tiny_weights, "--skip-bad-images")
     assert result.exit_code == 0, result.output
     client, runs = mlflow_runs(stores)
     parent = next(r for r in runs if r.data.tags.get("sweep.role") == "study")
@@ -124,9 +124,9 @@ def test_skip_bad_images_leaves_them_out_and_lists_them(stores, data_dir, random
     assert open(listed).read().strip() == str(data_dir / "train" / "hat" / "00.jpg")
 
 
-def test_export_into_a_missing_or_unwritable_folder(existing, stores, random_weights, tmp_path):
+def test_export_into_a_missing_or_unwritable_folder(existing, stores, tiny_weights, tmp_path):
     missing = invoke(
-        stores, "best", "--export", str(tmp_path / "nope" / "model.pt"), "--backbone-weights", str(random_weights)
+        stores, "best", "--export", str(tmp_path / "nope" / "model.pt"), "--backbone-weights", str(tiny_weights)
     )
     assert_one_error(missing, "does not exist")
     if os.geteuid() == 0:  # root writes through permission bits; /proc refuses new files to anyone
@@ -135,7 +135,7 @@ def test_export_into_a_missing_or_unwritable_folder(existing, stores, random_wei
         folder = tmp_path / "read-only"
         folder.mkdir(mode=0o555)
         unwritable = str(folder / "model.pt")
-    result = invoke(stores, "best", "--export", unwritable, "--backbone-weights", str(random_weights))
+    result = invoke(stores, "best", "--export", unwritable, "--backbone-weights", str(tiny_weights))
     assert_one_error(result, "cannot write", "writable folder")
     assert not os.path.exists(unwritable)
     assert snapshot(stores) == existing
@@ -178,3 +178,20 @@ def test_best_with_other_backbone_weights_is_refused(existing, stores, data_dir,
     torch.save(models.mobilenet_v2(weights=None).state_dict(), other)
     result = invoke(stores, "best", "--tta", "--backbone-weights", str(other), "--data-dir", str(data_dir))
     assert_one_error(result, "other backbone weights", "--backbone-weights")
+
+
+class CreatesFile:
+    """Unpickling this creates `marker`: a weights file must be loaded without ever running it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_backbone_weights_file_that_runs_code_is_refused_without_running_it(stores, data_dir, tmp_path):
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pth"
+    torch.save({"features.0.0.weight": CreatesFile(marker)}, evil)
+    assert_one_error(run_with(stores, data_dir, evil), str(evil), "not a torchvision MobileNetV2 state_dict")
+    assert not marker.exists()

@@ -81,10 +81,10 @@ def test_foreign_files_are_rejected(tmp_path):
             load_model(tmp_path / name)
 
 
-def test_classify_prints_k_imagenet_classes_per_image(data_dir, random_weights):
+def test_classify_prints_k_imagenet_classes_per_image(data_dir, tiny_weights):
     images = [str(data_dir / "train" / "hat" / "00.jpg"), str(data_dir / "train" / "shoes" / "01.jpg")]
     result = CliRunner().invoke(
-        clothing_cli, ["classify", *images, "--top-k", "4", "--backbone-weights", str(random_weights)]
+        clothing_cli, ["classify", *images, "--top-k", "4", "--backbone-weights", str(tiny_weights)]
     )
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()

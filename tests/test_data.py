@@ -2,7 +2,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import BASE_COLOURS, make_split, write_image
+from images import make_split, write_image
 
 from clothing.data import (
     IMAGE_SIZE,
@@ -80,7 +80,7 @@ def test_truncated_jpeg_is_reported(data_dir):
 
 @pytest.mark.parametrize("mode,name", [("L", "g.jpg"), ("CMYK", "c.jpg"), ("RGBA", "a.png"), ("P", "p.png")])
 def test_other_image_modes_are_converted_to_rgb(data_dir, mode, name):
-    write_image(data_dir / "train" / "hat" / name, BASE_COLOURS["hat"], mode=mode)
+    write_image(data_dir / "train" / "hat" / name, (200, 40, 40), mode=mode)
     dataset = ClothingDataset(data_dir / "train", build_transforms())
     image, label = dataset[dataset.image_paths.index(str(data_dir / "train" / "hat" / name))]
     assert image.shape == (3, IMAGE_SIZE, IMAGE_SIZE)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_image
+from images import calibrated_backbone, write_image
 
 import clothing.features as features_module
 from clothing.data import ClothingDataset, build_transforms
@@ -40,6 +40,33 @@ def test_changing_an_image_misses_the_cache(train_set, tmp_path):
     assert not after.cache_hit
     assert not torch.equal(before.features[0], after.features[0])
     torch.testing.assert_close(before.features[1:], after.features[1:])
+
+
+def test_every_field_of_the_cache_key_matters(train_set, tmp_path):
+    """Weights, precision, views and the files: change any one and the cache misses."""
+    backbone = calibrated_backbone()
+    first = cached_features(train_set, backbone, tmp_path, precision="fp32", progress=False)
+    assert cached_features(train_set, backbone, tmp_path, precision="fp32", progress=False).cache_hit
+    assert not cached_features(train_set, backbone, tmp_path, precision="exact", progress=False).cache_hit
+    assert not cached_features(train_set, backbone, tmp_path, precision="fp32", views=2, progress=False).cache_hit
+    assert not cached_features(
+        train_set, calibrated_backbone(seed=1), tmp_path, precision="fp32", progress=False
+    ).cache_hit
+    os.utime(train_set.image_paths[3], ns=(1, 1))
+    assert not cached_features(train_set, backbone, tmp_path, precision="fp32", progress=False).cache_hit
+    assert first.features.abs().max() > 0.1  # informative features: the comparisons above mean something
+
+
+def test_cached_features_are_the_models_own_pooled_features(train_set, tmp_path):
+    backbone = calibrated_backbone()
+    images = torch.stack([image for image, _ in train_set])
+    with torch.no_grad():
+        expected = torch.nn.functional.adaptive_avg_pool2d(backbone.features(images), 1).flatten(1)
+    scale = expected.abs().max().item()
+    assert scale > 0.1, "the backbone's features should carry signal"
+    for precision in ("exact", "fp32"):
+        cached = cached_features(train_set, backbone, tmp_path, precision=precision, progress=False).plain
+        torch.testing.assert_close(cached, expected, rtol=1e-3, atol=1e-3 * scale)
 
 
 def test_other_weights_or_transform_miss_the_cache(train_set, tmp_path):

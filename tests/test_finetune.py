@@ -4,7 +4,8 @@ import copy
 
 import pytest
 import torch
-from sweep_helpers import invoke, load_study, mlflow_runs, run_sweep_cli
+from images import calibrated_backbone
+from sweep_helpers import invoke, mlflow_runs, run_sweep_cli
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -16,7 +17,7 @@ from clothing.train import train_and_evaluate
 from sweep.export import export_model, fetch_head, split_logits
 from sweep.finetune import with_tail_weights
 from sweep.select import select_winner
-from sweep.study import trial_records
+from sweep.study import load_studies, trial_records
 from sweep.tracking import Tracker
 
 
@@ -72,20 +73,6 @@ def test_finetuning_trains_only_the_blocks_after_the_cut(train_set):
     assert all(torch.equal(before[k], after[k]) for k in frozen)  # weights and BN statistics
     assert any(k.endswith("running_mean") for k in tuned)
     assert all(not torch.equal(before[k], after[k]) for k in tuned if not k.endswith("num_batches_tracked"))
-
-
-def calibrated_backbone(images: torch.Tensor) -> nn.Module:
-    """A random MobileNetV2 whose BatchNorm statistics match `images`: a fresh one passes activations
-    of ~1e-10 to its last blocks, where float rounding is not small next to the signal."""
-    torch.manual_seed(0)
-    backbone = load_backbone(None)
-    for layer in backbone.modules():
-        if isinstance(layer, nn.BatchNorm2d):
-            layer.momentum = None  # cumulative average over the calibration pass
-    backbone.train()
-    with torch.no_grad():
-        backbone.features(images)
-    return backbone.eval()
 
 
 def test_training_the_tail_on_cached_activations_equals_training_on_images(data_dir, tmp_path):
@@ -150,44 +137,59 @@ def test_the_exported_finetuned_model_predicts_like_the_one_in_memory(train_set,
         torch.testing.assert_close(exported(images), model.eval()(images))
 
 
-def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_dir, random_weights, tmp_path):
-    extra = ("--views", "2", "--finetune-blocks", "1", "--finetune-epochs", "2")
-    result = run_sweep_cli(stores, data_dir, random_weights, 3, 2, *extra)
+def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_dir, tiny_weights, tmp_path):
+    # fp32 features: the export below runs the full model in fp32, and "auto" may pick bf16 on this CPU.
+    extra = ("--views", "2", "--finetune-blocks", "1", "--finetune-epochs", "2", "--precision", "fp32")
+    result = run_sweep_cli(stores, data_dir, tiny_weights, 3, 2, *extra)
     assert result.exit_code == 0, result.output
 
-    study = load_study(stores)
-    stages = [t.user_attrs.get("stage") for t in study.trials]
-    assert stages.count("finetune") == 1 and len(stages) == 4  # not counted towards --trials 3
-    records = trial_records(study)
+    # Stage 2 is a study of its own: the stage-1 sampler's history holds no stage-2 trial.
+    study, finetune = load_studies("clothing", stores["--storage"])
+    assert len(study.trials) == 3 and all(set(t.params) == {"lr", "size_inner"} for t in study.trials)
+    assert [t.state.name for t in finetune.trials] == ["COMPLETE"]
+    records = trial_records(study, finetune)
     tuned = next(r for r in records if r.stage == "finetune")
-    source = study.trials[tuned.number].user_attrs["source_trial"]
-    assert tuned.params == study.trials[source].params and tuned.state == "COMPLETE"
+    source = select_winner([r for r in records if r.stage == "head"])
+    assert tuned.name == "finetune-000" and tuned.source_trial == source.number
 
+    # Its Optuna params are what it trained with: its own lr, blocks and epochs, the source's head.
+    expected = {
+        "source_trial": source.number,
+        "finetune_blocks": 1,
+        "lr": 3e-5,
+        "epochs": 2,
+        "size_inner": source.params["size_inner"],
+    }
+    assert tuned.params == expected
     client, runs = mlflow_runs(stores)
     run = next(r for r in runs if r.data.tags.get("stage") == "finetune")
     assert run.info.run_id == tuned.run_id and run.info.status == "FINISHED"
-    assert run.info.run_name == f"finetune-{source:03d}"
-    assert run.data.tags["optuna.trial_number"] == str(tuned.number)
-    assert run.data.params["finetune_blocks"] == "1" and run.data.params["views"] == "2"
+    assert run.info.run_name == "finetune-000" and "finetune-000" in result.output  # one name everywhere
+    assert run.data.tags["optuna.trial_number"] == "0"
+    assert {k: type(v)(run.data.params[k]) for k, v in expected.items()} == expected
+    assert run.data.params["views"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
+    assert sorted(finetune.trials[0].intermediate_values) == [1, 2]  # reported every epoch, like stage 1
+    head = fetch_head(Tracker(stores["--tracking-uri"]), tuned)
+    assert head["config"]["lr"] == 3e-5 and head["config"]["epochs"] == 2 and head["finetune_blocks"] == 1
+    assert head["trial"] == "finetune-000"
 
     # The export of the stage-2 checkpoint predicts what stage 2 measured.
-    head = fetch_head(Tracker(stores["--tracking-uri"]), tuned)
-    backbone = load_backbone(random_weights)
+    backbone = load_backbone(tiny_weights)
     class_to_idx = {c: i for i, c in enumerate(head["classes"])}
     val_set = ClothingDataset(data_dir / "validation", build_transforms(), class_to_idx)
     model, _ = load_model(export_model(head, backbone, tmp_path / "model.pt", {}))
     images = torch.stack([val_set[i][0] for i in range(len(val_set))])
-    logits, labels = split_logits(head, backbone, val_set, stores["--cache-dir"], "cpu")
+    logits, labels = split_logits(head, backbone, val_set, stores["--cache-dir"], "cpu", precision="fp32")
     with torch.no_grad():
         torch.testing.assert_close(model(images), logits, rtol=1e-3, atol=1e-3)
     assert (logits.argmax(1) == labels).float().mean().item() == pytest.approx(tuned.val_acc)
 
     # Resuming neither adds sweep trials nor repeats stage 2.
-    again = run_sweep_cli(stores, data_dir, random_weights, 3, 2, *extra)
+    again = run_sweep_cli(stores, data_dir, tiny_weights, 3, 2, *extra)
     assert again.exit_code == 0, again.output
-    assert len(load_study(stores).trials) == 4
+    assert [len(s.trials) for s in load_studies("clothing", stores["--storage"])] == [3, 1]
     best = invoke(stores, "best", "--tolerance", "1")
     assert best.exit_code == 0, best.output
-    shown = f"[stage 2: trial {source} fine-tuned]" in best.output
+    shown = f"[stage 2 of trial-{source.number:03d}]" in best.output
     assert shown == (select_winner(records, 1).stage == "finetune")

@@ -39,26 +39,37 @@ def wait_for(condition, timeout=120, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def children_by_trial(stores):
+def children_by_trial(stores, stage="head"):
+    """The stage's trial runs by Optuna trial number, the parent runs, and the number of all trial runs."""
     _, runs = mlflow_runs(stores)
     children = [r for r in runs if r.data.tags.get("sweep.role") == "trial"]
     parents = [r for r in runs if r.data.tags.get("sweep.role") == "study"]
-    return {int(r.data.tags["optuna.trial_number"]): r for r in children}, parents, len(children)
+    of_stage = {int(r.data.tags["optuna.trial_number"]): r for r in children if r.data.tags["stage"] == stage}
+    return of_stage, parents, len(children)
 
 
-def running_trial_with_epochs(stores, epochs):
+def running_trial_with_epochs(stores, epochs, study="clothing"):
     try:
-        study = load_study(stores)
+        study = load_study(stores, study)
     except Exception:  # the store or the study does not exist yet
         return None
     running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
     return running[0] if running and len(running[0].intermediate_values) >= epochs else None
 
 
-def test_a_sweep_killed_mid_trial_resumes_to_its_target(stores, data_dir, random_weights):
-    command = sweep_command(stores, data_dir, random_weights, 2, 150)
+def assert_no_repeated_configuration(study):
+    configurations = [tuple(sorted(t.params.items())) for t in study.trials[:10]]
+    assert len(set(configurations)) == len(configurations), configurations
+
+
+def test_a_sweep_killed_mid_trial_resumes_to_its_target_without_repeating_a_configuration(
+    stores, data_dir, tiny_weights
+):
+    command = sweep_command(stores, data_dir, tiny_weights, 3, 150)
     victim = subprocess.Popen(command, env=worker_env())
-    killed = wait_for(lambda: running_trial_with_epochs(stores, 3), what="a trial in progress")
+    killed = wait_for(
+        lambda: (t := running_trial_with_epochs(stores, 3)) and t.number == 1 and t, what="trial 1 in progress"
+    )
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     runs, _, _ = children_by_trial(stores)
@@ -69,14 +80,55 @@ def test_a_sweep_killed_mid_trial_resumes_to_its_target(stores, data_dir, random
 
     study = load_study(stores)
     states = {t.number: t.state.name for t in study.trials}
-    assert states[killed.number] == "FAIL"
-    assert sorted(states.values()).count("COMPLETE") == 2 and "RUNNING" not in states.values()
+    assert states == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE", 3: "COMPLETE"}
+    # The resumed process seeds each trial from its number: it never draws trial 0's or 1's again.
+    assert_no_repeated_configuration(study)
     runs, parents, n_children = children_by_trial(stores)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert n_children == len(study.trials)  # exactly one run per trial, none duplicated
     assert runs[killed.number].info.status == "FAILED"
     assert "heartbeat" in runs[killed.number].data.tags["sweep.error"]
     assert all(runs[t.number].info.status == "FINISHED" for t in study.trials if t.state.name == "COMPLETE")
+
+
+def test_the_same_seed_draws_the_same_configurations_in_an_uninterrupted_run(stores, data_dir, tiny_weights, tmp_path):
+    other = {key: value.replace(str(tmp_path / "runs"), str(tmp_path / "again")) for key, value in stores.items()}
+    sequences = []
+    for store in (stores, other):
+        result = subprocess.run(
+            sweep_command(store, data_dir, tiny_weights, 4, 1), env=worker_env(), capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr
+        sequences.append([t.params for t in load_study(store).trials])
+    assert sequences[0] == sequences[1] and len(sequences[0]) == 4
+    assert_no_repeated_configuration(load_study(stores))
+
+
+def test_a_kill_during_stage_2_is_recovered_like_any_trial(stores, data_dir, tiny_weights):
+    command = sweep_command(stores, data_dir, tiny_weights, 2, 1, "--finetune-blocks", "1", "--finetune-epochs", "120")
+    victim = subprocess.Popen(command, env=worker_env())
+    wait_for(lambda: running_trial_with_epochs(stores, 2, "clothing.finetune"), what="stage 2 in progress")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+
+    resumed = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "finetune-001" in resumed.stdout
+
+    finetune = load_study(stores, "clothing.finetune")
+    assert [t.state.name for t in finetune.trials] == ["FAIL", "COMPLETE"]
+    assert finetune.trials[0].params == finetune.trials[1].params  # the same recipe, run once more
+    runs, parents, _ = children_by_trial(stores, stage="finetune")
+    assert {n: r.info.status for n, r in runs.items()} == {0: "FAILED", 1: "FINISHED"}
+    assert [r.info.run_name for _, r in sorted(runs.items())] == ["finetune-000", "finetune-001"]
+    _, all_runs = mlflow_runs(stores)
+    assert "RUNNING" not in {r.info.status for r in all_runs}
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+    # A finished study never runs stage 2 twice.
+    again = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert len(load_study(stores, "clothing.finetune").trials) == 2
 
 
 def rig_trials(monkeypatch, plan):
@@ -91,10 +143,10 @@ def rig_trials(monkeypatch, plan):
     monkeypatch.setattr(objective_module, "suggest", rigged)
 
 
-def test_diverging_and_raising_trials_are_recorded_and_the_sweep_goes_on(stores, data_dir, random_weights, monkeypatch):
+def test_diverging_and_raising_trials_are_recorded_and_the_sweep_goes_on(stores, data_dir, tiny_weights, monkeypatch):
     # Trial 1 gets an infinite learning rate (NaN loss); trial 2 an impossible layer size (raises).
     rig_trials(monkeypatch, lambda n: {1: {"lr": float("inf")}, 2: {"size_inner": -1}}.get(n))
-    result = run_sweep_cli(stores, data_dir, random_weights, trials=3, epochs=2)
+    result = run_sweep_cli(stores, data_dir, tiny_weights, trials=3, epochs=2)
     assert result.exit_code == 0, result.output
     study = load_study(stores)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "FAIL", "COMPLETE"]
@@ -104,13 +156,11 @@ def test_diverging_and_raising_trials_are_recorded_and_the_sweep_goes_on(stores,
     assert runs[3].info.status == "FINISHED"
 
 
-def test_a_run_whose_every_trial_fails_exits_non_zero_with_the_first_error(
-    stores, data_dir, random_weights, monkeypatch
-):
+def test_a_run_whose_every_trial_fails_exits_non_zero_with_the_first_error(stores, data_dir, tiny_weights, monkeypatch):
     rig_trials(monkeypatch, lambda n: {"size_inner": -1})
-    result = run_sweep_cli(stores, data_dir, random_weights, trials=2, epochs=1)
+    result = run_sweep_cli(stores, data_dir, tiny_weights, trials=2, epochs=1)
     assert result.exit_code == 1
-    assert "Error: every trial of this run failed; first error: trial 0: RuntimeError" in result.output
+    assert "Error: every trial of this run failed; first error: trial-000: RuntimeError" in result.output
     assert [t.state.name for t in load_study(stores).trials] == ["FAIL", "FAIL"]
 
 
@@ -126,17 +176,44 @@ def assert_exact_counts(stores, target):
     assert {r.data.tags["optuna.trial_number"] for r in runs.values()} == {str(t.number) for t in study.trials}
 
 
-def test_jobs_two_finishes_exactly_the_target(stores, data_dir, random_weights):
-    command = sweep_command(stores, data_dir, random_weights, 6, 20, "--jobs", "2")
+def test_jobs_two_finishes_exactly_the_target_without_repeating_a_configuration(stores, data_dir, tiny_weights):
+    command = sweep_command(stores, data_dir, tiny_weights, 6, 20, "--jobs", "2")
     result = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert_exact_counts(stores, 6)
+    assert_no_repeated_configuration(load_study(stores))
 
 
-def test_two_independent_invocations_cooperate_on_one_study(stores, data_dir, random_weights):
-    command = sweep_command(stores, data_dir, random_weights, 6, 20)
+def test_the_parent_run_stays_running_until_the_main_process_ends(stores, data_dir, tiny_weights):
+    """Workers only run trials: the main process alone closes the parent run, after its stage 2."""
+    command = sweep_command(
+        stores, data_dir, tiny_weights, 4, 5, "--jobs", "2", "--finetune-blocks", "1", "--finetune-epochs", "40"
+    )
+    main = subprocess.Popen(command, env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    closed_early = []
+    while main.poll() is None:
+        try:
+            _, runs = mlflow_runs(stores)
+        except Exception:  # the stores are still being created
+            runs = []
+        parent = [r.info.status for r in runs if r.data.tags.get("sweep.role") == "study"]
+        trials = [r for r in runs if r.data.tags.get("sweep.role") == "trial"]
+        work_left = any(r.info.status == "RUNNING" for r in trials) or not any(
+            r.data.tags["stage"] == "finetune" for r in trials
+        )
+        if parent and parent[0] != "RUNNING" and work_left:
+            closed_early.append((parent[0], [(r.info.run_name, r.info.status) for r in trials]))
+        time.sleep(0.1)
+    assert main.returncode == 0, main.stderr.read()
+    assert closed_early == []
+    _, parents, _ = children_by_trial(stores)
+    assert [p.info.status for p in parents] == ["FINISHED"]
+
+
+def test_two_independent_invocations_cooperate_on_one_study(stores, data_dir, tiny_weights):
+    command = sweep_command(stores, data_dir, tiny_weights, 6, 20)
     # Warm the feature cache and create the study first, as a user's first terminal would.
-    first = subprocess.run(sweep_command(stores, data_dir, random_weights, 1, 1), env=worker_env(), timeout=600)
+    first = subprocess.run(sweep_command(stores, data_dir, tiny_weights, 1, 1), env=worker_env(), timeout=600)
     assert first.returncode == 0
     workers = [subprocess.Popen(command, env=worker_env(), stderr=subprocess.PIPE) for _ in range(2)]
     for worker in workers:
@@ -188,9 +265,9 @@ def mlflow_server(tmp_path):
         server.wait(timeout=30)
 
 
-def test_two_workers_share_one_mlflow_server(stores, data_dir, random_weights, mlflow_server):
+def test_two_workers_share_one_mlflow_server(stores, data_dir, tiny_weights, mlflow_server):
     stores = {**stores, "--tracking-uri": mlflow_server}
-    command = sweep_command(stores, data_dir, random_weights, 4, 10, "--jobs", "2")
+    command = sweep_command(stores, data_dir, tiny_weights, 4, 10, "--jobs", "2")
     env = {**worker_env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr

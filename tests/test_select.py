@@ -1,4 +1,5 @@
 import pytest
+from sweep_helpers import mlflow_runs, output_of, sweep
 
 from sweep.select import TrialRecord, eligible, select_winner
 
@@ -37,3 +38,38 @@ def test_no_complete_trial_means_no_winner():
     assert select_winner([record(0, 0.9, 0.9, state="PRUNED")]) is None
     with pytest.raises(ValueError):
         select_winner([record(0, 0.9, 0.9)], tolerance=-1)
+
+
+def test_a_stage_1_trial_wins_a_full_tie_with_a_stage_2_one():
+    stage2 = TrialRecord(0, "COMPLETE", {"source_trial": 3}, 1, 0.87, 0.85, stage="finetune")
+    assert select_winner([stage2, record(3, 0.85, 0.87)]).name == "trial-003"
+    assert stage2.name == "finetune-000" and stage2.source_trial == 3
+
+
+def rule_by_hand(rows: list[dict], tolerance: float) -> str:
+    """The README's rule, written out again without sweep.select."""
+    best = max(r["val_acc"] for r in rows)
+    band = [r for r in rows if r["val_acc"] >= best - tolerance - 1e-12]
+    return min(band, key=lambda r: (r["train_acc"] - r["val_acc"], -r["val_acc"], r["number"]))["name"]
+
+
+def test_the_winner_is_the_rule_applied_to_what_mlflow_recorded(swept):
+    """Records rebuilt from MLflow alone, ranked by a rule written here, give the winner `best` names."""
+    _, runs = mlflow_runs(swept.stores)
+    rows = [
+        {
+            "name": r.info.run_name,
+            "number": int(r.data.tags["optuna.trial_number"]),
+            "val_acc": r.data.metrics["best_val_acc"],
+            "train_acc": r.data.metrics["best_train_acc"],
+        }
+        for r in runs
+        if r.data.tags.get("sweep.role") == "trial" and r.data.tags["optuna.state"] == "COMPLETE"
+    ]
+    tolerances = ("0", "0.02", "0.1", "0.3")
+    for tolerance in tolerances:
+        result = sweep("best", "--tolerance", tolerance, stores=swept.stores)
+        assert result.exit_code == 0, output_of(result)
+        assert f"Winner: {rule_by_hand(rows, float(tolerance))} " in result.output, output_of(result)
+    # The fixture's trials make the rule matter: the band's smallest gap is not always the best val_acc.
+    assert len({rule_by_hand(rows, float(t)) for t in tolerances}) > 1, rows

@@ -19,8 +19,8 @@ def best_cli(stores, *extra):
 
 
 @pytest.fixture
-def swept(stores, data_dir, random_weights):
-    result = run_sweep_cli(stores, data_dir, random_weights, trials=3, epochs=2)
+def swept(stores, data_dir, tiny_weights):
+    result = run_sweep_cli(stores, data_dir, tiny_weights, trials=3, epochs=2)
     assert result.exit_code == 0, result.output
     return result
 
@@ -48,10 +48,10 @@ def test_a_sweep_logs_one_parent_and_a_nested_run_per_trial(swept, stores):
     assert "mlflow ui --backend-store-uri" in swept.output
 
 
-def test_rerunning_with_a_higher_target_adds_only_the_missing_trials(swept, stores, data_dir, random_weights):
-    again = run_sweep_cli(stores, data_dir, random_weights, trials=3, epochs=2)
+def test_rerunning_with_a_higher_target_adds_only_the_missing_trials(swept, stores, data_dir, tiny_weights):
+    again = run_sweep_cli(stores, data_dir, tiny_weights, trials=3, epochs=2)
     assert again.exit_code == 0 and len(load_study(stores).trials) == 3  # nothing to do
-    more = run_sweep_cli(stores, data_dir, random_weights, trials=5, epochs=2)
+    more = run_sweep_cli(stores, data_dir, tiny_weights, trials=5, epochs=2)
     assert more.exit_code == 0, more.output
     assert len(load_study(stores).trials) == 5
     _, runs = mlflow_runs(stores)
@@ -62,19 +62,17 @@ def test_rerunning_with_a_higher_target_adds_only_the_missing_trials(swept, stor
     assert sorted(c.info.run_name for c in children)[-2:] == ["trial-003", "trial-004"]
 
 
-def test_best_names_the_winner_tags_it_and_exports_an_equivalent_model(
-    swept, stores, data_dir, random_weights, tmp_path
-):
+def test_best_names_the_winner_tags_it_and_exports_an_equivalent_model(swept, stores, data_dir, tiny_weights, tmp_path):
     out = tmp_path / "model.pt"
     result = best_cli(
-        stores, "--export", str(out), "--backbone-weights", str(random_weights), "--data-dir", str(data_dir)
+        stores, "--export", str(out), "--backbone-weights", str(tiny_weights), "--data-dir", str(data_dir)
     )
     assert result.exit_code == 0, result.output
     assert "Rule: among COMPLETE trials" in result.output and "Winner: trial" in result.output
-    winner_number = int(result.output.split("Winner: trial ")[1].split()[0])
+    winner_name = result.output.split("Winner: ")[1].split()[0]
 
     payload = torch.load(out, weights_only=True)
-    assert payload["trial"] == winner_number and payload["classes"] == ["hat", "pants", "shoes"]
+    assert payload["trial"] == winner_name and payload["classes"] == ["hat", "pants", "shoes"]
     assert {
         "format_version",
         "state_dict",
@@ -89,23 +87,23 @@ def test_best_names_the_winner_tags_it_and_exports_an_equivalent_model(
     } <= set(payload)
 
     exported, _ = load_model(out)
-    record = next(r for r in trial_records(load_study(stores)) if r.number == winner_number)
-    in_memory = build_model(fetch_head(Tracker(stores["--tracking-uri"]), record), load_backbone(random_weights))
+    record = next(r for r in trial_records(load_study(stores)) if r.name == winner_name)
+    in_memory = build_model(fetch_head(Tracker(stores["--tracking-uri"]), record), load_backbone(tiny_weights))
     x = torch.randn(3, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(exported(x), in_memory(x))
 
     client, runs = mlflow_runs(stores)
     parent = next(r for r in runs if r.data.tags.get("sweep.role") == "study")
-    assert parent.data.tags["sweep.winner_trial"] == str(winner_number)
+    assert parent.data.tags["sweep.winner_trial"] == winner_name
     assert client.get_run(record.run_id).data.tags["sweep.winner"] == "true"
 
 
-def test_best_scores_the_winner_on_a_test_split(swept, stores, data_dir, random_weights):
-    from conftest import make_split
+def test_best_scores_the_winner_on_a_test_split(swept, stores, data_dir, tiny_weights):
+    from images import make_split
 
     make_split(data_dir / "test", per_class=2, seed=5000)
-    result = best_cli(stores, "--backbone-weights", str(random_weights), "--data-dir", str(data_dir))
+    result = best_cli(stores, "--backbone-weights", str(tiny_weights), "--data-dir", str(data_dir))
     assert result.exit_code == 0, result.output
     assert "test_acc" in result.output
     client, runs = mlflow_runs(stores)
@@ -113,9 +111,9 @@ def test_best_scores_the_winner_on_a_test_split(swept, stores, data_dir, random_
     assert len(winner) == 1 and 0.0 <= winner[0].data.metrics["test_acc"] <= 1.0
 
 
-def test_predict_prints_k_classes_per_image(swept, stores, data_dir, random_weights, tmp_path):
+def test_predict_prints_k_classes_per_image(swept, stores, data_dir, tiny_weights, tmp_path):
     out = tmp_path / "model.pt"
-    assert best_cli(stores, "--export", str(out), "--backbone-weights", str(random_weights)).exit_code == 0
+    assert best_cli(stores, "--export", str(out), "--backbone-weights", str(tiny_weights)).exit_code == 0
     images = [str(data_dir / "validation" / "hat" / "00.jpg"), str(data_dir / "validation" / "shoes" / "01.jpg")]
     result = CliRunner().invoke(cli, ["predict", str(out), *images, "--top-k", "2"])
     assert result.exit_code == 0, result.output
@@ -133,8 +131,8 @@ def test_best_on_a_missing_study_or_one_without_complete_trials_is_an_error(stor
     assert empty.exit_code == 1 and "no COMPLETE trial" in empty.output
 
 
-def test_opt_in_dimensions_are_searched_and_recorded(stores, data_dir, random_weights):
-    result = run_sweep_cli(stores, data_dir, random_weights, 2, 1, "--search", "dropout", "--search", "label_smoothing")
+def test_opt_in_dimensions_are_searched_and_recorded(stores, data_dir, tiny_weights):
+    result = run_sweep_cli(stores, data_dir, tiny_weights, 2, 1, "--search", "dropout", "--search", "label_smoothing")
     assert result.exit_code == 0, result.output
     study = load_study(stores)
     assert all({"lr", "size_inner", "dropout", "label_smoothing"} == set(t.params) for t in study.trials)
@@ -146,10 +144,32 @@ def test_opt_in_dimensions_are_searched_and_recorded(stores, data_dir, random_we
         assert float(child.data.params["weight_decay"]) == 0.0  # not searched: stays off
 
 
-def test_best_reports_tta_separately(swept, stores, data_dir, random_weights):
-    result = best_cli(stores, "--tta", "--backbone-weights", str(random_weights), "--data-dir", str(data_dir))
+def test_best_reports_tta_separately(swept, stores, data_dir, tiny_weights):
+    result = best_cli(stores, "--tta", "--backbone-weights", str(tiny_weights), "--data-dir", str(data_dir))
     assert result.exit_code == 0, result.output
     assert "without TTA" in result.output and "with TTA (image + mirror)" in result.output
     _, runs = mlflow_runs(stores)
     winner = next(r for r in runs if r.data.tags.get("sweep.winner") == "true")
     assert 0.0 <= winner.data.metrics["val_acc_tta"] <= 1.0
+
+
+def test_the_rule_reads_the_eval_mode_train_acc_that_each_trial_logs(stores, data_dir, tiny_weights):
+    result = run_sweep_cli(stores, data_dir, tiny_weights, 2, 2, "--search", "dropout", "--views", "2")
+    assert result.exit_code == 0, result.output
+    client, runs = mlflow_runs(stores)
+    by_id = {r.info.run_id: r for r in runs}
+    for record in trial_records(load_study(stores)):
+        history = {m.step: m.value for m in client.get_metric_history(record.run_id, "train_acc")}
+        assert record.train_acc == pytest.approx(history[record.best_epoch])
+        assert by_id[record.run_id].data.metrics["gap"] == pytest.approx(record.gap)
+        running = client.get_metric_history(record.run_id, "running_train_acc")
+        assert [m.step for m in running] == sorted(history)  # the train-mode accuracy, kept under its own name
+
+
+def test_the_study_says_what_it_is_for_optuna_dashboard(swept, stores):
+    study = load_study(stores)
+    assert study.metric_names == ["val_acc"]
+    attrs = study.user_attrs
+    assert attrs["tolerance"] == 0.02 and "smallest gap" in attrs["rule"]
+    assert set(attrs["search_space"]["stage1"]["searched"]) >= {"lr", "size_inner"}
+    assert "head" in attrs["stages"]

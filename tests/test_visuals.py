@@ -14,8 +14,8 @@ from sweep.cli import cli
 
 
 @pytest.fixture
-def swept(stores, data_dir, random_weights):
-    result = run_sweep_cli(stores, data_dir, random_weights, trials=5, epochs=2)
+def swept(stores, data_dir, tiny_weights):
+    result = run_sweep_cli(stores, data_dir, tiny_weights, trials=5, epochs=2)
     assert result.exit_code == 0, result.output
     return stores
 
@@ -40,14 +40,16 @@ def test_plots_are_logged_on_the_parent_and_every_trial(swept):
 
 def test_the_trials_command_agrees_with_the_study_in_every_format(swept):
     study = load_study(swept)
-    expected = {t.number: (t.state.name, t.params["lr"], t.user_attrs["mlflow_run_id"]) for t in study.trials}
+    expected = {
+        f"trial-{t.number:03d}": (t.state.name, t.params["lr"], t.user_attrs["mlflow_run_id"]) for t in study.trials
+    }
 
     as_json = json.loads(trials_cli(swept, "--format", "json").output)
-    assert {r["number"]: (r["state"], r["lr"], r["mlflow_run_id"]) for r in as_json} == expected
+    assert {r["trial"]: (r["state"], r["lr"], r["mlflow_run_id"]) for r in as_json} == expected
     assert sum(r["winner"] for r in as_json) == 1
 
     as_csv = list(csv.DictReader(io.StringIO(trials_cli(swept, "--format", "csv").output)))
-    assert {int(r["number"]): (r["state"], float(r["lr"]), r["mlflow_run_id"]) for r in as_csv} == expected
+    assert {r["trial"]: (r["state"], float(r["lr"]), r["mlflow_run_id"]) for r in as_csv} == expected
     assert [r["winner"] for r in as_csv].count("True") == 1
 
     table = trials_cli(swept, "--sort", "val_acc").output.splitlines()
@@ -60,11 +62,11 @@ def test_the_trials_command_agrees_with_the_study_in_every_format(swept):
 
 
 def test_a_registered_winner_loads_in_a_fresh_process_and_agrees_with_the_export(
-    swept, data_dir, random_weights, tmp_path
+    swept, data_dir, tiny_weights, tmp_path
 ):
     out = tmp_path / "model.pt"
     result = invoke(
-        swept, "best", "--export", str(out), "--register", "clothing-head", "--backbone-weights", str(random_weights)
+        swept, "best", "--export", str(out), "--register", "clothing-head", "--backbone-weights", str(tiny_weights)
     )
     assert result.exit_code == 0, result.output
     assert "models:/clothing-head/1" in result.output

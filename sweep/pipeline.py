@@ -1,0 +1,205 @@
+"""One sweep, as a straight line: prepare -> stage-1 trials -> stage-2 trial(s) -> publish.
+
+`prepare` checks every input and builds the context the trials share (stores, studies, parent run,
+cached data, device) once. `--jobs` workers receive the frozen SweepConfig and the parent run's id,
+and only run stage-1 trials; the main process alone opens, publishes and closes the parent run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+
+from sweep.config import SweepConfig
+from sweep.data import load_splits, prepare_data
+from sweep.export import fetch_head
+from sweep.finetune import FinetuneTrial
+from sweep.objective import HeadTrial
+from sweep.plots import study_plots
+from sweep.select import DEFAULT_TOLERANCE, FINETUNE_STAGE, HEAD_STAGE, TrialRecord, select_winner
+from sweep.space import finetune_recipe
+from sweep.study import (
+    Report,
+    count_finished,
+    describe_study,
+    finetune_study_name,
+    load_studies,
+    open_study,
+    resolve_device,
+    run_trials,
+    trial_records,
+)
+from sweep.table import record_rows, rows_to_csv
+from sweep.tracking import Tracker
+from sweep.trial import TrackedObjective, TrialContext
+from sweep.workers import start_workers
+
+
+def quiet_libraries() -> None:
+    """Our own one-line-per-trial progress replaces Optuna's and MLflow's INFO chatter."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    # Heartbeats are marked experimental but are Optuna's documented crash-recovery mechanism.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@dataclass
+class SweepResult:
+    records: list[TrialRecord]
+    finished_here: int
+    errors: list[str]
+    parent_id: str
+
+
+def _stage1_study(cfg: SweepConfig) -> optuna.Study:
+    study = open_study(cfg.study, cfg.storage, tracking_uri=cfg.tracking_uri, seed=cfg.seed, pruner=cfg.pruner)
+    describe_study(study, cfg, HEAD_STAGE)
+    return study
+
+
+def _context(cfg: SweepConfig, experiment_id: str, parent_id: str, progress: bool) -> TrialContext:
+    device = resolve_device(cfg.device)
+    splits = load_splits(cfg.data_dir)
+    data = prepare_data(cfg, device, splits, progress=progress)
+    return TrialContext(cfg, data, Tracker(cfg.tracking_uri), experiment_id, parent_id, device)
+
+
+def parent_params(cfg: SweepConfig, backbone_id: str) -> dict:
+    """The sweep's settings, as params of the parent run (never a store URL: it may hold a password)."""
+    return {
+        "data_dir": cfg.data_dir,
+        "trials": cfg.trials,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "pruner": cfg.pruner,
+        "backbone": backbone_id,
+        "search": ",".join(cfg.search) or "-",
+        "views": cfg.views,
+        "finetune_blocks": cfg.finetune_blocks,
+        "finetune_epochs": cfg.finetune_epochs,
+        "finetune_lr": cfg.finetune_lr,
+    }
+
+
+def prepare(cfg: SweepConfig, report: Report) -> tuple[TrialContext, optuna.Study]:
+    """Check the inputs, open the stage-1 study, cache the data and open the parent run."""
+    device = resolve_device(cfg.device)
+    tracker = Tracker(cfg.tracking_uri)
+    splits = load_splits(cfg.data_dir)
+    tracker.check_reachable()
+    study = _stage1_study(cfg)
+    finished = count_finished(study)
+    if finished >= cfg.trials:
+        report(f"study {cfg.study!r} already has {finished} finished trials (target {cfg.trials})")
+    data = prepare_data(cfg, device, splits, progress=cfg.progress)
+    experiment_id = tracker.experiment_id(cfg.study)
+    parent_id = tracker.open_parent(experiment_id, cfg.study, parent_params(cfg, data.backbone_id))
+    if data.train.bad_paths or data.val.bad_paths:
+        tracker.log_text(parent_id, "\n".join(data.train.bad_paths + data.val.bad_paths), "skipped_images.txt")
+    return TrialContext(cfg, data, tracker, experiment_id, parent_id, device), study
+
+
+def run_stage1(ctx: TrialContext, study: optuna.Study, report: Report, jobs: int) -> tuple[int, list[str]]:
+    """Stage-1 trials to `--trials` finished, here and in `jobs - 1` spawned workers."""
+    cfg = ctx.cfg
+    workers = []
+    if jobs > 1:
+        workers = start_workers(stage1_worker, (cfg, ctx.experiment_id, ctx.parent_id), jobs - 1)
+        torch.set_num_threads(max(1, torch.get_num_threads() // jobs))
+    try:
+        objective = TrackedObjective(ctx, HeadTrial(ctx))
+        result = run_trials(study, objective, cfg.trials, cfg.storage, report, HEAD_STAGE)
+        for worker in workers:
+            worker.join()
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
+    return result
+
+
+def stage1_worker(cfg: SweepConfig, experiment_id: str, parent_id: str, threads: int) -> None:
+    """A `--jobs` worker (a spawned process): stage-1 trials only, on the main process's parent run."""
+    quiet_libraries()
+    torch.set_num_threads(threads)
+    report = print if cfg.progress else (lambda _: None)
+    ctx = _context(cfg, experiment_id, parent_id, progress=False)  # the main process cached the data
+    study = _stage1_study(cfg)
+    run_trials(study, TrackedObjective(ctx, HeadTrial(ctx)), cfg.trials, cfg.storage, report, HEAD_STAGE)
+    sys.stdout.flush()
+
+
+def run_stage2(ctx: TrialContext, records: list[TrialRecord], report: Report) -> tuple[int, list[str]]:
+    """Fine-tune the stage-1 winner, as trials of the stage-2 study, once per (source, recipe)."""
+    cfg = ctx.cfg
+    if not cfg.finetune_blocks:
+        return 0, []
+    source = select_winner([r for r in records if r.stage == HEAD_STAGE])
+    if source is None:
+        report("stage 2 skipped: no COMPLETE stage-1 trial to fine-tune")
+        return 0, []
+    recipe = finetune_recipe(cfg, source)
+    study = open_study(
+        finetune_study_name(cfg.study),
+        cfg.storage,
+        tracking_uri=cfg.tracking_uri,
+        seed=cfg.seed,
+        pruner=cfg.pruner,
+        fixed_params=recipe,
+    )
+    describe_study(study, cfg, FINETUNE_STAGE)
+
+    def of_this_recipe(trial: optuna.trial.FrozenTrial) -> bool:
+        return all(trial.params.get(k) == v for k, v in recipe.items())
+
+    if count_finished(study, of_this_recipe):
+        report(f"stage 2: {source.name} was already fine-tuned with {cfg.finetune_blocks} block(s)")
+        return 0, []
+    report(f"stage 2: fine-tuning {source.name} with its last {cfg.finetune_blocks} block(s), lr {cfg.finetune_lr:.1e}")
+    task = FinetuneTrial(ctx, source, fetch_head(ctx.tracker, source))
+    return run_trials(study, TrackedObjective(ctx, task), 1, cfg.storage, report, FINETUNE_STAGE, of_this_recipe)
+
+
+def all_records(cfg: SweepConfig) -> list[TrialRecord]:
+    return trial_records(*load_studies(cfg.study, cfg.storage))
+
+
+def publish_study(tracker: Tracker, parent_id: str, study: str, storage: str, tolerance: float) -> None:
+    """Refresh the parent run's trials.csv and study plots, the winner marked under `tolerance`."""
+    stage1, stage2 = load_studies(study, storage)
+    records = trial_records(stage1, stage2)
+    winner = select_winner(records, tolerance)
+    tracker.log_text(parent_id, rows_to_csv(record_rows(records, winner)), "trials.csv")
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in study_plots(stage1, records, tolerance, winner, Path(tmp)):
+            tracker.log_file(parent_id, path, "plots")
+
+
+def run_sweep(cfg: SweepConfig, report: Report, jobs: int = 1) -> SweepResult:
+    """Run (or resume) the study: prepare -> stage 1 -> stage 2 -> publish.
+
+    Everything that can fail on bad input (data folders, tracking store, images) is checked before
+    the first trial. The parent run stays RUNNING until this process has published the result.
+    """
+    ctx, study = prepare(cfg, report)
+    status = "KILLED"
+    try:
+        done, errors = run_stage1(ctx, study, report, jobs)
+        done2, errors2 = run_stage2(ctx, all_records(cfg), report)
+        status = "FINISHED"
+    finally:
+        publish_study(ctx.tracker, ctx.parent_id, cfg.study, cfg.storage, DEFAULT_TOLERANCE)
+        ctx.tracker.close_parent(ctx.parent_id, status)
+    return SweepResult(all_records(cfg), done + done2, errors + errors2, ctx.parent_id)

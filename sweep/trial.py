@@ -1,0 +1,184 @@
+"""The trial machinery both stages share: one Optuna trial = one nested MLflow run.
+
+A stage says what its trials are (a `TrialTask`: suggest -> train -> checkpoint); `TrackedObjective`
+does the rest the same way for every stage: it opens the run named after the trial, logs each epoch,
+reports to Optuna and prunes, keeps the best validation epoch, and whatever way the trial ends
+(complete, pruned, diverged, failed, interrupted) closes the run with the matching state, in one place.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import optuna
+import torch
+from torch import nn
+
+from clothing.checkpoint import FORMAT_VERSION, HEAD, save_checkpoint
+from clothing.data import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from clothing.train import TrainingDiverged
+from sweep.config import SweepConfig, TrainConfig
+from sweep.data import SweepData
+from sweep.plots import learning_curves
+from sweep.select import trial_name
+from sweep.tracking import Tracker
+
+EpochCallback = Callable[[int, dict, nn.Module], None]
+
+
+@dataclass
+class TrialContext:
+    """What every trial of a sweep shares, built once by the main process (and again by each worker)."""
+
+    cfg: SweepConfig
+    data: SweepData
+    tracker: Tracker
+    experiment_id: str
+    parent_id: str
+    device: torch.device
+
+
+@dataclass
+class BestEpoch:
+    """The history so far, and the metrics and weights of the best validation epoch."""
+
+    history: list[dict] = field(default_factory=list)
+    metrics: dict | None = None
+    state_dict: dict | None = None
+
+    def update(self, metrics: dict, model: nn.Module) -> None:
+        self.history.append(dict(metrics))
+        if self.metrics is None or metrics["val_acc"] > self.metrics["val_acc"]:
+            self.metrics = dict(metrics)
+            self.state_dict = copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
+
+
+class TrialTask(Protocol):
+    """One stage's kind of trial."""
+
+    stage: str
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        """The trial's configuration, through the stage's search space."""
+
+    def params(self, config: Any) -> dict:
+        """What the MLflow run logs as params."""
+
+    def train(self, config: Any, on_epoch: EpochCallback) -> None:
+        """Run `train_and_evaluate` with `on_epoch`."""
+
+    def checkpoint(self, config: Any, best: BestEpoch) -> dict:
+        """The best epoch's weights and what they need (head_checkpoint() plus the stage's own)."""
+
+
+def head_checkpoint(data: SweepData, cfg: TrainConfig, best: BestEpoch, head_state: dict) -> dict:
+    """A head checkpoint: the best epoch's head weights plus everything needed to use them."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": HEAD,
+        "state_dict": head_state,
+        "num_classes": len(data.classes),
+        "classes": list(data.classes),
+        "size_inner": cfg.size_inner,
+        "dropout": cfg.dropout,
+        "image_size": IMAGE_SIZE,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "backbone_fingerprint": data.backbone_id,
+        "config": asdict(cfg),
+        "metrics": best.metrics,
+    }
+
+
+def best_attrs(metrics: dict) -> dict:
+    """What the Optuna trial keeps for the winner rule: the scores at the checkpointed epoch."""
+    return {"best_epoch": metrics["epoch"], "train_acc": metrics["train_acc"], "val_acc": metrics["val_acc"]}
+
+
+class TrackedObjective:
+    """An Optuna objective that runs `task`'s trials, each tracked as one nested MLflow run."""
+
+    def __init__(self, ctx: TrialContext, task: TrialTask) -> None:
+        self.ctx, self.task = ctx, task
+        self.on_start: Callable[[], None] | None = None  # called once the trial exists in the storage
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        if self.on_start is not None:
+            self.on_start()
+        ctx, stage = self.ctx, self.task.stage
+        name = trial_name(stage, trial.number)
+        trial.set_user_attr("stage", stage)
+        config = self.task.suggest(trial)
+        run_id = ctx.tracker.start_trial(
+            ctx.experiment_id, ctx.parent_id, ctx.cfg.study, name, trial.number, self.task.params(config), stage
+        )
+        trial.set_user_attr("mlflow_run_id", run_id)
+        best = BestEpoch()
+
+        def on_epoch(epoch: int, metrics: dict, model: nn.Module) -> None:
+            ctx.tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            best.update(metrics, model)
+            trial.report(metrics["val_acc"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch} (val_acc {metrics['val_acc']:.3f})")
+
+        try:
+            self.task.train(config, on_epoch)
+        except optuna.TrialPruned as exc:
+            self._close(trial, run_id, config, best, "PRUNED", {"sweep.stop_reason": str(exc) or "pruned"})
+            raise
+        except TrainingDiverged as exc:
+            reason = f"diverged: {exc}"
+            self._close(trial, run_id, config, best, "PRUNED", {"sweep.stop_reason": reason})
+            raise optuna.TrialPruned(reason) from exc
+        except KeyboardInterrupt:
+            trial.set_user_attr("error", "interrupted")
+            self._close(trial, run_id, config, None, "FAIL", {"sweep.error": "interrupted (Ctrl-C)"})
+            raise
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr("error", message)
+            self._close(trial, run_id, config, None, "FAIL", {"sweep.error": message[:5000]})
+            raise
+        self._close(trial, run_id, config, best, "COMPLETE", {})
+        return best.metrics["val_acc"]
+
+    def _close(
+        self, trial: optuna.Trial, run_id: str, config: Any, best: BestEpoch | None, state: str, tags: dict
+    ) -> None:
+        """The one way a trial's run ends: with at least one epoch, its scores at the best epoch go to
+        the Optuna trial (what the winner rule reads) and the run gets the summary, the checkpoint and
+        the curves; then the run is closed with the status that matches `state`."""
+        tracker = self.ctx.tracker
+        if best is not None and best.metrics is not None:
+            for key, value in best_attrs(best.metrics).items():
+                trial.set_user_attr(key, value)
+            payload = {
+                **self.task.checkpoint(config, best),
+                "study": self.ctx.cfg.study,
+                "trial": trial_name(self.task.stage, trial.number),
+                "mlflow_run_id": run_id,
+            }
+            _log_best(tracker, run_id, best, payload)
+        tracker.end_trial(run_id, state, tags)
+
+
+def _log_best(tracker: Tracker, run_id: str, best: BestEpoch, payload: dict) -> None:
+    """Summary metrics at the checkpointed epoch, the checkpoint and the learning curves."""
+    m = best.metrics
+    summary = {
+        "best_epoch": m["epoch"],
+        "best_train_acc": m["train_acc"],
+        "best_val_acc": m["val_acc"],
+        "gap": m["train_acc"] - m["val_acc"],
+    }
+    tracker.log_metrics(run_id, summary)
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker.log_file(run_id, save_checkpoint(payload, Path(tmp) / "head.pt"), "checkpoint")
+        curves = learning_curves(best.history, m["epoch"], Path(tmp) / "curves.png")
+        tracker.log_file(run_id, curves, "plots")

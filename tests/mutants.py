@@ -1,0 +1,210 @@
+"""`make mutants`: plant known bugs one at a time and check that the test suite catches each one.
+
+Each mutant replaces one piece of code (which must occur exactly once) in a fresh copy of the
+working tree, then runs only the tests that should catch it, in that copy. A mutant is killed when
+one of them fails; it survives when they all pass. The unmutated copy runs the same tests first, so
+a survivor can never be a test that was failing anyway. Not part of `make test`: it runs the chosen
+tests once per mutant, several minutes on two cores.
+
+    python tests/mutants.py            # all mutants
+    python tests/mutants.py -k pruner  # those whose name contains "pruner"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+OBJECTIVE_VALUES = "tests/test_objective.py"
+MUTANTS = (
+    Mutant(
+        "MLflow val_acc series logged from train_acc",
+        "sweep/trial.py",
+        '{k: v for k, v in metrics.items() if k != "epoch"}',
+        '{**{k: v for k, v in metrics.items() if k != "epoch"}, "val_acc": metrics["train_acc"]}',
+        (f"{OBJECTIVE_VALUES}::test_each_epoch_logs_the_accuracies_of_that_epochs_model",),
+    ),
+    Mutant(
+        "the last epoch kept instead of the best",
+        "sweep/trial.py",
+        'if self.metrics is None or metrics["val_acc"] > self.metrics["val_acc"]:',
+        "if True:",
+        (f"{OBJECTIVE_VALUES}::test_the_best_epoch_is_the_argmax_and_its_checkpoint_reproduces_the_record",),
+    ),
+    Mutant(
+        "the trial's val_acc attribute (what the rule reads) set to train_acc",
+        "sweep/trial.py",
+        '"val_acc": metrics["val_acc"]}',
+        '"val_acc": metrics["train_acc"]}',
+        (f"{OBJECTIVE_VALUES}::test_the_best_epoch_is_the_argmax_and_its_checkpoint_reproduces_the_record",),
+    ),
+    Mutant(
+        "the checkpoint saved from the last epoch, its metrics from the best",
+        "sweep/trial.py",
+        "            self.metrics = dict(metrics)\n            self.state_dict =",
+        "            self.metrics = dict(metrics)\n        if True:\n            self.state_dict =",
+        (f"{OBJECTIVE_VALUES}::test_the_checkpoint_holds_the_best_epochs_weights",),
+    ),
+    Mutant(
+        "the objective returns train_acc to Optuna",
+        "sweep/trial.py",
+        'return best.metrics["val_acc"]',
+        'return best.metrics["train_acc"]',
+        (f"{OBJECTIVE_VALUES}::test_the_best_epoch_is_the_argmax_and_its_checkpoint_reproduces_the_record",),
+    ),
+    Mutant(
+        "cached features multiplied by 0.5",
+        "clothing/features.py",
+        'return torch.from_numpy(np.ascontiguousarray(np.load(path, mmap_mode="r")[keep]))',
+        'return torch.from_numpy(np.ascontiguousarray(np.load(path, mmap_mode="r")[keep])) * 0.5',
+        ("tests/test_features.py::test_cached_features_are_the_models_own_pooled_features",),
+    ),
+    Mutant(
+        "best computes test_acc on validation/",
+        "sweep/cli.py",
+        "            test_dir, build_transforms(IMAGE_SIZE)",
+        '            Path(data_dir) / "validation", build_transforms(IMAGE_SIZE)',
+        ("tests/test_export.py::test_test_acc_is_the_exported_models_accuracy_on_the_test_split",),
+    ),
+    Mutant(
+        "best --tta without the mirror",
+        "sweep/export.py",
+        'build_transforms(head["image_size"], mirror=mirror)',
+        'build_transforms(head["image_size"], mirror=False)',
+        ("tests/test_export.py::test_tta_averages_each_image_with_its_mirror",),
+    ),
+    Mutant(
+        "the median pruner replaced by no pruning",
+        "sweep/study.py",
+        'if pruner == "median"',
+        "if False",
+        (f"{OBJECTIVE_VALUES}::test_the_median_pruner_stops_trials_early",),
+    ),
+    Mutant(
+        "precision dropped from the feature-cache key",
+        "clothing/features.py",
+        "precision={precision};",
+        "",
+        ("tests/test_features.py::test_every_field_of_the_cache_key_matters",),
+    ),
+    Mutant(
+        "the backbone file loaded with weights_only=False",
+        "clothing/model.py",
+        'torch.load(path, map_location="cpu", weights_only=True)',
+        'torch.load(path, map_location="cpu", weights_only=False)',
+        ("tests/test_bad_input.py::test_a_backbone_weights_file_that_runs_code_is_refused_without_running_it",),
+    ),
+    Mutant(
+        "the winner rule ranks by -gap",
+        "sweep/select.py",
+        "key=lambda r: (r.gap, -r.val_acc,",
+        "key=lambda r: (-r.gap, -r.val_acc,",
+        ("tests/test_select.py::test_the_winner_is_the_rule_applied_to_what_mlflow_recorded",),
+    ),
+    Mutant(
+        "the winner rule ranks by val_acc alone",
+        "sweep/select.py",
+        "key=lambda r: (r.gap, -r.val_acc,",
+        "key=lambda r: (-r.val_acc, -r.val_acc,",
+        ("tests/test_select.py::test_the_winner_is_the_rule_applied_to_what_mlflow_recorded",),
+    ),
+    Mutant(
+        "train_acc is the running train-mode accuracy (a dishonest gap)",
+        "clothing/train.py",
+        "if train_eval_loader is not None:",
+        "if False:",
+        ("tests/test_train.py::test_train_acc_is_the_eval_mode_accuracy_on_the_plain_training_data",),
+    ),
+    Mutant(
+        "the sampler seeded per process, not per trial",
+        "sweep/study.py",
+        "TPESampler(seed=trial_seed(self.seed, trial.number))",
+        "TPESampler(seed=self.seed)",
+        (
+            "tests/test_reliability.py::"
+            "test_a_sweep_killed_mid_trial_resumes_to_its_target_without_repeating_a_configuration",
+        ),
+    ),
+)
+
+
+def copy_tree(destination: Path) -> None:
+    """The working tree as git sees it (tracked and untracked-not-ignored files), no venv, no stores."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, (n.decode() for n in listed)):
+        source = ROOT / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def run_tests(tree: Path, tests: tuple[str, ...]) -> tuple[int, str]:
+    env = {**os.environ, "PYTHONPATH": str(tree), "SWEEP_HEARTBEAT_SECONDS": "1"}
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    result = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
+    return result.returncode, (result.stdout + result.stderr).strip().splitlines()[-1:]
+
+
+def mutate(tree: Path, mutant: Mutant) -> None:
+    path = tree / mutant.file
+    text = path.read_text()
+    count = text.count(mutant.old)
+    if count != 1:
+        raise SystemExit(f"mutant {mutant.name!r}: expected the code once in {mutant.file}, found it {count} times")
+    path.write_text(text.replace(mutant.old, mutant.new))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-k", default="", help="only mutants whose name contains this")
+    chosen = [m for m in MUTANTS if parser.parse_args().k in m.name]
+    with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
+        baseline = Path(tmp) / "baseline"
+        copy_tree(baseline)
+        code, tail = run_tests(baseline, tuple(sorted({t for m in chosen for t in m.tests})))
+        if code != 0:
+            print(f"the unmutated tests fail, so no mutant can be judged: {tail}")
+            return 2
+        survivors = []
+        for index, mutant in enumerate(chosen):
+            tree = Path(tmp) / f"mutant{index}"
+            copy_tree(tree)
+            mutate(tree, mutant)
+            started = time.perf_counter()
+            code, tail = run_tests(tree, mutant.tests)
+            verdict = "killed" if code == 1 else "SURVIVED" if code == 0 else f"error (pytest exit {code})"
+            print(f"{verdict:9} {mutant.name}  [{time.perf_counter() - started:.0f} s]  by {', '.join(mutant.tests)}")
+            if code != 1:
+                survivors.append(mutant.name)
+            shutil.rmtree(tree)
+    print(f"\n{len(chosen) - len(survivors)} of {len(chosen)} mutants killed")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
