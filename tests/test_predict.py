@@ -1,9 +1,10 @@
 import numpy as np
 import torch
+from images import calibrated_backbone
 from PIL import Image
 
 from clothing.data import build_transforms
-from clothing.model import ClothingClassifierMobileNet, load_backbone
+from clothing.model import ClothingClassifierMobileNet
 from clothing.predict import mirror_averaged_logits, top_k
 
 CLASSES = ["a", "b", "c"]
@@ -11,7 +12,7 @@ CLASSES = ["a", "b", "c"]
 
 def model():
     torch.manual_seed(0)
-    return ClothingClassifierMobileNet(num_classes=3, size_inner=8, backbone=load_backbone(None)).eval()
+    return ClothingClassifierMobileNet(num_classes=3, size_inner=8, backbone=calibrated_backbone()).eval()
 
 
 def test_tta_leaves_a_mirror_symmetric_image_unchanged(tmp_path):
@@ -29,3 +30,13 @@ def test_tta_averages_the_logits_of_the_image_and_its_mirror():
     with torch.no_grad():
         expected = (net(images) + net(torch.flip(images, dims=[3]))) / 2
         torch.testing.assert_close(mirror_averaged_logits(net, images), expected)
+
+
+def test_tta_changes_the_probabilities_of_an_asymmetric_image(tmp_path):
+    pixels = np.zeros((64, 64, 3), dtype=np.uint8)
+    pixels[:, :32] = (230, 60, 60)  # bright left half: its mirror is another image
+    Image.fromarray(pixels).save(tmp_path / "left.png")
+    net, transform = model(), build_transforms()
+    plain = dict(top_k(net, [tmp_path / "left.png"], transform, CLASSES, k=3)[0])
+    with_tta = dict(top_k(net, [tmp_path / "left.png"], transform, CLASSES, k=3, tta=True)[0])
+    assert max(abs(plain[c] - with_tta[c]) for c in CLASSES) > 1e-4
