@@ -64,6 +64,7 @@ class FeatureSet:
     cache_hit: bool
     keep: np.ndarray  # rows of the cache files that hold readable images
     activation_file: Path | None = None  # with a cut: (rows, V, C, H, W) activations entering features[cut]
+    precision: str = "exact"  # the precision they were extracted in ("auto" resolved)
 
     @property
     def plain(self) -> torch.Tensor:
@@ -311,7 +312,8 @@ def cached_features(
         raise BadImagesError(bad_paths)
     keep = np.setdiff1d(np.arange(len(dataset)), np.asarray(bad, dtype=np.int64))
     labels = torch.as_tensor(dataset.labels, dtype=torch.long)[torch.from_numpy(keep)]
-    return FeatureSet(_read_rows(cache_file, keep), labels, bad_paths, cache_file, hit, keep, activation_file)
+    features = _read_rows(cache_file, keep)
+    return FeatureSet(features, labels, bad_paths, cache_file, hit, keep, activation_file, precision)
 
 
 class FeatureBatches:

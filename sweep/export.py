@@ -101,10 +101,12 @@ def register_winner(tracker: Tracker, head: dict, backbone: torch.nn.Module, nam
 
 
 def split_logits(
-    head: dict, backbone: torch.nn.Module, split: ClothingDataset, cache_dir: Path, device, precision: str = "auto"
+    head: dict, backbone: torch.nn.Module, split: ClothingDataset, cache_dir: Path, device, precision: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of the checkpoint over a split, from cached features, or for a fine-tuned
-    checkpoint from the activations cached at its cut: the frozen trunk runs at most once per split."""
+    checkpoint from the activations cached at its cut: the frozen trunk runs at most once per split.
+    The features are extracted in the precision the trial trained on, unless `precision` says otherwise."""
+    precision = precision or head.get("feature_precision", "auto")
     if head.get("finetune_blocks", 0):
         model = build_model(head, backbone)
         module, cut = model.tail(), model.cut

@@ -90,6 +90,7 @@ def head_checkpoint(data: SweepData, cfg: TrainConfig, best: BestEpoch, head_sta
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "backbone_fingerprint": data.backbone_id,
+        "feature_precision": data.train.precision,  # `best` scores with the features the trial saw
         "config": asdict(cfg),
         "metrics": best.metrics,
     }

@@ -29,8 +29,8 @@ def features(swept):
     train_set = ClothingDataset(swept.data_dir / "train", build_transforms())
     val_set = ClothingDataset(swept.data_dir / "validation", build_transforms(), train_set.class_to_idx)
     cache = swept.stores["--cache-dir"]
-    train = cached_features(train_set, backbone, cache, progress=False)
-    val = cached_features(val_set, backbone, cache, progress=False)
+    train = cached_features(train_set, backbone, cache, precision="fp32", progress=False)
+    val = cached_features(val_set, backbone, cache, precision="fp32", progress=False)
     assert train.cache_hit and val.cache_hit
     return train.plain, train.labels, val.plain, val.labels
 
