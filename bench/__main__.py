@@ -23,9 +23,10 @@ from torch import nn
 
 from bench.notebook import notebook_epoch, notebook_features
 from clothing.data import ClothingDataset, build_transforms
-from clothing.features import FeatureBatches, cached_features, resolve_precision
+from clothing.extract import resolve_precision
+from clothing.features import cached_features
 from clothing.model import build_head, load_backbone
-from clothing.train import set_seed, train_and_evaluate
+from clothing.train import FeatureBatches, set_seed, train_and_evaluate
 from sweep.config import SweepConfig
 from sweep.pipeline import run_sweep
 

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from clothing.data import ClothingDataset
-from clothing.model import ClothingClassifierMobileNet, feature_extractor, trainable_parameters
+from clothing.model import ClothingClassifierMobileNet, GlobalPool, trainable_parameters
 from clothing.train import train_and_evaluate
 
 BATCH_SIZE = 32
@@ -16,7 +16,7 @@ BATCH_SIZE = 32
 
 def notebook_features(dataset: ClothingDataset, backbone: nn.Module) -> torch.Tensor:
     """One pass of the frozen backbone over the images, as the notebook's evaluation does it."""
-    extractor = feature_extractor(backbone)
+    extractor = nn.Sequential(backbone.features, GlobalPool()).eval()
     rows = []
     with torch.no_grad():
         for images, _ in DataLoader(dataset, batch_size=BATCH_SIZE):

@@ -66,9 +66,15 @@ def find_unreadable_images(paths: Sequence[str | Path]) -> list[str]:
     return bad
 
 
-def build_transforms(image_size: int = IMAGE_SIZE, train: bool = False, mirror: bool = False) -> Callable:
-    """The notebook's preprocessing; `train=True` adds the course's light augmentation, `mirror=True`
-    flips every image (the second view of test-time augmentation)."""
+def build_transforms(
+    image_size: int = IMAGE_SIZE,
+    train: bool = False,
+    mirror: bool = False,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Callable:
+    """The one transform factory: the notebook's preprocessing; `train=True` adds the course's light
+    augmentation, `mirror=True` flips every image (the second view of test-time augmentation)."""
     if train:
         steps = [
             transforms.RandomRotation(10),
@@ -79,7 +85,16 @@ def build_transforms(image_size: int = IMAGE_SIZE, train: bool = False, mirror: 
         steps = [transforms.Resize((image_size, image_size))]
     if mirror:
         steps.append(transforms.RandomHorizontalFlip(p=1.0))
-    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def view_transforms(base: Callable, image_size: int, views: int) -> list[Callable]:
+    """The transforms of cached views 0..V-1: `base` (the split's own), its mirror, then the course's
+    augmentation."""
+    if views < 1:
+        raise ValueError(f"views must be at least 1, got {views}")
+    extra = [build_transforms(image_size, mirror=True)] + [build_transforms(image_size, train=True)] * (views - 2)
+    return [base, *extra[: views - 1]]
 
 
 class ClothingDataset(torch.utils.data.Dataset):

@@ -13,11 +13,16 @@ it on cached activations at the cut is exactly training the full model on images
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision import models
+
+from clothing.data import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, build_transforms
 
 FEATURE_DIM = 1280  # MobileNetV2's pooled feature size
 # MobileNetV2's `features`: [0] stem conv, [1..17] inverted-residual blocks, [18] the 1x1 conv to 1280.
@@ -80,6 +85,59 @@ def build_head(num_classes: int, size_inner: int, dropout: float = 0.0) -> nn.Se
     )
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that shapes the model and its input, and nothing else: checkpoints carry it as a
+    plain dict, and `build_model` is the one way back from it to a module."""
+
+    classes: tuple[str, ...]
+    size_inner: int
+    dropout: float = 0.0
+    finetune_blocks: int = 0  # the last K inverted-residual blocks were trained too (stage 2)
+    image_size: int = IMAGE_SIZE
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def transform(self) -> Callable:
+        """The evaluation preprocessing the model expects, from the one transform factory."""
+        return build_transforms(self.image_size, mean=self.mean, std=self.std)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelSpec:
+        """The spec a checkpoint carries; tuples come back as tuples whatever container they were saved in."""
+        names = set(cls.__dataclass_fields__)
+        if not isinstance(values, dict) or set(values) - names or "classes" not in values:
+            raise ValueError(f"not a model spec: expected keys among {sorted(names)}")
+        converted = {k: tuple(v) if k in ("classes", "mean", "std") else v for k, v in values.items()}
+        return cls(**converted)
+
+
+def build_model(spec: ModelSpec, backbone: models.MobileNetV2 | None = None) -> ClothingClassifierMobileNet:
+    """The classifier `spec` describes, on `backbone` (default: an untrained MobileNetV2, whose weights
+    a checkpoint's state dict then replaces; nothing is downloaded)."""
+    return ClothingClassifierMobileNet(
+        spec.num_classes,
+        spec.size_inner,
+        spec.dropout,
+        backbone if backbone is not None else load_backbone(None),
+        finetune_blocks=spec.finetune_blocks,
+    )
+
+
+class GlobalPool(nn.Module):
+    """Trunk activations (N, C, H, W) -> pooled features (N, C): global average pooling."""
+
+    def forward(self, activations: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(activations, 1), 1)
+
+
 def finetune_cut(blocks: int) -> int:
     """Index in `features` where the trainable tail starts when the last `blocks` blocks train."""
     if not 0 <= blocks <= MAX_FINETUNE_BLOCKS:
@@ -105,7 +163,7 @@ class ClothingClassifierMobileNet(nn.Module):
         for index, layer in enumerate(self.features):
             for param in layer.parameters():
                 param.requires_grad = index >= self.cut
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.pool = GlobalPool()
         self.head = build_head(num_classes, size_inner, dropout)
         self.train(False)
 
@@ -119,16 +177,12 @@ class ClothingClassifierMobileNet(nn.Module):
 
     def tail(self) -> nn.Sequential:
         """The trainable part from the cut on (shares its modules with this model): activations at
-        the cut -> logits. Without fine-tuning it is pool + head."""
-        return nn.Sequential(self.features[self.cut :], self.pool, self.head)
+        the cut -> logits, with named parts: `blocks` (the trunk's trained blocks, empty without
+        fine-tuning), `pool` and `head`. Its state dict is what a trial's checkpoint holds."""
+        return nn.Sequential(OrderedDict(blocks=self.features[self.cut :], pool=self.pool, head=self.head))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.pool(self.features(images)))
-
-
-def feature_extractor(backbone: models.MobileNetV2) -> nn.Sequential:
-    """Images -> pooled 1280-d features, the part of the model that is computed once and cached."""
-    return nn.Sequential(backbone.features, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -140,3 +194,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, for "N trainable parameters out of M"."""
     total = sum(p.numel() for p in model.parameters())
     return sum(p.numel() for p in trainable_parameters(model)), total
+
+
+def head_only(head: nn.Module) -> nn.Sequential:
+    """A head named as it is inside `ClothingClassifierMobileNet.tail()`, so that what stage 1 trains
+    has the same state-dict keys as the tail of a model without fine-tuning."""
+    return nn.Sequential(OrderedDict(head=head))

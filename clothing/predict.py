@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision import models, transforms
+from torchvision import models
 
 from clothing.data import build_imagenet_transforms, load_image
 
@@ -49,11 +49,3 @@ def mirror_averaged_logits(model: nn.Module, images: torch.Tensor) -> torch.Tens
 def classify_imagenet(model: nn.Module, paths: Sequence[str | Path], k: int = 5) -> list[Prediction]:
     """The notebook's first step: a pretrained MobileNetV2's top-k ImageNet classes."""
     return top_k(model, paths, build_imagenet_transforms(), imagenet_categories(), k)
-
-
-def model_transform(payload: dict) -> Callable:
-    """The evaluation preprocessing an exported model was trained with, from its own metadata."""
-    size = payload["image_size"]
-    return transforms.Compose(
-        [transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(payload["mean"], payload["std"])]
-    )

@@ -1,6 +1,7 @@
 """The one training loop, `train_and_evaluate`, shared by the head-on-features path and the
-full-model-on-images path. It returns a history and never prints or logs: side effects (tracking,
-checkpoints, pruning) belong to the `on_epoch` callback."""
+full-model-on-images path, and `FeatureBatches`, the loader of the features path. The loop returns a
+history and never prints or logs: side effects (tracking, checkpoints, pruning) belong to the
+`on_epoch` callback."""
 
 from __future__ import annotations
 
@@ -104,3 +105,43 @@ def train_and_evaluate(
         if on_epoch is not None:
             on_epoch(epoch, metrics, model)
     return history
+
+
+class FeatureBatches:
+    """Mini-batches of in-memory (features, labels), reshuffled every epoch.
+
+    Same order as a DataLoader with `shuffle=True, generator=generator` (both draw one randperm per
+    epoch), but it slices whole tensors instead of collating samples one by one, which matters when
+    a batch of the head costs less than the collation. With `views=True` the features are
+    (N, V, ...) and every epoch draws one view per sample (after the shuffle, from the same generator).
+    """
+
+    def __init__(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        views: bool = False,
+    ) -> None:
+        if views and features.shape[1] == 1:  # one view: nothing to draw, same batches as plain rows
+            features, views = features[:, 0], False
+        self.features, self.labels = features, labels
+        self.batch_size, self.shuffle, self.generator, self.views = batch_size, shuffle, generator, views
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        if self.views:
+            view = torch.randint(self.features.shape[1], (n,), generator=self.generator)
+        for start in range(0, n, self.batch_size):
+            if not self.shuffle and not self.views:  # plain slices: no copy
+                yield self.features[start : start + self.batch_size], self.labels[start : start + self.batch_size]
+                continue
+            idx = order[start : start + self.batch_size]
+            rows = self.features[idx, view[idx]] if self.views else self.features[idx]
+            yield rows, self.labels[idx]

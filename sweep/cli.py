@@ -8,27 +8,19 @@ from pathlib import Path
 
 import click
 
-from clothing.checkpoint import CheckpointError, load_model
-from clothing.data import IMAGE_SIZE, ClothingDataset, DatasetError, build_transforms
-from clothing.features import PRECISIONS
-from clothing.model import MAX_FINETUNE_BLOCKS, TORCHVISION_WEIGHTS, BackboneError, load_backbone
-from clothing.predict import model_transform
+from clothing.checkpoint import CheckpointError, load_model, spec_of
+from clothing.data import DatasetError
+from clothing.extract import PRECISIONS
+from clothing.model import MAX_FINETUNE_BLOCKS, TORCHVISION_WEIGHTS, BackboneError
 from clothing.predict import top_k as predict_top_k
 from sweep.config import SweepConfig, default_cache_dir, default_storage, default_tracking_uri
-from sweep.export import (
-    check_backbone,
-    export_model,
-    fetch_head,
-    mirror_val_acc,
-    register_winner,
-    split_logits,
-)
-from sweep.pipeline import publish_study, quiet_libraries, run_sweep
-from sweep.select import DEFAULT_TOLERANCE, eligible, rule_text, select_winner
+from sweep.pipeline import quiet_libraries, run_sweep
+from sweep.select import DEFAULT_TOLERANCE, select_winner
 from sweep.space import FINETUNE_LR_RANGE, MAX_EPOCHS, OPTIONAL_DIMENSIONS
-from sweep.study import SweepError, format_params, load_studies, resolve_device, trial_records
+from sweep.study import SweepError, load_studies, trial_records
 from sweep.table import format_table, record_rows, rows_to_csv
-from sweep.tracking import Tracker, TrackingError, ui_command
+from sweep.tracking import TrackingError, ui_command
+from sweep.winner import BestOptions, run_best
 
 USER_ERRORS = (DatasetError, BackboneError, CheckpointError, TrackingError, SweepError)
 
@@ -245,82 +237,9 @@ def run(jobs: int, quiet: bool, **options) -> None:
     help="Also register the winner in the MLflow model registry under this name.",
 )
 @user_errors
-def best(
-    study,
-    storage,
-    tracking_uri,
-    data_dir,
-    backbone_weights,
-    cache_dir,
-    device,
-    tolerance,
-    export_path,
-    tta,
-    register_name,
-) -> None:
+def best(**options) -> None:
     """Show the leading trials and the winner; optionally export or register it, and score it on test/."""
-    if export_path is not None and not export_path.parent.is_dir():
-        raise CheckpointError(f"folder {export_path.parent} for --export does not exist; create it first")
-    records = trial_records(*load_studies(study, storage))
-    winner = select_winner(records, tolerance)
-    if winner is None:
-        raise SweepError(f"study {study!r} has no COMPLETE trial yet; run `python -m sweep run --study {study}`")
-    leading = sorted([r for r in records if r.state == "COMPLETE"], key=lambda r: -r.val_acc)[:10]
-    click.echo(format_table(record_rows(leading, winner)))
-    click.echo(f"\nRule: {rule_text(tolerance)} ({len(eligible(records, tolerance))} trial(s) in the band)")
-    click.echo(
-        f"Winner: {winner.name}  {format_params(winner.params)}"
-        f"  val_acc {winner.val_acc:.3f}  gap {winner.gap:+.3f}  (epoch {winner.best_epoch})"
-        + (f"  [stage 2 of trial-{winner.source_trial:03d}]" if winner.source_trial is not None else "")
-    )
-
-    tracker = Tracker(tracking_uri)
-    tracker.check_reachable()
-    parent_id = tracker.find_parent(tracker.experiment_id(study, create=False) or "")
-    tracker.set_tags(winner.run_id, {"sweep.winner": "true"})
-    if parent_id:
-        tracker.set_tags(
-            parent_id,
-            {
-                "sweep.winner_trial": winner.name,
-                "sweep.winner_run_id": winner.run_id,
-                "sweep.rule": rule_text(tolerance),
-                "sweep.tolerance": tolerance,
-            },
-        )
-        publish_study(tracker, parent_id, study, storage, tolerance)
-
-    test_dir = Path(data_dir) / "test"
-    if export_path is None and register_name is None and not tta and not test_dir.is_dir():
-        return
-    backbone = load_backbone(backbone_weights)
-    head = fetch_head(tracker, winner)
-    check_backbone(head, backbone)  # test scores, TTA and exports all need the weights it trained on
-    metrics = {
-        "val_acc": winner.val_acc,
-        "train_acc": winner.train_acc,
-        "gap": winner.gap,
-        "best_epoch": winner.best_epoch,
-    }
-    if tta:
-        metrics["val_acc_tta"] = mirror_val_acc(head, backbone, Path(data_dir), cache_dir, resolve_device(device))
-        tracker.log_metrics(winner.run_id, {"val_acc_tta": metrics["val_acc_tta"]})
-        click.echo(f"val_acc {winner.val_acc:.3f} without TTA, {metrics['val_acc_tta']:.3f} with TTA (image + mirror)")
-    if test_dir.is_dir():
-        test_set = ClothingDataset(
-            test_dir, build_transforms(IMAGE_SIZE), {c: i for i, c in enumerate(head["classes"])}
-        )
-        logits, labels = split_logits(head, backbone, test_set, cache_dir, resolve_device(device))
-        metrics["test_acc"] = (logits.argmax(dim=1) == labels).float().mean().item()
-        tracker.log_metrics(winner.run_id, {"test_acc": metrics["test_acc"]})
-        click.echo(f"test_acc {metrics['test_acc']:.3f} on {len(labels)} images of {test_dir}")
-    if export_path is not None:
-        export_model(head, backbone, export_path, metrics)
-        click.echo(f"Exported {winner.name} to {export_path}")
-    if register_name is not None:
-        version = register_winner(tracker, head, backbone, register_name)
-        click.echo(f"Registered {winner.name} as models:/{register_name}/{version}")
-    click.echo(f"Browse the runs: {ui_command(tracking_uri)}")
+    run_best(BestOptions(**options), click.echo)
 
 
 SORT_KEYS = {
@@ -372,7 +291,8 @@ def trials(study, storage, tracking_uri, sort_by, fmt, tolerance) -> None:
 def predict(model_file: Path, images: tuple[str, ...], top_k: int, tta: bool) -> None:
     """Top-k classes of each IMAGE with an exported MODEL (no network, nothing else needed)."""
     model, payload = load_model(model_file)
-    predictions = predict_top_k(model, images, model_transform(payload), payload["classes"], top_k, tta=tta)
+    spec = spec_of(payload)
+    predictions = predict_top_k(model, images, spec.transform(), spec.classes, top_k, tta=tta)
     for path, preds in zip(images, predictions):
         click.echo(path)
         for name, prob in preds:

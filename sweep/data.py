@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from clothing.data import IMAGE_SIZE, ClothingDataset, build_transforms
+from clothing.extract import ExtractionOptions
 from clothing.features import FeatureSet, cached_features
 from clothing.model import finetune_cut, load_backbone, weights_fingerprint
 from sweep.config import SweepConfig
@@ -37,9 +38,9 @@ def prepare_data(
     backbone = load_backbone(cfg.backbone_weights)
     # With fine-tuning on, the same pass also caches the activations entering the blocks that train.
     cut = finetune_cut(cfg.finetune_blocks) if cfg.finetune_blocks else None
-    options = dict(
-        device=device, precision=cfg.precision, cut=cut, skip_bad_images=cfg.skip_bad_images, progress=progress
+    options = ExtractionOptions(
+        device=str(device), precision=cfg.precision, cut=cut, skip_bad_images=cfg.skip_bad_images, progress=progress
     )
-    train = cached_features(train_set, backbone, cfg.cache_dir, views=cfg.views, **options)
-    val = cached_features(val_set, backbone, cfg.cache_dir, **options)
+    train = cached_features(train_set, backbone, cfg.cache_dir, options, views=cfg.views)
+    val = cached_features(val_set, backbone, cfg.cache_dir, options)
     return SweepData(train_set.classes, train, val, weights_fingerprint(backbone))

@@ -1,5 +1,5 @@
-"""The winner's head checkpoint (an MLflow artifact) + the backbone -> a self-contained model.pt, a
-registered MLflow model, or a test-time-augmented validation score."""
+"""A trial's checkpoint (an MLflow artifact) + the backbone -> the full model: a self-contained
+model.pt, a registered MLflow model, or logits over a split (scores, TTA)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 
 import clothing
-from clothing.checkpoint import FORMAT_VERSION, HEAD, MODEL, CheckpointError, load_checkpoint, save_checkpoint
+from clothing.checkpoint import HEAD, MODEL, CheckpointError, checkpoint, load_checkpoint, save_checkpoint, spec_of
 from clothing.data import ClothingDataset, build_transforms
+from clothing.extract import ExtractionOptions
 from clothing.features import cached_features
-from clothing.model import ClothingClassifierMobileNet, build_head, weights_fingerprint
+from clothing.model import ClothingClassifierMobileNet, build_model, weights_fingerprint
 from sweep.select import TrialRecord
 from sweep.tracking import Tracker
 
@@ -28,76 +29,54 @@ def fetch_head(tracker: Tracker, record: TrialRecord) -> dict:
         return load_checkpoint(tracker.download(record.run_id, CHECKPOINT_ARTIFACT, tmp), kind=HEAD)
 
 
-def head_module(head: dict) -> torch.nn.Module:
-    module = build_head(head["num_classes"], head["size_inner"], head.get("dropout", 0.0))
-    module.load_state_dict(head["state_dict"])
-    return module.eval()
-
-
 def check_backbone(head: dict, backbone: torch.nn.Module) -> None:
-    if weights_fingerprint(backbone) != head["backbone_fingerprint"]:
+    if weights_fingerprint(backbone) != head["provenance"]["backbone_fingerprint"]:
         raise CheckpointError(
             "the winner was trained on other backbone weights than the ones given; pass the same "
             "--backbone-weights (or CLOTHING_BACKBONE_WEIGHTS) as for `sweep run`"
         )
 
 
-def build_model(head: dict, backbone: torch.nn.Module) -> ClothingClassifierMobileNet:
-    """The full model: the given backbone's trunk with the trained head, and for a stage-2 checkpoint
-    its fine-tuned last blocks (on a copy: the caller's backbone keeps serving the feature cache)."""
+def model_from_checkpoint(head: dict, backbone: torch.nn.Module) -> ClothingClassifierMobileNet:
+    """The full model: the given backbone's trunk with what the trial trained loaded into its tail
+    (the head, and after fine-tuning the last blocks, on a copy: the caller's backbone keeps serving
+    the feature cache)."""
     check_backbone(head, backbone)
-    blocks = head.get("finetune_blocks", 0)
-    model = ClothingClassifierMobileNet(
-        head["num_classes"],
-        head["size_inner"],
-        head.get("dropout", 0.0),
-        copy.deepcopy(backbone) if blocks else backbone,
-        finetune_blocks=blocks,
-    )
-    model.head.load_state_dict(head["state_dict"])
-    if blocks:
-        model.features[model.cut :].load_state_dict(head["trunk_state_dict"])
+    spec = spec_of(head)
+    model = build_model(spec, copy.deepcopy(backbone) if spec.finetune_blocks else backbone)
+    model.tail().load_state_dict(head["state_dict"])
     return model.eval()
 
 
 def export_model(head: dict, backbone: torch.nn.Module, path: str | Path, metrics: dict) -> Path:
-    """Write the winner as a full model in the export format (see DESIGN.md), atomically."""
-    model = build_model(head, backbone)
-    payload = {
-        "format_version": FORMAT_VERSION,
-        "kind": MODEL,
-        "state_dict": model.state_dict(),
-        "size_inner": head["size_inner"],
-        "dropout": head.get("dropout", 0.0),
-        "finetune_blocks": head.get("finetune_blocks", 0),
-        "num_classes": head["num_classes"],
-        "classes": head["classes"],
-        "image_size": head["image_size"],
-        "mean": head["mean"],
-        "std": head["std"],
-        "metrics": metrics,
-        "study": head["study"],
-        "trial": head["trial"],
-        "mlflow_run_id": head["mlflow_run_id"],
-    }
+    """Write the winner as a full model in the export format (see clothing.checkpoint), atomically."""
+    model = model_from_checkpoint(head, backbone)
+    payload = checkpoint(
+        MODEL,
+        spec_of(head),
+        model.state_dict(),
+        train_config=head["train_config"],
+        metrics=metrics,
+        provenance=head["provenance"],
+    )
     return save_checkpoint(payload, path)
 
 
 def register_winner(tracker: Tracker, head: dict, backbone: torch.nn.Module, name: str) -> str:
     """Log the winner's full model on its run as an MLflow PyTorch model and register a version of `name`."""
-    model = build_model(head, backbone)
-    size = head["image_size"]
+    model, spec = model_from_checkpoint(head, backbone), spec_of(head)
+    size = spec.image_size
     example = torch.zeros(1, 3, size, size).numpy()  # one normalised image, NCHW float32
     metadata = {
-        "classes": list(head["classes"]),
+        "classes": list(spec.classes),
         "preprocessing": f"RGB, Resize(({size}, {size})), ToTensor, Normalize(mean, std); input NCHW float32",
         "image_size": size,
-        "mean": list(head["mean"]),
-        "std": list(head["std"]),
+        "mean": list(spec.mean),
+        "std": list(spec.std),
         "output": "logits, one per class in `classes` order",
     }
     code = [str(Path(clothing.__file__).parent)]
-    return tracker.register_model(head["mlflow_run_id"], model, name, example, metadata, code)
+    return tracker.register_model(head["provenance"]["mlflow_run_id"], model, name, example, metadata, code)
 
 
 def split_logits(
@@ -106,17 +85,25 @@ def split_logits(
     """(logits, labels) of the checkpoint over a split, from cached features, or for a fine-tuned
     checkpoint from the activations cached at its cut: the frozen trunk runs at most once per split.
     The features are extracted in the precision the trial trained on, unless `precision` says otherwise."""
-    precision = precision or head.get("feature_precision", "auto")
-    if head.get("finetune_blocks", 0):
-        model = build_model(head, backbone)
-        module, cut = model.tail(), model.cut
-    else:
-        module, cut = head_module(head), None
-    features = cached_features(split, backbone, cache_dir, device=device, precision=precision, cut=cut, progress=False)
-    inputs = features.activations()[:, 0] if cut is not None else features.plain
+    precision = precision or head["provenance"].get("feature_precision", "auto")
+    model = model_from_checkpoint(head, backbone)
+    tuned = spec_of(head).finetune_blocks > 0
+    # The tail takes activations at the cut; without fine-tuning the cache holds pooled features.
+    module, cut = (model.tail(), model.cut) if tuned else (model.head, None)
+    options = ExtractionOptions(device=str(device), precision=precision, cut=cut, progress=False)
+    features = cached_features(split, backbone, cache_dir, options)
+    inputs = features.activations()[:, 0] if tuned else features.plain
     with torch.no_grad():
         logits = torch.cat([module(batch) for batch in inputs.split(256)])
     return logits, features.labels
+
+
+def split_accuracy(head: dict, backbone: torch.nn.Module, folder: Path, cache_dir: Path, device) -> float:
+    """The checkpoint's accuracy on the images of one split folder (e.g. test/)."""
+    spec = spec_of(head)
+    split = ClothingDataset(folder, spec.transform(), {c: i for i, c in enumerate(spec.classes)})
+    logits, labels = split_logits(head, backbone, split, cache_dir, device)
+    return (logits.argmax(dim=1) == labels).float().mean().item()
 
 
 def mirror_val_acc(head: dict, backbone: torch.nn.Module, data_dir: Path, cache_dir: Path, device) -> float:
@@ -124,12 +111,12 @@ def mirror_val_acc(head: dict, backbone: torch.nn.Module, data_dir: Path, cache_
 
     Both views come from the cache, so this costs one extra backbone pass over validation/ the
     first time."""
-    class_to_idx = {name: i for i, name in enumerate(head["classes"])}
+    spec = spec_of(head)
+    class_to_idx = {name: i for i, name in enumerate(spec.classes)}
     logits, labels = 0, None
     for mirror in (False, True):
-        split = ClothingDataset(
-            data_dir / "validation", build_transforms(head["image_size"], mirror=mirror), class_to_idx
-        )
+        transform = build_transforms(spec.image_size, mirror=mirror, mean=spec.mean, std=spec.std)
+        split = ClothingDataset(data_dir / "validation", transform, class_to_idx)
         view_logits, labels = split_logits(head, backbone, split, cache_dir, device)
         logits = logits + view_logits
     return (logits.argmax(dim=1) == labels).float().mean().item()

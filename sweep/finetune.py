@@ -11,22 +11,20 @@ stage-1 sampler never sees it; its params are what it trained with (see space.su
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import optuna
 import torch
 from torch import nn
 
-from clothing.features import FeatureBatches
-from clothing.model import ClothingClassifierMobileNet, load_backbone, trainable_parameters
-from clothing.train import set_seed, train_and_evaluate
+from clothing.checkpoint import spec_of
+from clothing.model import ModelSpec, build_model, head_only, load_backbone, trainable_parameters
+from clothing.train import FeatureBatches, set_seed, train_and_evaluate
 from sweep.config import FinetuneConfig
 from sweep.objective import EVAL_BATCH
 from sweep.select import FINETUNE_STAGE, TrialRecord
 from sweep.space import suggest_finetune
-from sweep.trial import BestEpoch, EpochCallback, TrialContext, head_checkpoint
-
-TRUNK_PREFIX, HEAD_PREFIX = "0.", "2."  # keys of the tail module: Sequential(features[cut:], pool, head)
+from sweep.trial import BestEpoch, EpochCallback, TrialContext, trial_checkpoint
 
 
 class FinetuneTrial:
@@ -47,6 +45,9 @@ class FinetuneTrial:
             )
         return config
 
+    def spec(self, config: FinetuneConfig) -> ModelSpec:
+        return replace(spec_of(self.source_head), finetune_blocks=config.blocks)
+
     def params(self, config: FinetuneConfig) -> dict:
         return {
             **asdict(config.train),
@@ -57,16 +58,10 @@ class FinetuneTrial:
         }
 
     def train(self, config: FinetuneConfig, on_epoch: EpochCallback) -> None:
-        ctx, head, cfg = self.ctx, self.source_head, config.train
+        ctx, source, cfg = self.ctx, self.source_head, config.train
         set_seed(cfg.seed)
-        model = ClothingClassifierMobileNet(
-            head["num_classes"],
-            head["size_inner"],
-            head.get("dropout", 0.0),
-            load_backbone(ctx.cfg.backbone_weights),
-            finetune_blocks=config.blocks,
-        )
-        model.head.load_state_dict(head["state_dict"])
+        model = build_model(self.spec(config), load_backbone(ctx.cfg.backbone_weights))
+        head_only(model.head).load_state_dict(source["state_dict"])  # the source trial's trained head
         tail = model.tail()
         optimizer = torch.optim.AdamW(trainable_parameters(tail), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -84,22 +79,7 @@ class FinetuneTrial:
             tail, optimizer, train_batches, val_batches, criterion, cfg.epochs, ctx.device, on_epoch, train_eval
         )
 
-    def checkpoint(self, config: FinetuneConfig, best: BestEpoch) -> dict:
-        payload = head_checkpoint(self.ctx.data, config.train, best, {})
-        return with_tail_weights(payload, best.state_dict, config.blocks)
-
-
-def with_tail_weights(payload: dict, tail_state: dict, blocks: int) -> dict:
-    """A head checkpoint turned into a stage-2 one: `tail_state` (of `model.tail()`) split into the
-    head's weights and those of the trunk's trained blocks, which export loads into features[cut:]."""
-
-    def part(prefix: str) -> dict:
-        return {k.removeprefix(prefix): v for k, v in tail_state.items() if k.startswith(prefix)}
-
-    return {
-        **payload,
-        "state_dict": part(HEAD_PREFIX),
-        "trunk_state_dict": part(TRUNK_PREFIX),
-        "finetune_blocks": blocks,
-        "stage": FINETUNE_STAGE,
-    }
+    def checkpoint(self, config: FinetuneConfig, best: BestEpoch, **provenance) -> dict:
+        return trial_checkpoint(
+            self.ctx.data, config.train, best, config.blocks, source_trial=config.source_trial, **provenance
+        )

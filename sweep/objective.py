@@ -9,13 +9,12 @@ import torch
 from torch import nn
 
 from clothing.data import IMAGE_SIZE
-from clothing.features import FeatureBatches
-from clothing.model import build_head, trainable_parameters
-from clothing.train import set_seed, train_and_evaluate
+from clothing.model import ModelSpec, build_head, head_only, trainable_parameters
+from clothing.train import FeatureBatches, set_seed, train_and_evaluate
 from sweep.config import TrainConfig
 from sweep.select import HEAD_STAGE
 from sweep.space import suggest
-from sweep.trial import BestEpoch, EpochCallback, TrialContext, head_checkpoint
+from sweep.trial import BestEpoch, EpochCallback, TrialContext, trial_checkpoint
 
 EVAL_BATCH = 1024  # evaluation has no gradients: large batches only save Python overhead
 
@@ -38,6 +37,9 @@ class HeadTrial:
     def suggest(self, trial: optuna.Trial) -> TrainConfig:
         return suggest(trial, self.ctx.cfg)
 
+    def spec(self, config: TrainConfig) -> ModelSpec:
+        return ModelSpec(tuple(self.ctx.data.classes), config.size_inner, config.dropout)
+
     def params(self, config: TrainConfig) -> dict:
         return {
             **asdict(config),
@@ -51,7 +53,8 @@ class HeadTrial:
     def train(self, config: TrainConfig, on_epoch: EpochCallback) -> None:
         set_seed(config.seed)
         device = self.ctx.device
-        head = build_head(len(self.ctx.data.classes), config.size_inner, config.dropout).to(device)
+        # Named as in the full model's tail, so the checkpoint's keys are the same for both stages.
+        head = head_only(build_head(len(self.ctx.data.classes), config.size_inner, config.dropout)).to(device)
         # AdamW with weight_decay=0 is exactly Adam; with decay it is the decoupled form that works.
         # fused=True: one kernel per step instead of several passes over the weights, which halves a
         # size_inner=1000 epoch on a small CPU (bench/ measured 0.67 s against 1.30 s).
@@ -67,5 +70,5 @@ class HeadTrial:
             head, optimizer, train_batches, val_batches, criterion, config.epochs, device, on_epoch, train_eval
         )
 
-    def checkpoint(self, config: TrainConfig, best: BestEpoch) -> dict:
-        return head_checkpoint(self.ctx.data, config, best, best.state_dict)
+    def checkpoint(self, config: TrainConfig, best: BestEpoch, **provenance) -> dict:
+        return trial_checkpoint(self.ctx.data, config, best, **provenance)

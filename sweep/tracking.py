@@ -21,7 +21,8 @@ from mlflow.exceptions import MlflowException
 
 ROLE_TAG = "sweep.role"
 STUDY_TAG = "sweep.study"
-STAGE_TAG = "stage"  # head (stage 1, a sweep trial) or finetune (stage 2)
+STAGE_TAG = "stage"
+WINNER_TAG = "sweep.winner"  # head (stage 1, a sweep trial) or finetune (stage 2)
 PARENT_ROLE, TRIAL_ROLE = "study", "trial"
 # Optuna's final state -> the MLflow run status that says the same thing.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
@@ -132,8 +133,11 @@ class Tracker:
             "optuna.state": "RUNNING",
         }
         run = self.client.create_run(experiment_id, run_name=name, tags=tags)
-        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        self.log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
         """All of one step's metrics in one call."""
@@ -150,6 +154,20 @@ class Tracker:
     def set_tags(self, run_id: str, tags: dict[str, object]) -> None:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, str(value))
+
+    def mark_winner(
+        self, experiment_id: str, run_id: str, parent_id: str | None, name: str, rule: str, tolerance: float
+    ) -> None:
+        """Tag the winner's run (and only it: a `best` under another tolerance moves the tag), and the
+        parent run with which trial won under which rule."""
+        earlier = self.client.search_runs([experiment_id], filter_string=f"tags.`{WINNER_TAG}` = 'true'")
+        for run in earlier:
+            if run.info.run_id != run_id:
+                self.client.delete_tag(run.info.run_id, WINNER_TAG)
+        self.set_tags(run_id, {WINNER_TAG: "true"})
+        if parent_id:
+            tags = {"sweep.winner_trial": name, "sweep.winner_run_id": run_id, "sweep.rule": rule}
+            self.set_tags(parent_id, {**tags, "sweep.tolerance": tolerance})
 
     def end_trial(self, run_id: str, state: str, tags: dict[str, object] | None = None) -> None:
         """Close a trial's run with the status that matches its Optuna state."""

@@ -19,8 +19,8 @@ import optuna
 import torch
 from torch import nn
 
-from clothing.checkpoint import FORMAT_VERSION, HEAD, save_checkpoint
-from clothing.data import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from clothing.checkpoint import HEAD, checkpoint, save_checkpoint
+from clothing.model import ModelSpec, build_model, count_parameters
 from clothing.train import TrainingDiverged
 from sweep.config import SweepConfig, TrainConfig
 from sweep.data import SweepData
@@ -66,34 +66,35 @@ class TrialTask(Protocol):
     def suggest(self, trial: optuna.Trial) -> Any:
         """The trial's configuration, through the stage's search space."""
 
+    def spec(self, config: Any) -> ModelSpec:
+        """The model a trial of this configuration trains part of."""
+
     def params(self, config: Any) -> dict:
         """What the MLflow run logs as params."""
 
     def train(self, config: Any, on_epoch: EpochCallback) -> None:
         """Run `train_and_evaluate` with `on_epoch`."""
 
-    def checkpoint(self, config: Any, best: BestEpoch) -> dict:
-        """The best epoch's weights and what they need (head_checkpoint() plus the stage's own)."""
+    def checkpoint(self, config: Any, best: BestEpoch, **provenance: Any) -> dict:
+        """The best epoch's checkpoint (trial_checkpoint(), with `provenance` added)."""
 
 
-def head_checkpoint(data: SweepData, cfg: TrainConfig, best: BestEpoch, head_state: dict) -> dict:
-    """A head checkpoint: the best epoch's head weights plus everything needed to use them."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": HEAD,
-        "state_dict": head_state,
-        "num_classes": len(data.classes),
-        "classes": list(data.classes),
-        "size_inner": cfg.size_inner,
-        "dropout": cfg.dropout,
-        "image_size": IMAGE_SIZE,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+def trial_checkpoint(
+    data: SweepData, cfg: TrainConfig, best: BestEpoch, finetune_blocks: int = 0, **provenance: Any
+) -> dict:
+    """A trial's checkpoint: the best epoch's weights of what it trained (keyed as in the model's
+    tail), the spec to rebuild the model around them, and where they came from."""
+    spec = ModelSpec(
+        classes=tuple(data.classes), size_inner=cfg.size_inner, dropout=cfg.dropout, finetune_blocks=finetune_blocks
+    )
+    provenance = {
         "backbone_fingerprint": data.backbone_id,
         "feature_precision": data.train.precision,  # `best` scores with the features the trial saw
-        "config": asdict(cfg),
-        "metrics": best.metrics,
+        **provenance,
     }
+    return checkpoint(
+        HEAD, spec, best.state_dict, train_config=asdict(cfg), metrics=best.metrics, provenance=provenance
+    )
 
 
 def best_attrs(metrics: dict) -> dict:
@@ -129,6 +130,9 @@ class TrackedObjective:
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} (val_acc {metrics['val_acc']:.3f})")
 
         try:
+            # "N trainable of M parameters", as Lightning's fine-tuning example reports it.
+            trainable, total = count_parameters(build_model(self.task.spec(config)))
+            ctx.tracker.log_params(run_id, {"trainable_parameters": trainable, "total_parameters": total})
             self.task.train(config, on_epoch)
         except optuna.TrialPruned as exc:
             self._close(trial, run_id, config, best, "PRUNED", {"sweep.stop_reason": str(exc) or "pruned"})
@@ -159,13 +163,13 @@ class TrackedObjective:
         if best is not None and best.metrics is not None:
             for key, value in best_attrs(best.metrics).items():
                 trial.set_user_attr(key, value)
-            payload = {
-                **self.task.checkpoint(config, best),
+            provenance = {
                 "study": self.ctx.cfg.study,
                 "trial": trial_name(self.task.stage, trial.number),
+                "stage": self.task.stage,
                 "mlflow_run_id": run_id,
             }
-            _log_best(tracker, run_id, best, payload)
+            _log_best(tracker, run_id, best, self.task.checkpoint(config, best, **provenance))
         tracker.end_trial(run_id, state, tags)
 
 

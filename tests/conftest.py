@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from images import calibrated_backbone, make_split
-from sweep_helpers import load_study, sweep
+from images import ALL_CLASSES, calibrated_backbone, make_split
+from sweep_helpers import data_args, load_study, sweep
 
 from sweep.select import select_winner
 from sweep.study import trial_records
@@ -65,9 +64,9 @@ def swept(tmp_path_factory, tiny_weights) -> Swept:
     whose numbers are all the same (then every assertion on values would pass vacuously)."""
     root = tmp_path_factory.mktemp("swept")
     data = root / "data"
-    make_split(data / "train", classes=ALL, per_class=12)
-    make_split(data / "validation", classes=ALL, per_class=8, seed=50_000)
-    make_split(data / "test", classes=ALL, per_class=8, seed=90_000, noise=45.0)
+    make_split(data / "train", classes=ALL_CLASSES, per_class=12)
+    make_split(data / "validation", classes=ALL_CLASSES, per_class=8, seed=50_000)
+    make_split(data / "test", classes=ALL_CLASSES, per_class=8, seed=90_000, noise=45.0)
     # fp32 features: the same numbers on every CPU ("auto" picks bf16 where the CPU has it).
     options = ("--trials", "10", "--epochs", "6", "--precision", "fp32", "--quiet")
     result = sweep("run", *data_args(data, tiny_weights), *options, stores=stores_in(root))
@@ -79,23 +78,3 @@ def swept(tmp_path_factory, tiny_weights) -> Swept:
     assert any(r.state == "PRUNED" for r in records), "the median pruner should prune some trial"
     assert select_winner(records).number != 0, "the winner should not be trial 0 by the tie-break"
     return Swept(stores_in(root), data, tiny_weights, trials=10, epochs=6)
-
-
-ALL = ("hat", "pants", "shoes", "socks")
-
-
-def data_args(data: Path, weights: Path) -> list[str]:
-    return ["--data-dir", str(data), "--backbone-weights", str(weights)]
-
-
-def real_data() -> tuple[Path, Path] | None:
-    """The real dataset and weights, when CLOTHING_DATA_DIR and CLOTHING_BACKBONE_WEIGHTS name them."""
-    data, weights = os.environ.get("CLOTHING_DATA_DIR"), os.environ.get("CLOTHING_BACKBONE_WEIGHTS")
-    if data and weights and Path(data, "train").is_dir() and Path(weights).is_file():
-        return Path(data), Path(weights)
-    return None
-
-
-requires_real_data = pytest.mark.skipif(
-    real_data() is None, reason="set CLOTHING_DATA_DIR and CLOTHING_BACKBONE_WEIGHTS to the real dataset and weights"
-)

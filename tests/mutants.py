@@ -80,16 +80,16 @@ MUTANTS = (
     ),
     Mutant(
         "best computes test_acc on validation/",
-        "sweep/cli.py",
-        "            test_dir, build_transforms(IMAGE_SIZE)",
-        '            Path(data_dir) / "validation", build_transforms(IMAGE_SIZE)',
+        "sweep/winner.py",
+        'test_dir = Path(options.data_dir) / "test"\n',
+        'test_dir = Path(options.data_dir) / "validation"\n',
         ("tests/test_export.py::test_test_acc_is_the_exported_models_accuracy_on_the_test_split",),
     ),
     Mutant(
         "best --tta without the mirror",
         "sweep/export.py",
-        'build_transforms(head["image_size"], mirror=mirror)',
-        'build_transforms(head["image_size"], mirror=False)',
+        "build_transforms(spec.image_size, mirror=mirror,",
+        "build_transforms(spec.image_size, mirror=False,",
         ("tests/test_export.py::test_tta_averages_each_image_with_its_mirror",),
     ),
     Mutant(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import sys
 
 import optuna
 from click.testing import CliRunner, Result
@@ -32,31 +33,19 @@ def output_of(result: Result) -> str:
     return f"$ {getattr(result, 'command', '?')}\n{result.output}"
 
 
-def invoke(stores: dict[str, str], *args: str) -> Result:
-    return sweep(*args, stores=stores)
+def sweep_argv(*argv, stores: dict[str, str] | None = None) -> list[str]:
+    """The same command line for a separate process (`python -m sweep ARGV` plus the store options)."""
+    args = [str(a) for a in argv] + (store_args(str(argv[0]), stores) if stores else [])
+    return [sys.executable, "-m", "sweep", *args]
 
 
-def run_args(data_dir, weights, trials: int, epochs: int) -> list[str]:
-    return [
-        "--data-dir",
-        str(data_dir),
-        "--backbone-weights",
-        str(weights),
-        "--trials",
-        str(trials),
-        "--epochs",
-        str(epochs),
-        "--quiet",
-    ]
+def data_args(data_dir, weights) -> list[str]:
+    return ["--data-dir", str(data_dir), "--backbone-weights", str(weights)]
 
 
-def run_sweep_cli(stores, data_dir, weights, trials=3, epochs=2, *extra: str) -> Result:
-    return sweep("run", *run_args(data_dir, weights, trials, epochs), *extra, stores=stores)
-
-
-def with_stores(argv: list[str], stores: dict[str, str]) -> list[str]:
-    """`argv` plus the options that keep every store in tmp_path (for subprocess command lines)."""
-    return [*argv, *(item for pair in stores.items() for item in pair)]
+def run_options(data_dir, weights, trials: int = 3, epochs: int = 2) -> list[str]:
+    """The options of a quiet `run` on tiny data."""
+    return ["--data-dir", data_dir, "--backbone-weights", weights, "--trials", trials, "--epochs", epochs, "--quiet"]
 
 
 def mlflow_runs(stores, study="clothing"):

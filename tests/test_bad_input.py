@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from images import make_split, write_image
-from sweep_helpers import invoke, load_study, mlflow_runs, run_args, run_sweep_cli
+from sweep_helpers import load_study, mlflow_runs, run_options, sweep
 from torchvision import models
 
 from sweep.cli import cli
@@ -28,12 +28,8 @@ def snapshot(stores):
 @pytest.fixture
 def existing(stores, data_dir, tiny_weights):
     """A study with one finished trial, as a user would have before making a mistake."""
-    assert run_sweep_cli(stores, data_dir, tiny_weights, trials=1, epochs=1).exit_code == 0
+    assert sweep("run", *run_options(data_dir, tiny_weights, 1, 1), stores=stores).exit_code == 0
     return snapshot(stores)
-
-
-def run_with(stores, data_dir, weights, *extra):
-    return invoke(stores, "run", *run_args(data_dir, weights, trials=2, epochs=1), *extra)
 
 
 def assert_one_error(result, *fragments, code=1):
@@ -80,7 +76,7 @@ BAD_DATA = {
 @pytest.mark.parametrize("case", BAD_DATA)
 def test_bad_data_is_one_clear_error_and_loses_nothing(case, existing, stores, data_dir, tiny_weights):
     break_data(data_dir, case)
-    assert_one_error(run_with(stores, data_dir, tiny_weights), *BAD_DATA[case])
+    assert_one_error(sweep("run", *run_options(data_dir, tiny_weights, 2, 1), stores=stores), *BAD_DATA[case])
     assert snapshot(stores) == existing
 
 
@@ -96,7 +92,7 @@ def test_bad_data_is_one_clear_error_and_loses_nothing(case, existing, stores, d
     ],
 )
 def test_bad_options_are_usage_errors(options, fragment, existing, stores, data_dir, tiny_weights):
-    result = run_with(stores, data_dir, tiny_weights, *options)
+    result = sweep("run", *run_options(data_dir, tiny_weights, 2, 1), *options, stores=stores)
     assert_one_error(result, fragment, code=2)
     assert snapshot(stores) == existing
 
@@ -106,8 +102,10 @@ def test_an_unreachable_tracking_server_fails_before_any_work(existing, stores, 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cache = tmp_path / "fresh-cache"
-    result = run_with(
-        {**stores, "--tracking-uri": f"http://127.0.0.1:{port}", "--cache-dir": str(cache)}, data_dir, tiny_weights
+    result = sweep(
+        "run",
+        *run_options(data_dir, tiny_weights, 2, 1),
+        stores={**stores, "--tracking-uri": f"http://127.0.0.1:{port}", "--cache-dir": str(cache)},
     )
     assert_one_error(result, "cannot reach the MLflow tracking store", f"127.0.0.1:{port}")
     assert not cache.exists()  # no features were extracted, no trial started
@@ -116,7 +114,7 @@ def test_an_unreachable_tracking_server_fails_before_any_work(existing, stores, 
 
 def test_skip_bad_images_leaves_them_out_and_lists_them(stores, data_dir, tiny_weights):
     (data_dir / "train" / "hat" / "00.jpg").write_bytes(b"")
-    result = run_with(stores, data_dir, tiny_weights, "--skip-bad-images")
+    result = sweep("run", *run_options(data_dir, tiny_weights, 2, 1), "--skip-bad-images", stores=stores)
     assert result.exit_code == 0, result.output
     client, runs = mlflow_runs(stores)
     parent = next(r for r in runs if r.data.tags.get("sweep.role") == "study")
@@ -125,8 +123,8 @@ def test_skip_bad_images_leaves_them_out_and_lists_them(stores, data_dir, tiny_w
 
 
 def test_export_into_a_missing_or_unwritable_folder(existing, stores, tiny_weights, tmp_path):
-    missing = invoke(
-        stores, "best", "--export", str(tmp_path / "nope" / "model.pt"), "--backbone-weights", str(tiny_weights)
+    missing = sweep(
+        "best", "--export", str(tmp_path / "nope" / "model.pt"), "--backbone-weights", str(tiny_weights), stores=stores
     )
     assert_one_error(missing, "does not exist")
     if os.geteuid() == 0:  # root writes through permission bits; /proc refuses new files to anyone
@@ -135,7 +133,7 @@ def test_export_into_a_missing_or_unwritable_folder(existing, stores, tiny_weigh
         folder = tmp_path / "read-only"
         folder.mkdir(mode=0o555)
         unwritable = str(folder / "model.pt")
-    result = invoke(stores, "best", "--export", unwritable, "--backbone-weights", str(tiny_weights))
+    result = sweep("best", "--export", unwritable, "--backbone-weights", str(tiny_weights), stores=stores)
     assert_one_error(result, "cannot write", "writable folder")
     assert not os.path.exists(unwritable)
     assert snapshot(stores) == existing
@@ -169,14 +167,14 @@ def test_best_on_an_empty_study(stores):
 
     os.makedirs(os.path.dirname(stores["--storage"].removeprefix("sqlite:///")), exist_ok=True)
     optuna.create_study(study_name="clothing", storage=stores["--storage"])
-    assert_one_error(invoke(stores, "best"), "no COMPLETE trial")
+    assert_one_error(sweep("best", stores=stores), "no COMPLETE trial")
 
 
 def test_best_with_other_backbone_weights_is_refused(existing, stores, data_dir, tmp_path):
     torch.manual_seed(123)
     other = tmp_path / "other.pth"
     torch.save(models.mobilenet_v2(weights=None).state_dict(), other)
-    result = invoke(stores, "best", "--tta", "--backbone-weights", str(other), "--data-dir", str(data_dir))
+    result = sweep("best", "--tta", "--backbone-weights", str(other), "--data-dir", str(data_dir), stores=stores)
     assert_one_error(result, "other backbone weights", "--backbone-weights")
 
 
@@ -193,5 +191,9 @@ class CreatesFile:
 def test_a_backbone_weights_file_that_runs_code_is_refused_without_running_it(stores, data_dir, tmp_path):
     marker, evil = tmp_path / "pwned", tmp_path / "evil.pth"
     torch.save({"features.0.0.weight": CreatesFile(marker)}, evil)
-    assert_one_error(run_with(stores, data_dir, evil), str(evil), "not a torchvision MobileNetV2 state_dict")
+    assert_one_error(
+        sweep("run", *run_options(data_dir, evil, 2, 1), stores=stores),
+        str(evil),
+        "not a torchvision MobileNetV2 state_dict",
+    )
     assert not marker.exists()

@@ -2,11 +2,18 @@ import pickle
 
 import pytest
 import torch
-from click.testing import CliRunner
+from images import calibrated_backbone
 
-from clothing.__main__ import cli as clothing_cli
-from clothing.checkpoint import MODEL, CheckpointError, load_checkpoint, load_model, save_checkpoint
-from clothing.model import ClothingClassifierMobileNet, load_backbone
+from clothing.checkpoint import (
+    MODEL,
+    CheckpointError,
+    checkpoint,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    spec_of,
+)
+from clothing.model import ModelSpec, build_model
 
 
 class RunsCode:
@@ -19,9 +26,30 @@ class RunsCode:
         return (open, (str(self.marker), "w"))
 
 
+SPEC = ModelSpec(classes=("a", "b", "c"), size_inner=10, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+
+
 def exported(tmp_path):
-    model = ClothingClassifierMobileNet(num_classes=3, size_inner=10, backbone=load_backbone(None)).eval()
-    payload = {
+    model = build_model(SPEC, calibrated_backbone()).eval()
+    payload = checkpoint(MODEL, SPEC, model.state_dict(), metrics={}, provenance={"trial": "trial-000"})
+    return model, save_checkpoint(payload, tmp_path / "model.pt")
+
+
+def test_saved_model_loads_safely_and_predicts_the_same(tmp_path):
+    model, path = exported(tmp_path)
+    assert torch.load(path, weights_only=True)["spec"]["classes"] == ("a", "b", "c")
+    loaded, payload = load_model(path)
+    assert spec_of(payload) == SPEC
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temp files left behind
+
+
+def test_a_model_file_of_format_1_still_loads(tmp_path):
+    """Files exported before the model spec: loose keys, dropout and finetune_blocks possibly absent."""
+    model = build_model(SPEC, calibrated_backbone()).eval()
+    old = {
         "format_version": 1,
         "kind": MODEL,
         "state_dict": model.state_dict(),
@@ -31,18 +59,20 @@ def exported(tmp_path):
         "image_size": 224,
         "mean": [0.5] * 3,
         "std": [0.2] * 3,
+        "trial": 7,
     }
-    return model, save_checkpoint(payload, tmp_path / "model.pt")
-
-
-def test_saved_model_loads_safely_and_predicts_the_same(tmp_path):
-    model, path = exported(tmp_path)
-    assert torch.load(path, weights_only=True)["classes"] == ["a", "b", "c"]
-    loaded, payload = load_model(path)
+    loaded, payload = load_model(save_checkpoint(old, tmp_path / "old.pt"))
+    assert spec_of(payload) == SPEC and payload["provenance"]["trial"] == 7
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
-    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temp files left behind
+
+
+def test_a_model_file_with_a_broken_spec_is_a_clear_error(tmp_path):
+    payload = checkpoint(MODEL, SPEC, {}, metrics={})
+    payload["spec"] = {"classes": ["a"], "colour": "blue"}
+    with pytest.raises(CheckpointError, match="missing or broken fields"):
+        load_checkpoint(save_checkpoint(payload, tmp_path / "broken.pt"))
 
 
 def test_a_failed_save_leaves_no_file(tmp_path):
@@ -79,26 +109,3 @@ def test_foreign_files_are_rejected(tmp_path):
     for name in ("notes.txt", "other.pt", "missing.pt"):
         with pytest.raises(CheckpointError):
             load_model(tmp_path / name)
-
-
-def test_classify_prints_k_imagenet_classes_per_image(data_dir, tiny_weights):
-    images = [str(data_dir / "train" / "hat" / "00.jpg"), str(data_dir / "train" / "shoes" / "01.jpg")]
-    result = CliRunner().invoke(
-        clothing_cli, ["classify", *images, "--top-k", "4", "--backbone-weights", str(tiny_weights)]
-    )
-    assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
-    assert lines[0] == images[0] and lines[5] == images[1]
-    assert len(lines) == 10
-    probabilities = [float(line.split()[0]) for line in lines[1:5]]
-    assert probabilities == sorted(probabilities, reverse=True)
-
-
-def test_classify_with_a_wrong_weights_file_is_one_error_line(tmp_path, data_dir):
-    (tmp_path / "bad.pth").write_text("nope")
-    result = CliRunner().invoke(
-        clothing_cli,
-        ["classify", str(data_dir / "train" / "hat" / "00.jpg"), "--backbone-weights", str(tmp_path / "bad.pth")],
-    )
-    assert result.exit_code == 1
-    assert result.output.startswith("Error: ") and "bad.pth" in result.output

@@ -7,8 +7,9 @@ from images import calibrated_backbone, write_image
 
 import clothing.features as features_module
 from clothing.data import ClothingDataset, build_transforms
-from clothing.features import BadImagesError, FeatureBatches, cached_features
+from clothing.features import BadImagesError, cached_features
 from clothing.model import load_backbone
+from clothing.train import FeatureBatches
 
 
 @pytest.fixture

@@ -5,17 +5,22 @@ import copy
 import pytest
 import torch
 from images import calibrated_backbone
-from sweep_helpers import invoke, mlflow_runs, run_sweep_cli
+from sweep_helpers import mlflow_runs, run_options, sweep
 from torch import nn
 from torch.utils.data import DataLoader
 
-from clothing.checkpoint import load_model
+from clothing.checkpoint import HEAD, checkpoint, load_model, spec_of
 from clothing.data import ClothingDataset, build_transforms
-from clothing.features import FeatureBatches, cached_features
-from clothing.model import ClothingClassifierMobileNet, load_backbone, trainable_parameters, weights_fingerprint
-from clothing.train import train_and_evaluate
+from clothing.features import cached_features
+from clothing.model import (
+    ClothingClassifierMobileNet,
+    ModelSpec,
+    load_backbone,
+    trainable_parameters,
+    weights_fingerprint,
+)
+from clothing.train import FeatureBatches, train_and_evaluate
 from sweep.export import export_model, fetch_head, split_logits
-from sweep.finetune import with_tail_weights
 from sweep.select import select_winner
 from sweep.study import load_studies, trial_records
 from sweep.tracking import Tracker
@@ -117,21 +122,12 @@ def test_the_exported_finetuned_model_predicts_like_the_one_in_memory(train_set,
     loader = DataLoader(train_set, batch_size=4, shuffle=True)
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-3)
     train_and_evaluate(model, optimizer, loader, loader, nn.CrossEntropyLoss(), 1, "cpu")
-    head = {
-        "num_classes": 3,
-        "size_inner": 8,
-        "classes": train_set.classes,
-        "image_size": 224,
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
-        "backbone_fingerprint": weights_fingerprint(backbone),
-        "study": "s",
-        "trial": 0,
-        "mlflow_run_id": "r",
-    }
-    checkpoint = with_tail_weights(head, model.tail().state_dict(), 3)
-    exported, payload = load_model(export_model(checkpoint, backbone, tmp_path / "model.pt", {}))
-    assert payload["finetune_blocks"] == 3
+    spec = ModelSpec(tuple(train_set.classes), size_inner=8, finetune_blocks=3)
+    provenance = {"backbone_fingerprint": weights_fingerprint(backbone), "trial": "finetune-000"}
+    head = checkpoint(HEAD, spec, model.tail().state_dict(), train_config={}, metrics={}, provenance=provenance)
+    assert {k.split(".")[0] for k in head["state_dict"]} == {"blocks", "head"}  # named, not indexed
+    exported, payload = load_model(export_model(head, backbone, tmp_path / "model.pt", {}))
+    assert spec_of(payload).finetune_blocks == 3
     images = torch.stack([train_set[i][0] for i in range(len(train_set))])
     with torch.no_grad():
         torch.testing.assert_close(exported(images), model.eval()(images))
@@ -140,7 +136,7 @@ def test_the_exported_finetuned_model_predicts_like_the_one_in_memory(train_set,
 def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_dir, tiny_weights, tmp_path):
     # fp32 features: the export below runs the full model in fp32, and "auto" may pick bf16 on this CPU.
     extra = ("--views", "2", "--finetune-blocks", "1", "--finetune-epochs", "2", "--precision", "fp32")
-    result = run_sweep_cli(stores, data_dir, tiny_weights, 3, 2, *extra)
+    result = sweep("run", *run_options(data_dir, tiny_weights, 3, 2), *extra, stores=stores)
     assert result.exit_code == 0, result.output
 
     # Stage 2 is a study of its own: the stage-1 sampler's history holds no stage-2 trial.
@@ -171,12 +167,13 @@ def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_di
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
     assert sorted(finetune.trials[0].intermediate_values) == [1, 2]  # reported every epoch, like stage 1
     head = fetch_head(Tracker(stores["--tracking-uri"]), tuned)
-    assert head["config"]["lr"] == 3e-5 and head["config"]["epochs"] == 2 and head["finetune_blocks"] == 1
-    assert head["trial"] == "finetune-000"
+    assert head["train_config"]["lr"] == 3e-5 and head["train_config"]["epochs"] == 2
+    assert spec_of(head).finetune_blocks == 1 and head["provenance"]["trial"] == "finetune-000"
+    assert run.data.params["trainable_parameters"] != run.data.params["total_parameters"]
 
     # The export of the stage-2 checkpoint predicts what stage 2 measured.
     backbone = load_backbone(tiny_weights)
-    class_to_idx = {c: i for i, c in enumerate(head["classes"])}
+    class_to_idx = {c: i for i, c in enumerate(spec_of(head).classes)}
     val_set = ClothingDataset(data_dir / "validation", build_transforms(), class_to_idx)
     model, _ = load_model(export_model(head, backbone, tmp_path / "model.pt", {}))
     images = torch.stack([val_set[i][0] for i in range(len(val_set))])
@@ -186,10 +183,10 @@ def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_di
     assert (logits.argmax(1) == labels).float().mean().item() == pytest.approx(tuned.val_acc)
 
     # Resuming neither adds sweep trials nor repeats stage 2.
-    again = run_sweep_cli(stores, data_dir, tiny_weights, 3, 2, *extra)
+    again = sweep("run", *run_options(data_dir, tiny_weights, 3, 2), *extra, stores=stores)
     assert again.exit_code == 0, again.output
     assert [len(s.trials) for s in load_studies("clothing", stores["--storage"])] == [3, 1]
-    best = invoke(stores, "best", "--tolerance", "1")
+    best = sweep("best", "--tolerance", "1", stores=stores)
     assert best.exit_code == 0, best.output
     shown = f"[stage 2 of trial-{source.number:03d}]" in best.output
     assert shown == (select_winner(records, 1).stage == "finetune")

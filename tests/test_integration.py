@@ -3,14 +3,14 @@
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import real_data, requires_real_data
+from real_data import real_data, requires_real_data
 from torch import nn
 
 from clothing.__main__ import cli as clothing_cli
 from clothing.data import ClothingDataset, build_transforms
-from clothing.features import FeatureBatches, cached_features
+from clothing.features import cached_features
 from clothing.model import build_head, load_backbone
-from clothing.train import set_seed, train_and_evaluate
+from clothing.train import FeatureBatches, set_seed, train_and_evaluate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, requires_real_data]
 

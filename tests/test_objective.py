@@ -17,7 +17,7 @@ from clothing.data import ClothingDataset, build_transforms
 from clothing.features import cached_features
 from clothing.model import build_head, load_backbone
 from clothing.train import set_seed
-from sweep.export import fetch_head, head_module
+from sweep.export import fetch_head, model_from_checkpoint
 from sweep.study import trial_records
 from sweep.tracking import Tracker
 
@@ -94,7 +94,8 @@ def test_the_best_epoch_is_the_argmax_and_its_checkpoint_reproduces_the_record(s
         assert record.val_acc == max(history) == run.data.metrics["best_val_acc"]
         head = fetch_head(tracker, record)
         assert head["metrics"]["epoch"] == best_epoch
-        assert accuracy(head_module(head), val_x, val_y) == record.val_acc  # exactly: same features, same weights
+        head_module = model_from_checkpoint(head, load_backbone(swept.weights)).head
+        assert accuracy(head_module, val_x, val_y) == record.val_acc  # exactly: same features, same weights
         if record.state == "COMPLETE":
             assert study.trials[record.number].value == record.val_acc  # what Optuna optimises
 
@@ -113,7 +114,7 @@ def test_the_checkpoint_holds_the_best_epochs_weights(swept, features):
         models = retrain(run.data.params, record.best_epoch, train_x, train_y, classes=4)
         saved = fetch_head(tracker, record)["state_dict"]
         for name, value in models[-1].state_dict().items():
-            torch.testing.assert_close(saved[name], value)
+            torch.testing.assert_close(saved[f"head.{name}"], value)
 
 
 def test_the_median_pruner_stops_trials_early(swept):

@@ -1,8 +1,10 @@
 import numpy as np
 import torch
+from click.testing import CliRunner
 from images import calibrated_backbone
 from PIL import Image
 
+from clothing.__main__ import cli as clothing_cli
 from clothing.data import build_transforms
 from clothing.model import ClothingClassifierMobileNet
 from clothing.predict import mirror_averaged_logits, top_k
@@ -40,3 +42,26 @@ def test_tta_changes_the_probabilities_of_an_asymmetric_image(tmp_path):
     plain = dict(top_k(net, [tmp_path / "left.png"], transform, CLASSES, k=3)[0])
     with_tta = dict(top_k(net, [tmp_path / "left.png"], transform, CLASSES, k=3, tta=True)[0])
     assert max(abs(plain[c] - with_tta[c]) for c in CLASSES) > 1e-4
+
+
+def test_classify_prints_k_imagenet_classes_per_image(data_dir, tiny_weights):
+    images = [str(data_dir / "train" / "hat" / "00.jpg"), str(data_dir / "train" / "shoes" / "01.jpg")]
+    result = CliRunner().invoke(
+        clothing_cli, ["classify", *images, "--top-k", "4", "--backbone-weights", str(tiny_weights)]
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == images[0] and lines[5] == images[1]
+    assert len(lines) == 10
+    probabilities = [float(line.split()[0]) for line in lines[1:5]]
+    assert probabilities == sorted(probabilities, reverse=True)
+
+
+def test_classify_with_a_wrong_weights_file_is_one_error_line(tmp_path, data_dir):
+    (tmp_path / "bad.pth").write_text("nope")
+    result = CliRunner().invoke(
+        clothing_cli,
+        ["classify", str(data_dir / "train" / "hat" / "00.jpg"), "--backbone-weights", str(tmp_path / "bad.pth")],
+    )
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and "bad.pth" in result.output

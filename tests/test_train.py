@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from clothing.data import ClothingDataset, build_transforms
-from clothing.features import FeatureBatches, cached_features
+from clothing.features import cached_features
 from clothing.model import (
     ClothingClassifierMobileNet,
     build_head,
@@ -15,7 +15,7 @@ from clothing.model import (
     load_backbone,
     trainable_parameters,
 )
-from clothing.train import TrainingDiverged, set_seed, train_and_evaluate
+from clothing.train import FeatureBatches, TrainingDiverged, set_seed, train_and_evaluate
 
 KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "running_train_loss", "running_train_acc"}
 

@@ -11,17 +11,11 @@ import time
 import optuna
 import pytest
 from mlflow import MlflowClient
-from sweep_helpers import load_study, mlflow_runs, run_args, run_sweep_cli, with_stores
+from sweep_helpers import load_study, mlflow_runs, run_options, sweep, sweep_argv
 
 import sweep.objective as objective_module
 
 pytestmark = pytest.mark.slow
-
-
-def sweep_command(stores, data_dir, weights, trials, epochs, *extra):
-    """The same command line a user types, as a separate process."""
-    argv = [*run_args(data_dir, weights, trials, epochs), "--pruner", "none", *extra]
-    return with_stores([sys.executable, "-m", "sweep", "run", *argv], stores)
 
 
 def worker_env():
@@ -65,7 +59,7 @@ def assert_no_repeated_configuration(study):
 def test_a_sweep_killed_mid_trial_resumes_to_its_target_without_repeating_a_configuration(
     stores, data_dir, tiny_weights
 ):
-    command = sweep_command(stores, data_dir, tiny_weights, 3, 150)
+    command = sweep_argv("run", *run_options(data_dir, tiny_weights, 3, 150), "--pruner", "none", stores=stores)
     victim = subprocess.Popen(command, env=worker_env())
     killed = wait_for(
         lambda: (t := running_trial_with_epochs(stores, 3)) and t.number == 1 and t, what="trial 1 in progress"
@@ -96,7 +90,10 @@ def test_the_same_seed_draws_the_same_configurations_in_an_uninterrupted_run(sto
     sequences = []
     for store in (stores, other):
         result = subprocess.run(
-            sweep_command(store, data_dir, tiny_weights, 4, 1), env=worker_env(), capture_output=True, text=True
+            sweep_argv("run", *run_options(data_dir, tiny_weights, 4, 1), "--pruner", "none", stores=store),
+            env=worker_env(),
+            capture_output=True,
+            text=True,
         )
         assert result.returncode == 0, result.stderr
         sequences.append([t.params for t in load_study(store).trials])
@@ -105,7 +102,17 @@ def test_the_same_seed_draws_the_same_configurations_in_an_uninterrupted_run(sto
 
 
 def test_a_kill_during_stage_2_is_recovered_like_any_trial(stores, data_dir, tiny_weights):
-    command = sweep_command(stores, data_dir, tiny_weights, 2, 1, "--finetune-blocks", "1", "--finetune-epochs", "120")
+    command = sweep_argv(
+        "run",
+        *run_options(data_dir, tiny_weights, 2, 1),
+        "--pruner",
+        "none",
+        "--finetune-blocks",
+        "1",
+        "--finetune-epochs",
+        "120",
+        stores=stores,
+    )
     victim = subprocess.Popen(command, env=worker_env())
     wait_for(lambda: running_trial_with_epochs(stores, 2, "clothing.finetune"), what="stage 2 in progress")
     victim.send_signal(signal.SIGKILL)
@@ -146,7 +153,7 @@ def rig_trials(monkeypatch, plan):
 def test_diverging_and_raising_trials_are_recorded_and_the_sweep_goes_on(stores, data_dir, tiny_weights, monkeypatch):
     # Trial 1 gets an infinite learning rate (NaN loss); trial 2 an impossible layer size (raises).
     rig_trials(monkeypatch, lambda n: {1: {"lr": float("inf")}, 2: {"size_inner": -1}}.get(n))
-    result = run_sweep_cli(stores, data_dir, tiny_weights, trials=3, epochs=2)
+    result = sweep("run", *run_options(data_dir, tiny_weights, 3, 2), stores=stores)
     assert result.exit_code == 0, result.output
     study = load_study(stores)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "FAIL", "COMPLETE"]
@@ -158,7 +165,7 @@ def test_diverging_and_raising_trials_are_recorded_and_the_sweep_goes_on(stores,
 
 def test_a_run_whose_every_trial_fails_exits_non_zero_with_the_first_error(stores, data_dir, tiny_weights, monkeypatch):
     rig_trials(monkeypatch, lambda n: {"size_inner": -1})
-    result = run_sweep_cli(stores, data_dir, tiny_weights, trials=2, epochs=1)
+    result = sweep("run", *run_options(data_dir, tiny_weights, 2, 1), stores=stores)
     assert result.exit_code == 1
     assert "Error: every trial of this run failed; first error: trial-000: RuntimeError" in result.output
     assert [t.state.name for t in load_study(stores).trials] == ["FAIL", "FAIL"]
@@ -177,7 +184,9 @@ def assert_exact_counts(stores, target):
 
 
 def test_jobs_two_finishes_exactly_the_target_without_repeating_a_configuration(stores, data_dir, tiny_weights):
-    command = sweep_command(stores, data_dir, tiny_weights, 6, 20, "--jobs", "2")
+    command = sweep_argv(
+        "run", *run_options(data_dir, tiny_weights, 6, 20), "--pruner", "none", "--jobs", "2", stores=stores
+    )
     result = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert_exact_counts(stores, 6)
@@ -186,8 +195,18 @@ def test_jobs_two_finishes_exactly_the_target_without_repeating_a_configuration(
 
 def test_the_parent_run_stays_running_until_the_main_process_ends(stores, data_dir, tiny_weights):
     """Workers only run trials: the main process alone closes the parent run, after its stage 2."""
-    command = sweep_command(
-        stores, data_dir, tiny_weights, 4, 5, "--jobs", "2", "--finetune-blocks", "1", "--finetune-epochs", "40"
+    command = sweep_argv(
+        "run",
+        *run_options(data_dir, tiny_weights, 4, 5),
+        "--pruner",
+        "none",
+        "--jobs",
+        "2",
+        "--finetune-blocks",
+        "1",
+        "--finetune-epochs",
+        "40",
+        stores=stores,
     )
     main = subprocess.Popen(command, env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     closed_early = []
@@ -211,9 +230,13 @@ def test_the_parent_run_stays_running_until_the_main_process_ends(stores, data_d
 
 
 def test_two_independent_invocations_cooperate_on_one_study(stores, data_dir, tiny_weights):
-    command = sweep_command(stores, data_dir, tiny_weights, 6, 20)
+    command = sweep_argv("run", *run_options(data_dir, tiny_weights, 6, 20), "--pruner", "none", stores=stores)
     # Warm the feature cache and create the study first, as a user's first terminal would.
-    first = subprocess.run(sweep_command(stores, data_dir, tiny_weights, 1, 1), env=worker_env(), timeout=600)
+    first = subprocess.run(
+        sweep_argv("run", *run_options(data_dir, tiny_weights, 1, 1), "--pruner", "none", stores=stores),
+        env=worker_env(),
+        timeout=600,
+    )
     assert first.returncode == 0
     workers = [subprocess.Popen(command, env=worker_env(), stderr=subprocess.PIPE) for _ in range(2)]
     for worker in workers:
@@ -267,7 +290,9 @@ def mlflow_server(tmp_path):
 
 def test_two_workers_share_one_mlflow_server(stores, data_dir, tiny_weights, mlflow_server):
     stores = {**stores, "--tracking-uri": mlflow_server}
-    command = sweep_command(stores, data_dir, tiny_weights, 4, 10, "--jobs", "2")
+    command = sweep_argv(
+        "run", *run_options(data_dir, tiny_weights, 4, 10), "--pruner", "none", "--jobs", "2", stores=stores
+    )
     env = {**worker_env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr

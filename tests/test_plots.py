@@ -8,20 +8,9 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from sweep_helpers import invoke, load_study, mlflow_runs, run_sweep_cli
+from sweep_helpers import load_study, mlflow_runs, sweep
 
 from sweep.cli import cli
-
-
-@pytest.fixture
-def swept(stores, data_dir, tiny_weights):
-    result = run_sweep_cli(stores, data_dir, tiny_weights, trials=5, epochs=2)
-    assert result.exit_code == 0, result.output
-    return stores
-
-
-def trials_cli(stores, *args):
-    return invoke({k: v for k, v in stores.items() if k != "--cache-dir"}, "trials", *args)
 
 
 def artifact_sizes(client, run_id, folder):
@@ -29,7 +18,7 @@ def artifact_sizes(client, run_id, folder):
 
 
 def test_plots_are_logged_on_the_parent_and_every_trial(swept):
-    client, runs = mlflow_runs(swept)
+    client, runs = mlflow_runs(swept.stores)
     parent = next(r for r in runs if r.data.tags.get("sweep.role") == "study")
     plots = artifact_sizes(client, parent.info.run_id, "plots")
     for name in ("winner_rule.png", "lr_by_size_inner.png", "optimization_history.png", "param_importances.png"):
@@ -39,20 +28,20 @@ def test_plots_are_logged_on_the_parent_and_every_trial(swept):
 
 
 def test_the_trials_command_agrees_with_the_study_in_every_format(swept):
-    study = load_study(swept)
+    study = load_study(swept.stores)
     expected = {
         f"trial-{t.number:03d}": (t.state.name, t.params["lr"], t.user_attrs["mlflow_run_id"]) for t in study.trials
     }
 
-    as_json = json.loads(trials_cli(swept, "--format", "json").output)
+    as_json = json.loads(sweep("trials", "--format", "json", stores=swept.stores).output)
     assert {r["trial"]: (r["state"], r["lr"], r["mlflow_run_id"]) for r in as_json} == expected
     assert sum(r["winner"] for r in as_json) == 1
 
-    as_csv = list(csv.DictReader(io.StringIO(trials_cli(swept, "--format", "csv").output)))
+    as_csv = list(csv.DictReader(io.StringIO(sweep("trials", "--format", "csv", stores=swept.stores).output)))
     assert {r["trial"]: (r["state"], float(r["lr"]), r["mlflow_run_id"]) for r in as_csv} == expected
     assert [r["winner"] for r in as_csv].count("True") == 1
 
-    table = trials_cli(swept, "--sort", "val_acc").output.splitlines()
+    table = sweep("trials", "--sort", "val_acc", stores=swept.stores).output.splitlines()
     assert len(table) == 1 + len(expected)
     starred = [line for line in table if line.startswith("* ")]
     winner = next(r for r in as_json if r["winner"])
@@ -61,31 +50,35 @@ def test_the_trials_command_agrees_with_the_study_in_every_format(swept):
     assert [float(line.split()[-3]) for line in table[1:]] == pytest.approx(val_accs, abs=1e-3)  # val_acc column
 
 
-def test_a_registered_winner_loads_in_a_fresh_process_and_agrees_with_the_export(
-    swept, data_dir, tiny_weights, tmp_path
-):
+def test_a_registered_winner_loads_in_a_fresh_process_and_agrees_with_the_export(swept, tmp_path):
     out = tmp_path / "model.pt"
-    result = invoke(
-        swept, "best", "--export", str(out), "--register", "clothing-head", "--backbone-weights", str(tiny_weights)
+    result = sweep(
+        "best",
+        "--export",
+        str(out),
+        "--register",
+        "clothing-head",
+        "--backbone-weights",
+        swept.weights,
+        stores=swept.stores,
     )
     assert result.exit_code == 0, result.output
     assert "models:/clothing-head/1" in result.output
-    images = sorted(str(p) for p in (data_dir / "validation").rglob("*.jpg"))
+    images = sorted(str(p) for p in (swept.data_dir / "validation").rglob("*.jpg"))
     exported = CliRunner().invoke(cli, ["predict", str(out), *images, "--top-k", "1"]).output.splitlines()
     exported_labels = [line.split()[1] for line in exported[1::2]]
 
     script = f"""
 import mlflow.pytorch, torch
-from clothing.checkpoint import load_model
-from clothing.predict import model_transform
+from clothing.checkpoint import load_model, spec_of
 from clothing.data import load_image
-mlflow.set_tracking_uri({swept["--tracking-uri"]!r})
+mlflow.set_tracking_uri({swept.stores["--tracking-uri"]!r})
 model = mlflow.pytorch.load_model("models:/clothing-head/1").eval()
 _, payload = load_model({str(out)!r})
-transform = model_transform(payload)
+transform = spec_of(payload).transform()
 batch = torch.stack([transform(load_image(p)) for p in {images!r}])
 with torch.no_grad():
-    print(" ".join(payload["classes"][i] for i in model(batch).argmax(1).tolist()))
+    print(" ".join(spec_of(payload).classes[i] for i in model(batch).argmax(1).tolist()))
 """
     fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-2000:]

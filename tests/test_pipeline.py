@@ -1,0 +1,96 @@
+import pytest
+from sweep_helpers import load_study, mlflow_runs, run_options, sweep
+
+from sweep.study import trial_records
+
+METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
+
+
+@pytest.fixture
+def three_trials(stores, data_dir, tiny_weights):
+    """A small sweep of this test's own, which the test may add to."""
+    result = sweep("run", *run_options(data_dir, tiny_weights, 3, 2), stores=stores)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_a_sweep_logs_one_parent_and_a_nested_run_per_trial(three_trials, stores):
+    client, runs = mlflow_runs(stores)
+    parents = [r for r in runs if r.data.tags.get("sweep.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("sweep.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.info.run_name for r in children) == ["trial-000", "trial-001", "trial-002"]
+    study = load_study(stores)
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED" and child.data.tags["optuna.state"] == "COMPLETE"
+        assert {"lr", "size_inner", "epochs", "batch_size", "seed", "image_size", "backbone"} <= set(child.data.params)
+        for metric in METRICS:
+            assert [m.step for m in client.get_metric_history(child.info.run_id, metric)] == [1, 2]
+        assert {"best_epoch", "best_val_acc", "best_train_acc", "gap"} <= set(child.data.metrics)
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")] == ["checkpoint/head.pt"]
+        number = int(child.data.tags["optuna.trial_number"])
+        assert study.trials[number].user_attrs["mlflow_run_id"] == child.info.run_id
+    assert "trials.csv" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    assert "mlflow ui --backend-store-uri" in three_trials.output
+
+
+def test_rerunning_with_a_higher_target_adds_only_the_missing_trials(three_trials, stores, data_dir, tiny_weights):
+    again = sweep("run", *run_options(data_dir, tiny_weights, 3, 2), stores=stores)
+    assert again.exit_code == 0 and len(load_study(stores).trials) == 3  # nothing to do
+    more = sweep("run", *run_options(data_dir, tiny_weights, 5, 2), stores=stores)
+    assert more.exit_code == 0, more.output
+    assert len(load_study(stores).trials) == 5
+    _, runs = mlflow_runs(stores)
+    parents = [r for r in runs if r.data.tags.get("sweep.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("sweep.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 5
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(c.info.run_name for c in children)[-2:] == ["trial-003", "trial-004"]
+
+
+def test_opt_in_dimensions_are_searched_and_recorded(stores, data_dir, tiny_weights):
+    result = sweep(
+        "run",
+        *run_options(data_dir, tiny_weights, 2, 1),
+        "--search",
+        "dropout",
+        "--search",
+        "label_smoothing",
+        stores=stores,
+    )
+    assert result.exit_code == 0, result.output
+    study = load_study(stores)
+    assert all({"lr", "size_inner", "dropout", "label_smoothing"} == set(t.params) for t in study.trials)
+    _, runs = mlflow_runs(stores)
+    for child in (r for r in runs if r.data.tags.get("sweep.role") == "trial"):
+        trial = study.trials[int(child.data.tags["optuna.trial_number"])]
+        assert float(child.data.params["dropout"]) == trial.params["dropout"]
+        assert float(child.data.params["label_smoothing"]) == trial.params["label_smoothing"]
+        assert float(child.data.params["weight_decay"]) == 0.0  # not searched: stays off
+
+
+def test_the_rule_reads_the_eval_mode_train_acc_that_each_trial_logs(stores, data_dir, tiny_weights):
+    result = sweep(
+        "run", *run_options(data_dir, tiny_weights, 2, 2), "--search", "dropout", "--views", "2", stores=stores
+    )
+    assert result.exit_code == 0, result.output
+    client, runs = mlflow_runs(stores)
+    by_id = {r.info.run_id: r for r in runs}
+    for record in trial_records(load_study(stores)):
+        history = {m.step: m.value for m in client.get_metric_history(record.run_id, "train_acc")}
+        assert record.train_acc == pytest.approx(history[record.best_epoch])
+        assert by_id[record.run_id].data.metrics["gap"] == pytest.approx(record.gap)
+        running = client.get_metric_history(record.run_id, "running_train_acc")
+        assert [m.step for m in running] == sorted(history)  # the train-mode accuracy, kept under its own name
+
+
+def test_the_study_says_what_it_is_for_optuna_dashboard(three_trials, stores):
+    study = load_study(stores)
+    assert study.metric_names == ["val_acc"]
+    attrs = study.user_attrs
+    assert attrs["tolerance"] == 0.02 and "smallest gap" in attrs["rule"]
+    assert set(attrs["search_space"]["stage1"]["searched"]) >= {"lr", "size_inner"}
+    assert "head" in attrs["stages"]

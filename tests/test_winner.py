@@ -1,0 +1,138 @@
+"""`best`: the winner named, tagged, scored, exported and TTA'd, checked against the exported model run
+here on the image files."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+from click.testing import CliRunner
+from sweep_helpers import data_args, load_study, mlflow_runs, output_of, run_options, sweep
+
+from clothing.checkpoint import load_model, spec_of
+from clothing.data import ClothingDataset, build_transforms
+from clothing.model import load_backbone
+from sweep.cli import cli
+from sweep.export import fetch_head, model_from_checkpoint
+from sweep.study import trial_records
+from sweep.tracking import Tracker
+
+
+def images_and_labels(folder, classes):
+    split = ClothingDataset(folder, build_transforms(), {c: i for i, c in enumerate(classes)})
+    return torch.stack([split[i][0] for i in range(len(split))]), torch.tensor(split.labels)
+
+
+def winner_run(swept):
+    _, runs = mlflow_runs(swept.stores)
+    (run,) = [r for r in runs if r.data.tags.get("sweep.winner") == "true"]
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(swept, tmp_path_factory):
+    """`best --tta --export` on the shared sweep, and the exported model."""
+    path = tmp_path_factory.mktemp("export") / "model.pt"
+    result = sweep("best", "--tta", "--export", path, *data_args(swept.data_dir, swept.weights), stores=swept.stores)
+    assert result.exit_code == 0, output_of(result)
+    model, payload = load_model(path)
+    return result, model.eval(), payload
+
+
+def accuracy(logits, labels) -> float:
+    return (logits.argmax(1) == labels).sum().item() / len(labels)
+
+
+def test_test_acc_is_the_exported_models_accuracy_on_the_test_split(swept, exported):
+    result, model, payload = exported
+    test_x, test_y = images_and_labels(swept.data_dir / "test", spec_of(payload).classes)
+    val_x, val_y = images_and_labels(swept.data_dir / "validation", spec_of(payload).classes)
+    with torch.no_grad():
+        test_acc, val_acc = accuracy(model(test_x), test_y), accuracy(model(val_x), val_y)
+    # Within one image: the sweep scores on cached features (a fused graph), this on the images.
+    assert winner_run(swept).data.metrics["test_acc"] == pytest.approx(test_acc, abs=1 / len(test_y) + 1e-9)
+    assert "test_acc " in result.output
+    assert abs(test_acc - val_acc) >= 3 / len(val_y), "test and validation must score apart, or a swap goes unseen"
+
+
+def test_tta_averages_each_image_with_its_mirror(swept, exported):
+    result, model, payload = exported
+    x, y = images_and_labels(swept.data_dir / "validation", spec_of(payload).classes)
+    with torch.no_grad():
+        plain = accuracy(model(x), y)
+        tta = accuracy((model(x) + model(x.flip(-1))) / 2, y)
+    assert winner_run(swept).data.metrics["val_acc_tta"] == pytest.approx(tta, abs=1 / len(y) + 1e-9)
+    assert "with TTA (image + mirror)" in result.output
+    # hat and pants are mirror images of each other, so the mirror changes predictions here.
+    assert abs(tta - plain) >= 3 / len(y), "TTA must change the score here, or a TTA without the mirror goes unseen"
+
+
+def test_the_export_predicts_what_the_sweep_recorded(swept, exported):
+    _, model, payload = exported
+    x, y = images_and_labels(swept.data_dir / "validation", spec_of(payload).classes)
+    with torch.no_grad():
+        assert accuracy(model(x), y) == pytest.approx(winner_run(swept).data.metrics["best_val_acc"], abs=1 / len(y))
+
+
+@pytest.fixture
+def three_trials(stores, data_dir, tiny_weights):
+    result = sweep("run", *run_options(data_dir, tiny_weights, 3, 2), stores=stores)
+    assert result.exit_code == 0, output_of(result)
+    return result
+
+
+def test_best_names_the_winner_tags_it_and_exports_an_equivalent_model(
+    three_trials, stores, data_dir, tiny_weights, tmp_path
+):
+    out = tmp_path / "model.pt"
+    result = sweep(
+        "best",
+        "--export",
+        str(out),
+        "--backbone-weights",
+        str(tiny_weights),
+        "--data-dir",
+        str(data_dir),
+        stores=stores,
+    )
+    assert result.exit_code == 0, result.output
+    assert "Rule: among COMPLETE trials" in result.output and "Winner: trial" in result.output
+    winner_name = result.output.split("Winner: ")[1].split()[0]
+
+    payload = torch.load(out, weights_only=True)
+    assert set(payload) == {"format_version", "kind", "spec", "state_dict", "train_config", "metrics", "provenance"}
+    assert payload["provenance"]["trial"] == winner_name and payload["spec"]["classes"] == ("hat", "pants", "shoes")
+    assert {"study", "mlflow_run_id", "backbone_fingerprint"} <= set(payload["provenance"])
+
+    exported, _ = load_model(out)
+    record = next(r for r in trial_records(load_study(stores)) if r.name == winner_name)
+    head = fetch_head(Tracker(stores["--tracking-uri"]), record)
+    in_memory = model_from_checkpoint(head, load_backbone(tiny_weights))
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), in_memory(x))
+
+    client, runs = mlflow_runs(stores)
+    parent = next(r for r in runs if r.data.tags.get("sweep.role") == "study")
+    assert parent.data.tags["sweep.winner_trial"] == winner_name
+    assert client.get_run(record.run_id).data.tags["sweep.winner"] == "true"
+
+
+def test_predict_prints_k_classes_per_image(three_trials, stores, data_dir, tiny_weights, tmp_path):
+    out = tmp_path / "model.pt"
+    assert sweep("best", "--export", str(out), "--backbone-weights", str(tiny_weights), stores=stores).exit_code == 0
+    images = [str(data_dir / "validation" / "hat" / "00.jpg"), str(data_dir / "validation" / "shoes" / "01.jpg")]
+    result = CliRunner().invoke(cli, ["predict", str(out), *images, "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert [lines[0], lines[3]] == images and len(lines) == 6
+    assert all(line.split()[1] in ("hat", "pants", "shoes") for line in lines[1:3] + lines[4:6])
+
+
+def test_best_on_a_missing_study_or_one_without_complete_trials_is_an_error(stores):
+    missing = sweep("best", "--study", "nope", stores=stores)
+    assert missing.exit_code == 1 and missing.output.startswith("Error: no study named 'nope'")
+    study = optuna.create_study(study_name="empty", storage=stores["--storage"])
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    empty = sweep("best", "--study", "empty", stores=stores)
+    assert empty.exit_code == 1 and "no COMPLETE trial" in empty.output
