@@ -9,6 +9,7 @@ reports to Optuna and prunes, keeps the best validation epoch, and whatever way 
 from __future__ import annotations
 
 import copy
+import functools
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -97,6 +98,12 @@ def trial_checkpoint(
     )
 
 
+@functools.cache
+def parameter_counts(spec: ModelSpec) -> tuple[int, int]:
+    """(trainable, total) parameters of the model `spec` describes; cached, as most trials share a spec."""
+    return count_parameters(build_model(spec))
+
+
 def best_attrs(metrics: dict) -> dict:
     """What the Optuna trial keeps for the winner rule: the scores at the checkpointed epoch."""
     return {"best_epoch": metrics["epoch"], "train_acc": metrics["train_acc"], "val_acc": metrics["val_acc"]}
@@ -131,7 +138,7 @@ class TrackedObjective:
 
         try:
             # "N trainable of M parameters", as Lightning's fine-tuning example reports it.
-            trainable, total = count_parameters(build_model(self.task.spec(config)))
+            trainable, total = parameter_counts(self.task.spec(config))
             ctx.tracker.log_params(run_id, {"trainable_parameters": trainable, "total_parameters": total})
             self.task.train(config, on_epoch)
         except optuna.TrialPruned as exc:
