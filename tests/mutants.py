@@ -83,14 +83,14 @@ MUTANTS = (
         "sweep/winner.py",
         'test_dir = Path(options.data_dir) / "test"\n',
         'test_dir = Path(options.data_dir) / "validation"\n',
-        ("tests/test_export.py::test_test_acc_is_the_exported_models_accuracy_on_the_test_split",),
+        ("tests/test_winner.py::test_test_acc_is_the_exported_models_accuracy_on_the_test_split",),
     ),
     Mutant(
         "best --tta without the mirror",
         "sweep/export.py",
         "build_transforms(spec.image_size, mirror=mirror,",
         "build_transforms(spec.image_size, mirror=False,",
-        ("tests/test_export.py::test_tta_averages_each_image_with_its_mirror",),
+        ("tests/test_winner.py::test_tta_averages_each_image_with_its_mirror",),
     ),
     Mutant(
         "the median pruner replaced by no pruning",
@@ -139,10 +139,7 @@ MUTANTS = (
         "sweep/study.py",
         "TPESampler(seed=trial_seed(self.seed, trial.number))",
         "TPESampler(seed=self.seed)",
-        (
-            "tests/test_reliability.py::"
-            "test_a_sweep_killed_mid_trial_resumes_to_its_target_without_repeating_a_configuration",
-        ),
+        ("tests/test_study.py::test_a_sweep_killed_mid_trial_resumes_to_its_target_without_repeating_a_configuration",),
     ),
 )
 
