@@ -76,11 +76,11 @@ def _read_rows(path: Path, keep: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.load(path, mmap_mode="r")[keep]))
 
 
-def cache_key(dataset: ClothingDataset, weights_id: str, precision: str, options: ExtractionOptions) -> str:
+def cache_key(dataset: ClothingDataset, weights_id: str, options: ExtractionOptions) -> str:
     """Hash of everything the features depend on: files (path, size, mtime), labels, weights, the
-    precision, the transform of every view and the views' seed. (Activations add their cut to the
-    file name.)"""
-    views, seed = options.views, options.seed
+    precision (resolved: "auto" is never part of a key), the transform of every view and the views'
+    seed. (Activations add their cut to the file name.)"""
+    precision, views, seed = options.precision, options.views, options.seed
     digest = hashlib.sha256(
         f"format={CACHE_FORMAT};weights={weights_id};precision={precision};views={views};seed={seed}".encode()
     )
@@ -108,7 +108,7 @@ def cached_features(
     options = replace(options or ExtractionOptions(), **settings)
     precision = resolve_precision(options.precision, torch.device(options.device))
     options = replace(options, precision=precision)
-    key = cache_key(dataset, weights_fingerprint(backbone), precision, options)
+    key = cache_key(dataset, weights_fingerprint(backbone), options)
     cache_dir = Path(cache_dir)
     cache_file = cache_dir / f"features-{key}.npy"
     # A pass with a cut also writes the features, so a later run without fine-tuning reuses them.

@@ -15,7 +15,7 @@ from clothing.model import MAX_FINETUNE_BLOCKS, TORCHVISION_WEIGHTS, BackboneErr
 from clothing.predict import top_k as predict_top_k
 from sweep.config import SweepConfig, default_cache_dir, default_storage, default_tracking_uri
 from sweep.pipeline import quiet_libraries, run_sweep
-from sweep.select import DEFAULT_TOLERANCE, select_winner
+from sweep.select import DEFAULT_TOLERANCE, HEAD_STAGE, select_winner
 from sweep.space import FINETUNE_LR_RANGE, MAX_EPOCHS, OPTIONAL_DIMENSIONS
 from sweep.study import SweepError, load_studies, trial_records
 from sweep.table import format_table, record_rows, rows_to_csv
@@ -243,7 +243,7 @@ def best(**options) -> None:
 
 
 SORT_KEYS = {
-    "number": lambda r: (r.stage != "head", r.number),
+    "number": lambda r: (r.stage != HEAD_STAGE, r.number),
     "val_acc": lambda r: (r.val_acc is None, -(r.val_acc or 0), r.number),
     "gap": lambda r: (r.gap is None, r.gap or 0, r.number),
 }

@@ -176,8 +176,9 @@ def all_records(cfg: SweepConfig) -> list[TrialRecord]:
     return trial_records(*load_studies(cfg.study, cfg.storage))
 
 
-def publish_study(tracker: Tracker, parent_id: str, study: str, storage: str, tolerance: float) -> None:
-    """Refresh the parent run's trials.csv and study plots, the winner marked under `tolerance`."""
+def publish_study(tracker: Tracker, parent_id: str, study: str, storage: str, tolerance: float) -> list[TrialRecord]:
+    """Refresh the parent run's trials.csv and study plots, the winner marked under `tolerance`;
+    returns the records they show."""
     stage1, stage2 = load_studies(study, storage)
     records = trial_records(stage1, stage2)
     winner = select_winner(records, tolerance)
@@ -185,6 +186,7 @@ def publish_study(tracker: Tracker, parent_id: str, study: str, storage: str, to
     with tempfile.TemporaryDirectory() as tmp:
         for path in study_plots(stage1, records, tolerance, winner, Path(tmp)):
             tracker.log_file(parent_id, path, "plots")
+    return records
 
 
 def run_sweep(cfg: SweepConfig, report: Report, jobs: int = 1) -> SweepResult:
@@ -200,6 +202,6 @@ def run_sweep(cfg: SweepConfig, report: Report, jobs: int = 1) -> SweepResult:
         done2, errors2 = run_stage2(ctx, all_records(cfg), report)
         status = "FINISHED"
     finally:
-        publish_study(ctx.tracker, ctx.parent_id, cfg.study, cfg.storage, DEFAULT_TOLERANCE)
+        records = publish_study(ctx.tracker, ctx.parent_id, cfg.study, cfg.storage, DEFAULT_TOLERANCE)
         ctx.tracker.close_parent(ctx.parent_id, status)
-    return SweepResult(all_records(cfg), done + done2, errors + errors2, ctx.parent_id)
+    return SweepResult(records, done + done2, errors + errors2, ctx.parent_id)

@@ -73,7 +73,7 @@ def finetune_recipe(sweep: SweepConfig, source: TrialRecord) -> dict:
 
 
 def describe_space(sweep: SweepConfig) -> dict:
-    """Both stages' spaces in words, for the study's user attrs (what optuna-dashboard shows)."""
+    """Stage 1's space in words, for the study's user attrs (what optuna-dashboard shows)."""
     search = set(sweep.search)
     head = {
         "lr": f"log-uniform {LR_RANGE}",
@@ -91,6 +91,7 @@ def describe_space(sweep: SweepConfig) -> dict:
 
 
 def describe_finetune_space(sweep: SweepConfig) -> dict:
+    """Stage 2's recipe in words, for the stage-2 study's user attrs."""
     return {
         "source_trial": "the stage-1 winner",
         "size_inner, dropout, ...": "the source trial's",

@@ -21,8 +21,8 @@ from mlflow.exceptions import MlflowException
 
 ROLE_TAG = "sweep.role"
 STUDY_TAG = "sweep.study"
-STAGE_TAG = "stage"
-WINNER_TAG = "sweep.winner"  # head (stage 1, a sweep trial) or finetune (stage 2)
+STAGE_TAG = "stage"  # head (stage 1, a sweep trial) or finetune (stage 2)
+WINNER_TAG = "sweep.winner"  # on the winner's run only
 PARENT_ROLE, TRIAL_ROLE = "study", "trial"
 # Optuna's final state -> the MLflow run status that says the same thing.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
