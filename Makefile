@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]' $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev,postgres,server]' $(TORCH)
 	touch $@
 
 test: install

@@ -1,12 +1,12 @@
 """`python -m bench` (`make bench`): each figure against its baseline, measured in the same run.
 
 Needs CLOTHING_DATA_DIR and CLOTHING_BACKBONE_WEIGHTS (the real dataset and weights). It takes about
-ten minutes on a 2-core CPU; `--limit N` uses the first N images of each class for a quick look.
+fifteen minutes on a 2-core CPU (the PostgreSQL rows included); `--limit N` uses the first N images of
+each class for a quick look.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import platform
 import re
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import click
 import torch
-from mlflow import MlflowClient
 from torch import nn
 
+from bench.cluster import CallTimer, server_rows
 from bench.notebook import notebook_epoch, notebook_features
 from clothing.data import ClothingDataset, build_transforms
 from clothing.extract import resolve_precision
@@ -28,7 +28,8 @@ from clothing.features import cached_features
 from clothing.model import build_head, load_backbone
 from clothing.train import FeatureBatches, set_seed, train_and_evaluate
 from sweep.config import SweepConfig
-from sweep.pipeline import run_sweep
+from sweep.pipeline import quiet_libraries, run_sweep
+from sweep.tracking import Tracker
 
 SWEEP_TRIALS, SWEEP_EPOCHS = 20, 10
 
@@ -54,39 +55,6 @@ def head_val_acc(train_x, train_y, val_x, val_y, epochs: int = 10) -> float:
         "cpu",
     )
     return max(h["val_acc"] for h in history)
-
-
-class MlflowTimer:
-    """Adds up the wall time spent inside MlflowClient calls (outermost calls only)."""
-
-    def __init__(self) -> None:
-        self.seconds, self._depth, self._saved = 0.0, 0, {}
-
-    def __enter__(self) -> MlflowTimer:
-        for name in dir(MlflowClient):
-            attr = getattr(MlflowClient, name)
-            if not name.startswith("_") and callable(attr):
-                self._saved[name] = attr
-                setattr(MlflowClient, name, self._wrap(attr))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, attr in self._saved.items():
-            setattr(MlflowClient, name, attr)
-
-    def _wrap(self, method):
-        @functools.wraps(method)
-        def wrapper(*args, **kwargs):
-            self._depth += 1
-            start = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                self._depth -= 1
-                if self._depth == 0:
-                    self.seconds += time.perf_counter() - start
-
-        return wrapper
 
 
 def cold_sweep(data_dir: Path, weights: Path, workdir: Path) -> tuple[float, float]:
@@ -142,6 +110,7 @@ def limited_copy(data_dir: Path, root: Path, limit: int) -> Path:
 @click.option("--limit", type=int, default=None, help="Use only the first N images of each class (quick look).")
 def main(limit: int | None) -> None:
     """Print the benchmark table."""
+    quiet_libraries()
     data_dir, weights = Path(os.environ.get("CLOTHING_DATA_DIR", "")), os.environ.get("CLOTHING_BACKBONE_WEIGHTS")
     if not (data_dir / "train").is_dir() or not weights:
         raise click.ClickException("set CLOTHING_DATA_DIR and CLOTHING_BACKBONE_WEIGHTS to the real data and weights")
@@ -227,16 +196,19 @@ def main(limit: int | None) -> None:
         cache_dir=work / "cache-a",
         progress=False,
     )
-    with MlflowTimer() as mlflow_time:
+    with CallTimer(Tracker) as mlflow_time:
         _, t_warm = timed(run_sweep, cfg, lambda _: None)
     rows.append((f"sweep {SWEEP_TRIALS}x{SWEEP_EPOCHS}, warm cache (in process)", f"{t_warm:.1f} s", "target <= 30 s"))
     rows.append(
         (
-            "  MLflow logging share of that sweep",
+            "  tracking (MLflow) share of that sweep",
             f"{100 * mlflow_time.seconds / t_warm:.1f} %",
             f"{mlflow_time.seconds:.1f} s (target <= 10 %)",
         )
     )
+
+    # 4. Several machines: PostgreSQL and an MLflow server against SQLite, by 1 and by 2 processes.
+    rows += server_rows(data_dir, weights, work / "cache-a", work)
 
     print(
         f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

@@ -17,12 +17,13 @@ from sweep.config import SweepConfig, default_cache_dir, default_storage, defaul
 from sweep.pipeline import quiet_libraries, run_sweep
 from sweep.select import DEFAULT_TOLERANCE, HEAD_STAGE, select_winner
 from sweep.space import FINETUNE_LR_RANGE, MAX_EPOCHS, OPTIONAL_DIMENSIONS
+from sweep.stores import STORAGE_ENV, StorageError
 from sweep.study import SweepError, load_studies, trial_records
 from sweep.table import format_table, record_rows, rows_to_csv
-from sweep.tracking import TrackingError, ui_command
+from sweep.tracking import REGISTRY_FORMATS, TrackingError, ui_command
 from sweep.winner import BestOptions, run_best
 
-USER_ERRORS = (DatasetError, BackboneError, CheckpointError, TrackingError, SweepError)
+USER_ERRORS = (DatasetError, BackboneError, CheckpointError, TrackingError, SweepError, StorageError)
 
 
 def user_errors(command):
@@ -53,16 +54,19 @@ def study_options(command):
             ),
             click.option(
                 "--storage",
+                envvar=STORAGE_ENV,
                 default=default_storage,
-                show_default="sqlite:///<abs>/mlruns/optuna.db",
-                help="Optuna storage URL (SQLite, PostgreSQL, MySQL, ...).",
+                show_default=f"${STORAGE_ENV}, else sqlite:///<abs>/mlruns/optuna.db",
+                help="Optuna storage URL (SQLite, PostgreSQL, MySQL, ...); keep a PostgreSQL password in "
+                "PGPASSWORD or ~/.pgpass, not in the URL.",
             ),
             click.option(
                 "--tracking-uri",
                 envvar="MLFLOW_TRACKING_URI",
                 default=default_tracking_uri,
                 show_default="$MLFLOW_TRACKING_URI, else sqlite:///<abs>/mlruns/mlflow.db",
-                help="MLflow tracking store or server.",
+                help="MLflow tracking store or server; a server's login comes from MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD.",
             ),
         ],
         command,
@@ -235,6 +239,14 @@ def run(jobs: int, quiet: bool, **options) -> None:
     "register_name",
     default=None,
     help="Also register the winner in the MLflow model registry under this name.",
+)
+@click.option(
+    "--register-format",
+    type=click.Choice(REGISTRY_FORMATS),
+    default="pickle",
+    show_default=True,
+    help="How --register stores the model: pickle loads as the project's nn.Module but runs code when "
+    "loaded; pt2 (torch.export) loads without unpickling anything, as a graph with a dynamic batch size.",
 )
 @user_errors
 def best(**options) -> None:

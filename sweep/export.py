@@ -62,11 +62,15 @@ def export_model(head: dict, backbone: torch.nn.Module, path: str | Path, metric
     return save_checkpoint(payload, path)
 
 
-def register_winner(tracker: Tracker, head: dict, backbone: torch.nn.Module, name: str) -> str:
+def register_winner(
+    tracker: Tracker, head: dict, backbone: torch.nn.Module, name: str, serialization_format: str = "pickle"
+) -> str:
     """Log the winner's full model on its run as an MLflow PyTorch model and register a version of `name`."""
     model, spec = model_from_checkpoint(head, backbone), spec_of(head)
     size = spec.image_size
-    example = torch.zeros(1, 3, size, size).numpy()  # one normalised image, NCHW float32
+    # Two normalised images, NCHW float32: pt2 keeps the batch dimension dynamic only when the
+    # example's batch is larger than 1.
+    example = torch.zeros(2, 3, size, size).numpy()
     metadata = {
         "classes": list(spec.classes),
         "preprocessing": f"RGB, Resize(({size}, {size})), ToTensor, Normalize(mean, std); input NCHW float32",
@@ -75,8 +79,9 @@ def register_winner(tracker: Tracker, head: dict, backbone: torch.nn.Module, nam
         "std": list(spec.std),
         "output": "logits, one per class in `classes` order",
     }
-    code = [str(Path(clothing.__file__).parent)]
-    return tracker.register_model(head["provenance"]["mlflow_run_id"], model, name, example, metadata, code)
+    code = [str(Path(clothing.__file__).parent)] if serialization_format == "pickle" else None
+    run_id = head["provenance"]["mlflow_run_id"]
+    return tracker.register_model(run_id, model, name, example, metadata, code, serialization_format)
 
 
 def split_logits(

@@ -22,6 +22,7 @@ from sweep.config import SweepConfig
 from sweep.data import load_splits, prepare_data
 from sweep.export import fetch_head
 from sweep.finetune import FinetuneTrial
+from sweep.locks import holding, study_lock
 from sweep.objective import HeadTrial
 from sweep.plots import study_plots
 from sweep.select import DEFAULT_TOLERANCE, FINETUNE_STAGE, HEAD_STAGE, TrialRecord, select_winner
@@ -49,6 +50,9 @@ def quiet_libraries() -> None:
     # Heartbeats are marked experimental but are Optuna's documented crash-recovery mechanism.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # With a server, MLflow prints "View run ... at: URL" for every run it closes: noise between our
+    # lines, and the URL would carry a password given in --tracking-uri.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -103,8 +107,10 @@ def prepare(cfg: SweepConfig, report: Report) -> tuple[TrialContext, optuna.Stud
     if finished >= cfg.trials:
         report(f"study {cfg.study!r} already has {finished} finished trials (target {cfg.trials})")
     data = prepare_data(cfg, device, splits, progress=cfg.progress)
-    experiment_id = tracker.experiment_id(cfg.study)
-    parent_id = tracker.open_parent(experiment_id, cfg.study, parent_params(cfg, data.backbone_id))
+    # Under the study's lock: machines that start together still find (or create) one parent run.
+    with holding(study_lock(cfg.storage, cfg.study)):
+        experiment_id = tracker.experiment_id(cfg.study)
+        parent_id = tracker.open_parent(experiment_id, cfg.study, parent_params(cfg, data.backbone_id))
     if data.train.bad_paths or data.val.bad_paths:
         tracker.log_text(parent_id, "\n".join(data.train.bad_paths + data.val.bad_paths), "skipped_images.txt")
     return TrialContext(cfg, data, tracker, experiment_id, parent_id, device), study

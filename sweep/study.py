@@ -1,8 +1,8 @@
 """The Optuna side of a sweep: storage, samplers, the two studies, and the trial loop.
 
-Storage mechanics: the default is SQLite with heartbeats (a crashed trial goes stale and is failed
-and replaced) and a 60 s busy timeout (writers queue rather than fail with "database is locked");
-workers on one machine also share a file lock around creating trials, so the target is met exactly.
+Storage mechanics: every RDB storage (SQLite by default, PostgreSQL for several machines) has
+heartbeats, so a crashed trial goes stale and is failed and replaced; every worker, on any machine,
+counts and creates trials under the study's lock (`sweep.locks`), so the target is met exactly.
 
 Stage 2 lives in a study of its own, `<study>.finetune`, in the same storage: the stage-1 sampler
 never sees a stage-2 observation, and each study's trial numbers name its trials (trial-007,
@@ -20,12 +20,14 @@ import optuna
 import torch
 from optuna.samplers import BaseSampler, PartialFixedSampler, TPESampler
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from sweep.config import SweepConfig
+from sweep.locks import holding, study_lock
 from sweep.select import DEFAULT_TOLERANCE, FINETUNE_STAGE, HEAD_STAGE, TrialRecord, rule_text, trial_name
 from sweep.space import describe_finetune_space, describe_space
+from sweep.stores import engine_kwargs, mask_url, storage_error
 from sweep.tracking import Tracker
-from sweep.workers import FileLock, lock_path
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # A trial whose process died stops sending heartbeats; after the grace period the next worker to
@@ -109,19 +111,25 @@ def _mark_stale_run_failed(tracker_uri: str) -> Callable[[optuna.Study, FrozenTr
 
 
 def make_storage(url: str, tracking_uri: str | None = None) -> optuna.storages.BaseStorage:
-    """An Optuna storage with heartbeats, so that a crashed trial does not stay RUNNING forever."""
+    """An Optuna storage with heartbeats, so that a crashed trial does not stay RUNNING forever.
+    A storage that cannot be opened raises StorageError, which names it (password masked) and the fix."""
     if url.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(url.removeprefix("sqlite:///")) or ".", exist_ok=True)
-    if url.startswith(RDB_SCHEMES):
-        engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=_mark_stale_run_failed(tracking_uri) if tracking_uri else None,
-        )
-    return optuna.storages.get_storage(url)
+    try:
+        if not url.startswith(RDB_SCHEMES):
+            return optuna.storages.get_storage(url)
+        # Optuna creates its tables on first use; machines that start together on an empty database
+        # would race to create them, so they take turns (a lock that needs no table).
+        with holding(study_lock(url, "optuna-schema")):
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs(url),
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=_mark_stale_run_failed(tracking_uri) if tracking_uri else None,
+            )
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        raise storage_error(url, exc) from exc
 
 
 def open_study(
@@ -160,7 +168,7 @@ def load_studies(name: str, storage: str) -> tuple[optuna.Study, optuna.Study | 
         study = optuna.load_study(study_name=name, storage=store)
     except KeyError as exc:
         raise SweepError(
-            f"no study named {name!r} in {storage}; run `python -m sweep run --study {name}` first"
+            f"no study named {name!r} in {mask_url(storage)}; run `python -m sweep run --study {name}` first"
         ) from exc
     try:
         finetune = optuna.load_study(study_name=finetune_study_name(name), storage=store)
@@ -240,12 +248,12 @@ def run_trials(
 
     With heartbeats, trials RUNNING elsewhere are waited for rather than counted as done: another
     worker's usually finish, and a crashed worker's go stale when their heartbeat stops and are then
-    failed and replaced. Counting and creating a trial happen under one lock, so workers on this
-    machine never overshoot the target. A failing trial is replaced, up to as many failures as
+    failed and replaced. Counting and creating a trial happen under the study's lock, so no worker on
+    any machine overshoots the target. A failing trial is replaced, up to as many failures as
     trials were missing. Returns (trials finished by this process, error messages).
     """
     heartbeat = storage.startswith(RDB_SCHEMES)
-    lock = FileLock(lock_path(storage))
+    lock = study_lock(storage, study.study_name)
     allowed_failures = max(target - count_finished(study, counts), 1)
     done, errors = 0, []
     while len(errors) < allowed_failures:

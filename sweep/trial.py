@@ -130,7 +130,7 @@ class TrackedObjective:
         best = BestEpoch()
 
         def on_epoch(epoch: int, metrics: dict, model: nn.Module) -> None:
-            ctx.tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            ctx.tracker.log_epoch(run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             best.update(metrics, model)
             trial.report(metrics["val_acc"], epoch)
             if trial.should_prune():

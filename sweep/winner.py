@@ -38,6 +38,7 @@ class BestOptions:
     export_path: Path | None = None
     tta: bool = False
     register_name: str | None = None
+    register_format: str = "pickle"
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,6 @@ def run_best(options: BestOptions, say: Report) -> None:
         export_model(head, backbone, options.export_path, metrics)
         say(f"Exported {winner.name} to {options.export_path}")
     if options.register_name is not None:
-        version = register_winner(tracker, head, backbone, options.register_name)
+        version = register_winner(tracker, head, backbone, options.register_name, options.register_format)
         say(f"Registered {winner.name} as models:/{options.register_name}/{version}")
     say(f"Browse the runs: {ui_command(options.tracking_uri)}")

@@ -39,8 +39,8 @@ MUTANTS = (
     Mutant(
         "MLflow val_acc series logged from train_acc",
         "sweep/trial.py",
-        '{k: v for k, v in metrics.items() if k != "epoch"}',
-        '{**{k: v for k, v in metrics.items() if k != "epoch"}, "val_acc": metrics["train_acc"]}',
+        '{k: v for k, v in metrics.items() if k != "epoch"}, step=epoch',
+        '{**{k: v for k, v in metrics.items() if k != "epoch"}, "val_acc": metrics["train_acc"]}, step=epoch',
         (f"{OBJECTIVE_VALUES}::test_each_epoch_logs_the_accuracies_of_that_epochs_model",),
     ),
     Mutant(
@@ -140,6 +140,29 @@ MUTANTS = (
         "TPESampler(seed=trial_seed(self.seed, trial.number))",
         "TPESampler(seed=self.seed)",
         ("tests/test_study.py::test_a_sweep_killed_mid_trial_resumes_to_its_target_without_repeating_a_configuration",),
+    ),
+    Mutant(
+        "the study lock per process instead of in the database (machines overshoot)",
+        "sweep/locks.py",
+        'if storage.startswith("postgresql"):\n        return DatabaseLock(',
+        'if storage.startswith("postgresql") and study_name != "optuna-schema":\n'
+        "        return FileLock(Path(f'/tmp/sweep-mutant-{__import__(\"os\").getpid()}.lock'))\n"
+        '    if storage.startswith("postgresql"):\n        return DatabaseLock(',
+        ("tests/test_cluster.py::test_the_study_lock_is_one_lock_for_every_machine_and_dies_with_its_holder",),
+    ),
+    Mutant(
+        "passwords not masked in messages",
+        "sweep/stores.py",
+        '    """`url` with any password replaced by ***: the form to log, print or store."""\n',
+        '    """`url` with any password replaced by ***: the form to log, print or store."""\n    return url\n',
+        ("tests/test_cluster.py::test_no_password_reaches_the_record_or_the_terminal",),
+    ),
+    Mutant(
+        "the storage URL logged as a param of the parent run",
+        "sweep/pipeline.py",
+        '        "data_dir": cfg.data_dir,\n',
+        '        "data_dir": cfg.data_dir,\n        "storage": cfg.storage,\n',
+        ("tests/test_cluster.py::test_no_password_reaches_the_record_or_the_terminal",),
     ),
 )
 

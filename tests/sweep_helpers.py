@@ -56,3 +56,15 @@ def mlflow_runs(stores, study="clothing"):
 
 def load_study(stores, study="clothing") -> optuna.Study:
     return optuna.load_study(study_name=study, storage=stores["--storage"])
+
+
+def assert_one_error(result, *fragments, code=1):
+    """One `Error:` line holding every fragment, exit status `code`, and no traceback."""
+    output = getattr(result, "output", None) or (result.stdout + result.stderr)
+    exit_code = getattr(result, "exit_code", getattr(result, "returncode", None))
+    assert exit_code == code, output
+    error_lines = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1, output
+    assert "Traceback" not in output
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]

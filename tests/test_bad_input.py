@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from images import make_split, write_image
-from sweep_helpers import load_study, mlflow_runs, run_options, sweep
+from sweep_helpers import assert_one_error, load_study, mlflow_runs, run_options, sweep
 from torchvision import models
 
 from sweep.cli import cli
@@ -30,15 +30,6 @@ def existing(stores, data_dir, tiny_weights):
     """A study with one finished trial, as a user would have before making a mistake."""
     assert sweep("run", *run_options(data_dir, tiny_weights, 1, 1), stores=stores).exit_code == 0
     return snapshot(stores)
-
-
-def assert_one_error(result, *fragments, code=1):
-    assert result.exit_code == code, result.output
-    error_lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(error_lines) == 1, result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in error_lines[0], error_lines[0]
 
 
 def break_data(data_dir, case):

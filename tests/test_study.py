@@ -3,14 +3,14 @@
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import optuna
 import pytest
 from mlflow import MlflowClient
+from servers import mlflow_server as start_mlflow_server
+from servers import wait_for
 from sweep_helpers import load_study, mlflow_runs, run_options, sweep, sweep_argv
 
 import sweep.objective as objective_module
@@ -21,16 +21,6 @@ pytestmark = pytest.mark.slow
 def worker_env():
     # One-second heartbeats, so a killed trial goes stale in seconds, not the default 20.
     return {**os.environ, "SWEEP_HEARTBEAT_SECONDS": "1", "OMP_NUM_THREADS": "1"}
-
-
-def wait_for(condition, timeout=120, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def children_by_trial(stores, stage="head"):
@@ -244,48 +234,10 @@ def test_two_independent_invocations_cooperate_on_one_study(stores, data_dir, ti
     assert_exact_counts(stores, 6)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            os.path.join(os.path.dirname(sys.executable), "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    uri = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            MlflowClient(uri).search_experiments(max_results=1)
-            return True
-        except Exception:
-            return False
-
-    try:
-        wait_for(up, timeout=90, what="mlflow server")
-        yield uri
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with start_mlflow_server(tmp_path / "server", f"sqlite:///{tmp_path / 'server.db'}") as server:
+        yield server.uri
 
 
 def test_two_workers_share_one_mlflow_server(stores, data_dir, tiny_weights, mlflow_server):
