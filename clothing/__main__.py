@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import click
 
-from clothing.data import DatasetError
 from clothing.model import TORCHVISION_WEIGHTS, BackboneError, load_backbone
-from clothing.predict import classify_imagenet
+from clothing.predict import classify_imagenet, prediction_lines, read_images, unreadable_summary
 
 
 @click.group()
@@ -29,13 +28,15 @@ def cli() -> None:
 def classify(images: tuple[str, ...], top_k: int, backbone_weights: str) -> None:
     """Print the top-k ImageNet classes of each IMAGE with their probabilities."""
     try:
-        predictions = classify_imagenet(load_backbone(backbone_weights), images, top_k)
-    except (BackboneError, DatasetError) as exc:
+        backbone = load_backbone(backbone_weights)
+    except BackboneError as exc:
         raise click.ClickException(str(exc)) from exc
-    for path, preds in zip(images, predictions):
-        click.echo(path)
-        for name, prob in preds:
-            click.echo(f"  {prob:6.3f}  {name}")
+    readable, unreadable = read_images(images)
+    predictions = classify_imagenet(backbone, [image for _, image in readable], top_k)
+    for line in prediction_lines([path for path, _ in readable], predictions):
+        click.echo(line)
+    if unreadable:
+        raise click.ClickException(unreadable_summary(unreadable, len(images)))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from clothing.data import shown
 from clothing.model import ClothingClassifierMobileNet, ModelSpec, build_model
 
 FORMAT_VERSION = 2
@@ -35,11 +36,11 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise CheckpointError(f"folder {folder} does not exist; create it or choose another path")
+        raise CheckpointError(f"folder {shown(folder)} does not exist; create it or choose another path")
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise CheckpointError(f"cannot write to {folder} ({exc.strerror}); choose a writable folder") from exc
+        raise CheckpointError(f"cannot write to {shown(folder)} ({exc.strerror}); choose a writable folder") from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(payload, handle)
@@ -88,7 +89,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]
     """Load one of our checkpoints safely; anything else is a CheckpointError, never unpickled."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"model file {path} does not exist")
+        raise CheckpointError(f"model file {shown(path)} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the safe unpickler fails in many ways on foreign bytes; all mean the same
@@ -101,9 +102,9 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]
             f"{path} is a torch file but not a clothing model; export one with `python -m sweep best --export PATH`"
         )
     if payload["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(f"{path} was written by a newer version of this tool; upgrade it")
+        raise CheckpointError(f"{shown(path)} was written by a newer version of this tool; upgrade it")
     if kind is not None and payload["kind"] != kind:
-        raise CheckpointError(f"{path} holds a {payload['kind']} checkpoint, not a {kind}")
+        raise CheckpointError(f"{shown(path)} holds a {payload['kind']} checkpoint, not a {kind}")
     try:
         payload = upgrade_v1(payload) if payload["format_version"] == 1 else payload
         ModelSpec.from_dict(payload["spec"])
@@ -126,5 +127,5 @@ def load_model(path: str | Path) -> tuple[ClothingClassifierMobileNet, dict[str,
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not match the model it describes: {exc}") from exc
+        raise CheckpointError(f"{shown(path)} does not match the model it describes: {exc}") from exc
     return model.eval(), payload

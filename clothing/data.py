@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision import transforms
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -25,6 +25,13 @@ class DatasetError(ValueError):
     """The data on disk is not usable as it is; the message says what to fix."""
 
 
+def shown(path: str | Path) -> str:
+    """`path` as text that can always be printed and logged. A name that is not valid UTF-8 (common
+    after unzipping old archives) reaches Python with surrogate escapes, which no UTF-8 stream, MLflow
+    param or JSON file accepts; its odd bytes are shown as \\xNN instead."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
@@ -33,10 +40,10 @@ def discover_classes(root: str | Path) -> list[str]:
     """Sorted class names: the visible sub-folders of `root`."""
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"data folder {root} does not exist ({EXPECTED_LAYOUT})")
+        raise DatasetError(f"data folder {shown(root)} does not exist ({EXPECTED_LAYOUT})")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p))
     if not classes:
-        raise DatasetError(f"{root} has no class folders ({EXPECTED_LAYOUT})")
+        raise DatasetError(f"{shown(root)} has no class folders ({EXPECTED_LAYOUT})")
     return classes
 
 
@@ -46,13 +53,18 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image fully and convert it to RGB (grayscale, CMYK, RGBA and palette images too)."""
+    """Open an image fully and convert it to RGB (grayscale, CMYK, RGBA and palette images too).
+
+    One rule: whatever Pillow raises while opening, decoding or converting the file (its safety limit
+    against decompression bombs included, which stays as it is), the image is unreadable, and the
+    error names the file."""
     try:
         with Image.open(path) as img:
             img.load()  # decode now so a truncated file fails here, naming the file
             return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"cannot read image {path}: {exc}; delete or replace the file") from exc
+    except Exception as exc:  # noqa: BLE001 - Pillow's errors have no common base; all mean "unreadable"
+        reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, Image.DecompressionBombError) else str(exc)
+        raise DatasetError(f"cannot read image {shown(path)}: {reason}; delete or replace the file") from exc
 
 
 def find_unreadable_images(paths: Sequence[str | Path]) -> list[str]:
@@ -119,7 +131,7 @@ class ClothingDataset(torch.utils.data.Dataset):
         unknown = [name for name in folders if name not in class_to_idx]
         if unknown:
             raise DatasetError(
-                f"{self.root} has class folder(s) {', '.join(unknown)} that the training split "
+                f"{shown(self.root)} has class folder(s) {', '.join(map(shown, unknown))} that the training split "
                 "does not have; add them to train/ or remove them"
             )
         self.class_to_idx = dict(class_to_idx)
@@ -130,7 +142,7 @@ class ClothingDataset(torch.utils.data.Dataset):
         for name in folders:
             images = list_images(self.root / name)
             if not images:
-                raise DatasetError(f"class folder {self.root / name} has no images ({EXPECTED_LAYOUT})")
+                raise DatasetError(f"class folder {shown(self.root / name)} has no images ({EXPECTED_LAYOUT})")
             for path in images:
                 if str(path) not in skipped:
                     self.image_paths.append(str(path))

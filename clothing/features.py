@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clothing.data import ClothingDataset, DatasetError, view_transforms
+from clothing.data import ClothingDataset, DatasetError, shown, view_transforms
 from clothing.extract import ExtractionOptions, TrunkOutputs, extract_features, resolve_precision
 from clothing.model import weights_fingerprint
 
@@ -35,9 +35,9 @@ class BadImagesError(DatasetError):
 
     def __init__(self, paths: list[str]) -> None:
         self.paths = paths
-        shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+        listed = ", ".join(map(shown, paths[:5])) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
         super().__init__(
-            f"{len(paths)} unreadable image(s): {shown}; delete or replace them, "
+            f"{len(paths)} unreadable image(s): {listed}; delete or replace them, "
             "or pass --skip-bad-images to leave them out"
         )
 
@@ -88,7 +88,8 @@ def cache_key(dataset: ClothingDataset, weights_id: str, options: ExtractionOpti
         digest.update(repr(transform).encode())
     for path, label in zip(dataset.image_paths, dataset.labels):
         stat = os.stat(path)
-        digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\n".encode())
+        # Bytes, not text: a file name that is not valid UTF-8 is still a file.
+        digest.update(os.fsencode(os.path.abspath(path)) + f"\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\n".encode())
     return digest.hexdigest()[:24]
 
 

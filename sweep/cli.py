@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import sys
 from pathlib import Path
 
 import click
 
 from clothing.checkpoint import CheckpointError, load_model, spec_of
-from clothing.data import DatasetError
+from clothing.data import DatasetError, shown
 from clothing.extract import PRECISIONS
 from clothing.model import MAX_FINETUNE_BLOCKS, TORCHVISION_WEIGHTS, BackboneError
+from clothing.predict import prediction_lines, read_images, unreadable_summary
 from clothing.predict import top_k as predict_top_k
 from sweep.config import SweepConfig, default_cache_dir, default_storage, default_tracking_uri
 from sweep.pipeline import quiet_libraries, run_sweep
@@ -23,11 +26,14 @@ from sweep.table import format_table, record_rows, rows_to_csv
 from sweep.tracking import REGISTRY_FORMATS, TrackingError, ui_command
 from sweep.winner import BestOptions, run_best
 
+MAX_JOBS = 64  # worker processes on one machine; more is a typo, not a plan (each holds a torch runtime)
 USER_ERRORS = (DatasetError, BackboneError, CheckpointError, TrackingError, SweepError, StorageError)
 
 
 def user_errors(command):
-    """Turn the library's expected errors into one `Error: ...` line and exit status 1."""
+    """Turn the library's expected errors into one `Error: ...` line and exit status 1. So does any
+    OSError from a path the user gave (a name too long, a file where a folder belongs, no permission):
+    it names the path and what the system said."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -35,8 +41,24 @@ def user_errors(command):
             return command(*args, **kwargs)
         except USER_ERRORS as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            raise click.ClickException(f"{shown(exc.filename)}: {exc.strerror or exc}") from exc
 
     return wrapper
+
+
+class FiniteFloat(click.FloatRange):
+    """A FloatRange that also refuses nan and +-inf (click's own lets nan through every bound)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def _apply(options, command):
@@ -117,7 +139,7 @@ tolerance_option = click.option(
     "--tolerance",
     default=DEFAULT_TOLERANCE,
     show_default=True,
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     help="Winner rule: trials within this much of the best val_acc compete on the smallest gap.",
 )
 
@@ -126,6 +148,10 @@ tolerance_option = click.option(
 def cli() -> None:
     """Hyperparameter sweeps with experiment tracking for the clothing classifier."""
     quiet_libraries()
+    # Backstop for a path we print without shown(): escape what the terminal cannot take, never crash.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 @cli.command()
@@ -138,7 +164,7 @@ def cli() -> None:
     type=click.IntRange(min=1),
     help="Target number of finished (COMPLETE or PRUNED) trials; a re-run only adds what is missing.",
 )
-@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1), help="Epochs per trial.")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1, MAX_EPOCHS), help="Epochs per trial.")
 @click.option(
     "--seed",
     default=42,
@@ -178,7 +204,7 @@ def cli() -> None:
     "--jobs",
     default=1,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_JOBS),
     help="Worker processes on this machine sharing the study (features are extracted once first).",
 )
 @click.option(
@@ -204,7 +230,7 @@ def cli() -> None:
     "--finetune-lr",
     default=3e-5,
     show_default=True,
-    type=click.FloatRange(*FINETUNE_LR_RANGE),
+    type=FiniteFloat(*FINETUNE_LR_RANGE),
     help="Learning rate of stage 2 (blocks and head): small, so the pretrained blocks are adjusted, not overwritten.",
 )
 @click.option("--quiet", is_flag=True, help="No progress output.")
@@ -304,8 +330,9 @@ def predict(model_file: Path, images: tuple[str, ...], top_k: int, tta: bool) ->
     """Top-k classes of each IMAGE with an exported MODEL (no network, nothing else needed)."""
     model, payload = load_model(model_file)
     spec = spec_of(payload)
-    predictions = predict_top_k(model, images, spec.transform(), spec.classes, top_k, tta=tta)
-    for path, preds in zip(images, predictions):
-        click.echo(path)
-        for name, prob in preds:
-            click.echo(f"  {prob:6.3f}  {name}")
+    readable, unreadable = read_images(images)
+    predictions = predict_top_k(model, [image for _, image in readable], spec.transform(), spec.classes, top_k, tta=tta)
+    for line in prediction_lines([path for path, _ in readable], predictions):
+        click.echo(line)
+    if unreadable:
+        raise click.ClickException(unreadable_summary(unreadable, len(images)))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from clothing.data import IMAGE_SIZE, ClothingDataset, build_transforms
+from clothing.data import IMAGE_SIZE, ClothingDataset, DatasetError, build_transforms, shown
 from clothing.extract import ExtractionOptions
 from clothing.features import FeatureSet, cached_features
 from clothing.model import finetune_cut, load_backbone, weights_fingerprint
@@ -24,18 +24,28 @@ class SweepData:
 
 
 def load_splits(data_dir: Path) -> tuple[ClothingDataset, ClothingDataset]:
+    """Both splits, refused when they cannot make a classifier (before any store is created)."""
     transform = build_transforms(IMAGE_SIZE)
     train = ClothingDataset(data_dir / "train", transform)
+    if len(train.classes) < 2:
+        raise DatasetError(
+            f"{shown(data_dir / 'train')} has one class folder ({shown(train.classes[0])}); a classifier needs "
+            "at least two, one sub-folder per class"
+        )
     val = ClothingDataset(data_dir / "validation", transform, class_to_idx=train.class_to_idx)
     return train, val
 
 
 def prepare_data(
-    cfg: SweepConfig, device: torch.device, splits: tuple[ClothingDataset, ClothingDataset], progress: bool = True
+    cfg: SweepConfig,
+    device: torch.device,
+    splits: tuple[ClothingDataset, ClothingDataset],
+    backbone: torch.nn.Module | None = None,
+    progress: bool = True,
 ) -> SweepData:
     """Cached features of the splits from `load_splits` (one backbone pass on a cold cache)."""
     train_set, val_set = splits
-    backbone = load_backbone(cfg.backbone_weights)
+    backbone = backbone if backbone is not None else load_backbone(cfg.backbone_weights)
     # With fine-tuning on, the same pass also caches the activations entering the blocks that train.
     cut = finetune_cut(cfg.finetune_blocks) if cfg.finetune_blocks else None
     options = ExtractionOptions(

@@ -18,6 +18,8 @@ from pathlib import Path
 import optuna
 import torch
 
+from clothing.data import shown
+from clothing.model import load_backbone
 from sweep.config import SweepConfig
 from sweep.data import load_splits, prepare_data
 from sweep.export import fetch_head
@@ -33,6 +35,7 @@ from sweep.study import (
     describe_study,
     finetune_study_name,
     load_studies,
+    make_storage,
     open_study,
     resolve_device,
     run_trials,
@@ -81,7 +84,7 @@ def _context(cfg: SweepConfig, experiment_id: str, parent_id: str, progress: boo
 def parent_params(cfg: SweepConfig, backbone_id: str) -> dict:
     """The sweep's settings, as params of the parent run (never a store URL: it may hold a password)."""
     return {
-        "data_dir": cfg.data_dir,
+        "data_dir": shown(cfg.data_dir),
         "trials": cfg.trials,
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
@@ -97,22 +100,31 @@ def parent_params(cfg: SweepConfig, backbone_id: str) -> dict:
 
 
 def prepare(cfg: SweepConfig, report: Report) -> tuple[TrialContext, optuna.Study]:
-    """Check the inputs, open the stage-1 study, cache the data and open the parent run."""
+    """Check the inputs, cache the data, open the stage-1 study and the parent run.
+
+    Every input a user can get wrong is checked before a study or a run is written, the cheap ones
+    first: device, data layout, weights, the two stores (reached, nothing created in them), the cache
+    folder, then the images themselves while their features are cached. A refused run records nothing.
+    """
     device = resolve_device(cfg.device)
-    tracker = Tracker(cfg.tracking_uri)
     splits = load_splits(cfg.data_dir)
+    backbone = load_backbone(cfg.backbone_weights)
+    tracker = Tracker(cfg.tracking_uri)
     tracker.check_reachable()
+    make_storage(cfg.storage)  # a wrong URL fails now, not after minutes of extraction
+    cfg.cache_dir.mkdir(parents=True, exist_ok=True)  # a file in its place fails here, in one line
+    data = prepare_data(cfg, device, splits, backbone, progress=cfg.progress)
     study = _stage1_study(cfg)
     finished = count_finished(study)
     if finished >= cfg.trials:
         report(f"study {cfg.study!r} already has {finished} finished trials (target {cfg.trials})")
-    data = prepare_data(cfg, device, splits, progress=cfg.progress)
     # Under the study's lock: machines that start together still find (or create) one parent run.
     with holding(study_lock(cfg.storage, cfg.study)):
         experiment_id = tracker.experiment_id(cfg.study)
         parent_id = tracker.open_parent(experiment_id, cfg.study, parent_params(cfg, data.backbone_id))
     if data.train.bad_paths or data.val.bad_paths:
-        tracker.log_text(parent_id, "\n".join(data.train.bad_paths + data.val.bad_paths), "skipped_images.txt")
+        skipped = "\n".join(map(shown, data.train.bad_paths + data.val.bad_paths))
+        tracker.log_text(parent_id, skipped, "skipped_images.txt")
     return TrialContext(cfg, data, tracker, experiment_id, parent_id, device), study
 
 

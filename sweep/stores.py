@@ -32,6 +32,15 @@ def mask_url(url: str) -> str:
     return _QUERY_PASSWORD.sub(r"\1***", masked)
 
 
+def not_utf8(url: str) -> bool:
+    """A URL built from a folder whose name is not valid UTF-8 (no database driver or HTTP client takes it)."""
+    try:
+        url.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def engine_kwargs(url: str) -> dict | None:
     """SQLAlchemy engine options for an Optuna storage URL.
 

@@ -22,11 +22,12 @@ from optuna.samplers import BaseSampler, PartialFixedSampler, TPESampler
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
+from clothing.data import shown
 from sweep.config import SweepConfig
 from sweep.locks import holding, study_lock
 from sweep.select import DEFAULT_TOLERANCE, FINETUNE_STAGE, HEAD_STAGE, TrialRecord, rule_text, trial_name
 from sweep.space import describe_finetune_space, describe_space
-from sweep.stores import engine_kwargs, mask_url, storage_error
+from sweep.stores import StorageError, engine_kwargs, mask_url, not_utf8, storage_error
 from sweep.tracking import Tracker
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -113,6 +114,8 @@ def _mark_stale_run_failed(tracker_uri: str) -> Callable[[optuna.Study, FrozenTr
 def make_storage(url: str, tracking_uri: str | None = None) -> optuna.storages.BaseStorage:
     """An Optuna storage with heartbeats, so that a crashed trial does not stay RUNNING forever.
     A storage that cannot be opened raises StorageError, which names it (password masked) and the fix."""
+    if not_utf8(url):
+        raise StorageError(f"the Optuna storage {shown(url)} is not valid UTF-8; put it in a folder whose name is")
     if url.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(url.removeprefix("sqlite:///")) or ".", exist_ok=True)
     try:
@@ -162,7 +165,14 @@ def open_study(
 
 
 def load_studies(name: str, storage: str) -> tuple[optuna.Study, optuna.Study | None]:
-    """A finished or running study for reading: stage 1, and stage 2 when there is one."""
+    """A finished or running study for reading: stage 1, and stage 2 when there is one.
+    Reading never creates a store: a SQLite file that is not there is an error."""
+    database = storage.removeprefix("sqlite:///") if storage.startswith("sqlite:///") else None
+    if database is not None and not os.path.isfile(database):
+        raise SweepError(
+            f"no Optuna storage at {shown(database)}; run `python -m sweep run --study {name}` first, "
+            "or pass the --storage of an existing sweep"
+        )
     store = make_storage(storage)
     try:
         study = optuna.load_study(study_name=name, storage=store)
@@ -231,6 +241,15 @@ def describe_trial(trial: FrozenTrial, stage: str, seconds: float) -> str:
     return line
 
 
+def latest_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Every trial as the database holds it now. Optuna's per-process cache of an RDB storage can miss
+    a trial another process created (seen here as a 7th trial of 6 when four processes on a busy
+    2-core machine shared a PostgreSQL study), so the count that guards the target reads past it."""
+    storage = study._storage  # noqa: SLF001 - the cache Optuna wraps around the storage we gave it
+    backend = getattr(storage, "_backend", storage)
+    return backend.get_all_trials(study._study_id, deepcopy=False)  # noqa: SLF001
+
+
 def count_finished(study: optuna.Study, counts: Callable[[FrozenTrial], bool] = lambda _: True) -> int:
     return sum(counts(t) for t in study.get_trials(deepcopy=False, states=FINISHED))
 
@@ -261,8 +280,9 @@ def run_trials(
         lock.acquire()
         try:
             optuna.storages.fail_stale_trials(study)
-            finished = count_finished(study, counts)
-            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) if heartbeat else 0
+            trials = latest_trials(study)
+            finished = sum(t.state in FINISHED and counts(t) for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials) if heartbeat else 0
             if finished >= target:
                 break
             if finished + running >= target:

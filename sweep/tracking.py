@@ -20,7 +20,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from sweep.stores import mask_url
+from clothing.data import shown
+from sweep.stores import mask_url, not_utf8
 
 ROLE_TAG = "sweep.role"
 STUDY_TAG = "sweep.study"
@@ -62,6 +63,10 @@ class Tracker:
 
     def __init__(self, tracking_uri: str) -> None:
         self.tracking_uri = tracking_uri
+        if not_utf8(tracking_uri):
+            raise TrackingError(
+                f"the MLflow tracking store {shown(tracking_uri)} is not valid UTF-8; put it in a folder whose name is"
+            )
         if tracking_uri.startswith("sqlite:///"):
             # The default store: keep the database's folder (and so the artifacts beside it) ready.
             Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)

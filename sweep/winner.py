@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clothing.checkpoint import CheckpointError
+from clothing.data import shown
 from clothing.model import load_backbone
 from sweep.export import check_backbone, export_model, fetch_head, mirror_val_acc, register_winner, split_accuracy
 from sweep.pipeline import publish_study
@@ -101,7 +102,9 @@ def evaluate_winner(
 def run_best(options: BestOptions, say: Report) -> None:
     """The `best` command: rank, mark, and on request score, export and register the winner."""
     if options.export_path is not None and not options.export_path.parent.is_dir():
-        raise CheckpointError(f"folder {options.export_path.parent} for --export does not exist; create it first")
+        raise CheckpointError(
+            f"folder {shown(options.export_path.parent)} for --export does not exist; create it first"
+        )
     ranking = rank_study(options.study, options.storage, options.tolerance)
     for line in ranking.lines():
         say(line)
@@ -119,10 +122,10 @@ def run_best(options: BestOptions, say: Report) -> None:
     if "val_acc_tta" in metrics:
         say(f"val_acc {winner.val_acc:.3f} without TTA, {metrics['val_acc_tta']:.3f} with TTA (image + mirror)")
     if "test_acc" in metrics:
-        say(f"test_acc {metrics['test_acc']:.3f} on the images of {Path(options.data_dir) / 'test'}")
+        say(f"test_acc {metrics['test_acc']:.3f} on the images of {shown(Path(options.data_dir) / 'test')}")
     if options.export_path is not None:
         export_model(head, backbone, options.export_path, metrics)
-        say(f"Exported {winner.name} to {options.export_path}")
+        say(f"Exported {winner.name} to {shown(options.export_path)}")
     if options.register_name is not None:
         version = register_winner(tracker, head, backbone, options.register_name, options.register_format)
         say(f"Registered {winner.name} as models:/{options.register_name}/{version}")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from images import ALL_CLASSES, calibrated_backbone, make_split
 from sweep_helpers import data_args, load_study, sweep
 
@@ -78,3 +79,16 @@ def swept(tmp_path_factory, tiny_weights) -> Swept:
     assert any(r.state == "PRUNED" for r in records), "the median pruner should prune some trial"
     assert select_winner(records).number != 0, "the winner should not be trial 0 by the tie-break"
     return Swept(stores_in(root), data, tiny_weights, trials=10, epochs=6)
+
+
+# Hypothesis: a modest number of examples in `make test`; `pytest --hypothesis-profile long` for a
+# long local run. The fuzz tests run real commands, so no deadline, and they make their own folders
+# per example inside function-scoped fixtures.
+settings.register_profile(
+    "default",
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.register_profile("long", settings.get_profile("default"), max_examples=100)
+settings.load_profile("default")

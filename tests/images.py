@@ -8,6 +8,8 @@ feature extractor whose pooled features are of order 1 and separate the classes,
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +89,47 @@ def calibrated_backbone(images: torch.Tensor | None = None, seed: int = 0) -> mo
     for layer, momentum in momenta.items():
         layer.momentum = momentum
     return backbone.eval()
+
+
+def write_bomb_png(path: Path, side: int = 14_000) -> Path:
+    """A valid PNG header that claims side x side pixels (a decompression bomb to Pillow: 196 M pixels
+    is over twice its MAX_IMAGE_PIXELS), with almost no data: a few hundred bytes on disk."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    body = zlib.compress(b"\0" * (side // 8 + 1) * 4)  # a few rows; Pillow refuses before reading them
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+def write_hostile_file(path: Path, kind: str, seed: int = 0) -> Path:
+    """A file an image folder should never hold, or one that only looks odd. `kind` is one of
+    HOSTILE_KINDS; the unreadable ones are UNREADABLE_KINDS."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    if kind == "random bytes":
+        path.write_bytes(rng.integers(0, 256, int(rng.integers(0, 4000)), dtype=np.uint8).tobytes())
+    elif kind == "truncated jpeg":
+        full = write_image(path.with_suffix(".full.jpg"), seed=seed, size=64).read_bytes()
+        path.with_suffix(".full.jpg").unlink()
+        path.write_bytes(full[: len(full) // 2])
+    elif kind == "bomb header":
+        write_bomb_png(path)
+    elif kind == "empty file":
+        path.write_bytes(b"")
+    elif kind == "text named as an image":
+        path.write_text("not an image at all\n")
+    elif kind == "png named .jpg":  # the extension lies, the content is a fine image
+        Image.fromarray(styled_pixels(0, rng)).save(path, format="PNG")
+    elif kind.startswith("mode "):  # odd modes that convert to RGB
+        Image.fromarray(styled_pixels(1, rng)).convert(kind.removeprefix("mode ")).save(path, format="TIFF")
+    else:
+        raise ValueError(kind)
+    return path
+
+
+UNREADABLE_KINDS = ("random bytes", "truncated jpeg", "bomb header", "empty file", "text named as an image")
+HOSTILE_KINDS = (*UNREADABLE_KINDS, "png named .jpg", "mode L", "mode I;16", "mode CMYK", "mode 1", "mode LA", "mode P")

@@ -160,9 +160,30 @@ MUTANTS = (
     Mutant(
         "the storage URL logged as a param of the parent run",
         "sweep/pipeline.py",
-        '        "data_dir": cfg.data_dir,\n',
-        '        "data_dir": cfg.data_dir,\n        "storage": cfg.storage,\n',
+        '        "data_dir": shown(cfg.data_dir),\n',
+        '        "data_dir": shown(cfg.data_dir),\n        "storage": cfg.storage,\n',
         ("tests/test_cluster.py::test_no_password_reaches_the_record_or_the_terminal",),
+    ),
+    Mutant(
+        "Pillow's decompression-bomb error not treated as an unreadable image",
+        "clothing/data.py",
+        "    except Exception as exc:  # noqa: BLE001",
+        "    except (OSError, ValueError) as exc:  # noqa: BLE001",
+        ("tests/test_hostile.py::test_a_decompression_bomb_is_an_unreadable_image_everywhere",),
+    ),
+    Mutant(
+        "the cache key hashes file names as text (a non-UTF-8 name crashes it)",
+        "clothing/features.py",
+        "os.fsencode(os.path.abspath(path))",
+        "os.path.abspath(path).encode()",
+        ("tests/test_hostile.py::test_names_that_are_not_utf8_work_end_to_end",),
+    ),
+    Mutant(
+        "a float option lets nan through",
+        "sweep/cli.py",
+        "if not math.isfinite(number):",
+        "if math.isinf(number):",
+        ("tests/test_hostile.py::test_numbers_that_parse_but_make_no_sense_are_usage_errors",),
     ),
 )
 

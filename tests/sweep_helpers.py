@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 
@@ -68,3 +69,29 @@ def assert_one_error(result, *fragments, code=1):
     assert "Traceback" not in output
     for fragment in fragments:
         assert fragment in error_lines[0], error_lines[0]
+
+
+def recorded(stores) -> tuple:
+    """Everything a user has recorded in the stores: each study's trials with their states, each
+    run with its status. Store files that do not exist record nothing."""
+    storage, tracking = stores["--storage"], stores["--tracking-uri"]
+    studies, runs = [], []
+    if os.path.isfile(storage.removeprefix("sqlite:///")):
+        for name in sorted(optuna.get_all_study_names(storage)):
+            trials = optuna.load_study(study_name=name, storage=storage).trials
+            studies.append((name, tuple((t.number, t.state.name) for t in trials)))
+    if os.path.isfile(tracking.removeprefix("sqlite:///")):
+        client = MlflowClient(tracking_uri=tracking)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs = sorted((r.info.run_id, r.info.status) for r in client.search_runs(experiments))
+    return tuple(studies), tuple(runs)
+
+
+def assert_clean_outcome(result) -> None:
+    """What any input may lead to: success, a click usage error, or exactly one `Error:` line with a
+    non-zero exit; never a traceback."""
+    assert result.exception is None or isinstance(result.exception, SystemExit), output_of(result)
+    assert "Traceback" not in result.output, output_of(result)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code in (0, 1, 2), output_of(result)
+    assert len(errors) == (0 if result.exit_code == 0 else 1), output_of(result)

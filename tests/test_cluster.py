@@ -153,7 +153,10 @@ def three_machines(storage, server, shared_data, tiny_weights, tmp_path_factory)
 def test_three_machines_finish_one_study_with_exactly_its_target_and_one_run_per_trial(three_machines, storage, server):
     study = read_study(storage, STUDY)
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
-    assert len(finished) == TRIALS  # the database-level lock: no machine overshoots
+    history = " ".join(
+        f"{t.number}:{t.state.name}:{t.datetime_start:%S.%f}-{t.datetime_complete:%S.%f}" for t in study.trials
+    )
+    assert len(finished) == TRIALS, history  # the database-level lock: no machine overshoots
     configurations = [tuple(sorted(t.params.items())) for t in study.trials]
     assert len(set(configurations)) == len(configurations)
     finetune = read_study(storage, f"{STUDY}.finetune")

@@ -5,7 +5,7 @@ from images import calibrated_backbone
 from PIL import Image
 
 from clothing.__main__ import cli as clothing_cli
-from clothing.data import build_transforms
+from clothing.data import build_transforms, load_image
 from clothing.model import ClothingClassifierMobileNet
 from clothing.predict import mirror_averaged_logits, top_k
 
@@ -21,8 +21,8 @@ def test_tta_leaves_a_mirror_symmetric_image_unchanged(tmp_path):
     half = np.random.default_rng(0).integers(0, 255, (64, 32, 3), dtype=np.uint8)
     Image.fromarray(np.concatenate([half, half[:, ::-1]], axis=1)).save(tmp_path / "sym.png")
     net, transform = model(), build_transforms()
-    plain = top_k(net, [tmp_path / "sym.png"], transform, CLASSES, k=3)
-    with_tta = top_k(net, [tmp_path / "sym.png"], transform, CLASSES, k=3, tta=True)
+    plain = top_k(net, [load_image(tmp_path / "sym.png")], transform, CLASSES, k=3)
+    with_tta = top_k(net, [load_image(tmp_path / "sym.png")], transform, CLASSES, k=3, tta=True)
     assert [name for name, _ in plain[0]] == [name for name, _ in with_tta[0]]
     np.testing.assert_allclose([p for _, p in plain[0]], [p for _, p in with_tta[0]], atol=1e-5)
 
@@ -39,8 +39,8 @@ def test_tta_changes_the_probabilities_of_an_asymmetric_image(tmp_path):
     pixels[:, :32] = (230, 60, 60)  # bright left half: its mirror is another image
     Image.fromarray(pixels).save(tmp_path / "left.png")
     net, transform = model(), build_transforms()
-    plain = dict(top_k(net, [tmp_path / "left.png"], transform, CLASSES, k=3)[0])
-    with_tta = dict(top_k(net, [tmp_path / "left.png"], transform, CLASSES, k=3, tta=True)[0])
+    plain = dict(top_k(net, [load_image(tmp_path / "left.png")], transform, CLASSES, k=3)[0])
+    with_tta = dict(top_k(net, [load_image(tmp_path / "left.png")], transform, CLASSES, k=3, tta=True)[0])
     assert max(abs(plain[c] - with_tta[c]) for c in CLASSES) > 1e-4
 
 

@@ -3,6 +3,8 @@ here on the image files."""
 
 from __future__ import annotations
 
+import os
+
 import optuna
 import pytest
 import torch
@@ -130,9 +132,14 @@ def test_predict_prints_k_classes_per_image(three_trials, stores, data_dir, tiny
 
 
 def test_best_on_a_missing_study_or_one_without_complete_trials_is_an_error(stores):
+    nothing = sweep("best", "--study", "nope", stores=stores)
+    assert nothing.exit_code == 1 and nothing.output.startswith("Error: no Optuna storage at ")
+    database = stores["--storage"].removeprefix("sqlite:///")
+    assert not os.path.exists(database)  # reading created nothing
+    os.makedirs(os.path.dirname(database))
+    study = optuna.create_study(study_name="empty", storage=stores["--storage"])
     missing = sweep("best", "--study", "nope", stores=stores)
     assert missing.exit_code == 1 and missing.output.startswith("Error: no study named 'nope'")
-    study = optuna.create_study(study_name="empty", storage=stores["--storage"])
     study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
     empty = sweep("best", "--study", "empty", stores=stores)
     assert empty.exit_code == 1 and "no COMPLETE trial" in empty.output
