@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from images import ALL_CLASSES, calibrated_backbone, make_split
-from sweep_helpers import data_args, load_study, sweep
+from sweep_helpers import data_args, load_study, stores_in, sweep
 
 from sweep.select import select_winner
 from sweep.study import trial_records
@@ -31,15 +31,6 @@ def tiny_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "mobilenet_v2_calibrated.pth"
     torch.save(calibrated_backbone().state_dict(), path)
     return path
-
-
-def stores_in(folder: Path) -> dict[str, str]:
-    """CLI options that put every piece of run state (Optuna, MLflow, cache) in `folder`."""
-    return {
-        "--storage": f"sqlite:///{folder / 'optuna.db'}",
-        "--tracking-uri": f"sqlite:///{folder / 'mlflow.db'}",
-        "--cache-dir": str(folder / "cache"),
-    }
 
 
 @pytest.fixture

@@ -15,6 +15,15 @@ from sweep.cli import cli
 STORE_OPTIONS = {"trials": ("--storage", "--tracking-uri")}  # commands that take fewer than all three
 
 
+def stores_in(folder) -> dict[str, str]:
+    """CLI options that put every piece of run state (Optuna, MLflow, cache) in `folder`."""
+    return {
+        "--storage": f"sqlite:///{folder / 'optuna.db'}",
+        "--tracking-uri": f"sqlite:///{folder / 'mlflow.db'}",
+        "--cache-dir": str(folder / "cache"),
+    }
+
+
 def store_args(command: str, stores: dict[str, str]) -> list[str]:
     """The options that keep every store in tmp_path, as far as `command` takes them."""
     wanted = STORE_OPTIONS.get(command, tuple(stores))
