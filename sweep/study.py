@@ -251,7 +251,8 @@ def latest_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def count_finished(study: optuna.Study, counts: Callable[[FrozenTrial], bool] = lambda _: True) -> int:
-    return sum(counts(t) for t in study.get_trials(deepcopy=False, states=FINISHED))
+    """Finished trials that `counts`, read past Optuna's cache like the guard's own count."""
+    return sum(t.state in FINISHED and counts(t) for t in latest_trials(study))
 
 
 def run_trials(
