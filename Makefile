@@ -3,8 +3,10 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.14.1 torchvision==0.29.1
-DATA_URL := https://github.com/alexeygrigorev/clothing-dataset-small.git
-export CLOTHING_DATA_DIR ?= data/clothing-dataset-small
+DATA_URL ?= https://github.com/alexeygrigorev/clothing-dataset-small.git
+DATA_DIR ?= data/clothing-dataset-small
+export CLOTHING_DATA_DIR ?= $(DATA_DIR)
+MODEL   ?= model.pt
 
 .PHONY: install test lint mutants sweep best ui data bench bench-accuracy clean
 
@@ -36,15 +38,21 @@ lint: install
 # plain head-only sweep.
 SWEEP_OPTIONS ?= --search dropout --views 3 --finetune-blocks 1
 
+# With the default data folder missing, it first downloads the dataset; offline, the clone fails in one
+# line and `sweep run` then says where the data goes.
 sweep: install
+	@if [ "$$CLOTHING_DATA_DIR" = "$(DATA_DIR)" ] && [ ! -d "$(DATA_DIR)/train" ]; then \
+		echo "Downloading the clothing dataset into $(DATA_DIR) (make data)"; \
+		git clone --quiet --depth 1 $(DATA_URL) $(DATA_DIR) || true; \
+	fi
 	$(PY) -m sweep run $(SWEEP_OPTIONS)
-	$(PY) -m sweep best --export model.pt
+	$(PY) -m sweep best --export $(MODEL)
 
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1
 
 data:
-	test -d data/clothing-dataset-small || git clone --depth 1 $(DATA_URL) data/clothing-dataset-small
+	test -d $(DATA_DIR) || git clone --depth 1 $(DATA_URL) $(DATA_DIR)
 
 bench: install
 	$(PY) -m bench

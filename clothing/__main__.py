@@ -8,7 +8,8 @@ from clothing.model import TORCHVISION_WEIGHTS, BackboneError, load_backbone
 from clothing.predict import classify_imagenet, prediction_lines, read_images, unreadable_summary
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="clothing-sweep", prog_name="clothing")
 def cli() -> None:
     """Transfer-learning helpers for the clothing dataset."""
 
@@ -26,7 +27,10 @@ def cli() -> None:
     help="Local MobileNetV2 state_dict, or IMAGENET1K_V1 to download torchvision's (env CLOTHING_BACKBONE_WEIGHTS).",
 )
 def classify(images: tuple[str, ...], top_k: int, backbone_weights: str) -> None:
-    """Print the top-k ImageNet classes of each IMAGE with their probabilities."""
+    """ImageNet top-k classes of images.
+
+    Prints the top-k ImageNet classes of each IMAGE with their probabilities.
+    """
     try:
         backbone = load_backbone(backbone_weights)
     except BackboneError as exc:

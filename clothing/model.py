@@ -44,7 +44,14 @@ def load_backbone(weights: str | Path | None = TORCHVISION_WEIGHTS) -> models.Mo
     if weights is None:
         model = models.mobilenet_v2(weights=None)
     elif str(weights) == TORCHVISION_WEIGHTS:
-        model = models.mobilenet_v2(weights=models.MobileNet_V2_Weights.IMAGENET1K_V1)
+        try:
+            model = models.mobilenet_v2(weights=models.MobileNet_V2_Weights.IMAGENET1K_V1)
+        except (OSError, RuntimeError) as exc:  # no network (URLError is an OSError), a bad download
+            raise BackboneError(
+                f"cannot download torchvision's {TORCHVISION_WEIGHTS} MobileNetV2 weights ({_first_line(exc)}); "
+                "the default downloads them once into the torch cache ($TORCH_HOME). Offline, set "
+                "CLOTHING_BACKBONE_WEIGHTS (or --backbone-weights) to a local MobileNetV2 state_dict"
+            ) from exc
     else:
         path = Path(weights)
         if not path.is_file():
@@ -62,6 +69,11 @@ def load_backbone(weights: str | Path | None = TORCHVISION_WEIGHTS) -> models.Mo
                 "pass the right weights file"
             ) from exc
     return model.eval()
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def weights_fingerprint(module: nn.Module) -> str:

@@ -23,7 +23,7 @@ from sweep.space import FINETUNE_LR_RANGE, MAX_EPOCHS, OPTIONAL_DIMENSIONS
 from sweep.stores import STORAGE_ENV, StorageError
 from sweep.study import SweepError, load_studies, trial_records
 from sweep.table import format_table, record_rows, rows_to_csv
-from sweep.tracking import REGISTRY_FORMATS, TrackingError, ui_command
+from sweep.tracking import REGISTRY_FORMATS, Tracker, TrackingError, browse_hint
 from sweep.winner import BestOptions, run_best
 
 MAX_JOBS = 64  # worker processes on one machine; more is a typo, not a plan (each holds a torch runtime)
@@ -144,9 +144,13 @@ tolerance_option = click.option(
 )
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="clothing-sweep", prog_name="sweep")
 def cli() -> None:
-    """Hyperparameter sweeps with experiment tracking for the clothing classifier."""
+    """Hyperparameter sweeps with experiment tracking for the clothing classifier.
+
+    `run` a study, list its `trials`, pick the `best` one, `predict` with the exported model.
+    """
     quiet_libraries()
     # Backstop for a path we print without shown(): escape what the terminal cannot take, never crash.
     for stream in (sys.stdout, sys.stderr):
@@ -236,12 +240,16 @@ def cli() -> None:
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @user_errors
 def run(jobs: int, quiet: bool, **options) -> None:
-    """Run (or resume) a study: extract features once, then train a head per trial."""
+    """Run or resume a study.
+
+    Checks every input, caches the backbone's features once, then trains a head per trial (and with
+    --finetune-blocks, fine-tunes the winner), each trial a nested MLflow run.
+    """
     cfg = SweepConfig(**options, progress=not quiet)
     say = (lambda _: None) if quiet else click.echo
     result = run_sweep(cfg, say, jobs=jobs)
     click.echo(format_table(record_rows(result.records, select_winner(result.records))))
-    click.echo(f"\nBrowse the runs: {ui_command(cfg.tracking_uri)}")
+    click.echo(f"\nBrowse the runs: {browse_hint(Tracker(cfg.tracking_uri), cfg.study)}")
     if result.errors and result.finished_here == 0:
         raise SweepError(f"every trial of this run failed; first error: {result.errors[0]}")
     if result.errors:
@@ -276,7 +284,11 @@ def run(jobs: int, quiet: bool, **options) -> None:
 )
 @user_errors
 def best(**options) -> None:
-    """Show the leading trials and the winner; optionally export or register it, and score it on test/."""
+    """Show the winner; export, register, score it.
+
+    Ranks the trials by the winner rule and marks the winner in MLflow; scores it on test/ when the
+    data folder has one, and on request exports it (--export) or registers it (--register).
+    """
     run_best(BestOptions(**options), click.echo)
 
 
@@ -308,7 +320,10 @@ SORT_KEYS = {
 @tolerance_option
 @user_errors
 def trials(study, storage, tracking_uri, sort_by, fmt, tolerance) -> None:
-    """Every trial of a study with its state, parameters, scores and MLflow run id; the winner marked."""
+    """List a study's trials (table, CSV or JSON).
+
+    Every trial of both stages with its state, parameters, scores and MLflow run id; the winner starred.
+    """
     records = trial_records(*load_studies(study, storage))
     winner = select_winner(records, tolerance)
     rows = record_rows(sorted(records, key=SORT_KEYS[sort_by]), winner)
@@ -327,7 +342,10 @@ def trials(study, storage, tracking_uri, sort_by, fmt, tolerance) -> None:
 @click.option("--tta", is_flag=True, help="Average the logits of each image and its mirror image.")
 @user_errors
 def predict(model_file: Path, images: tuple[str, ...], top_k: int, tta: bool) -> None:
-    """Top-k classes of each IMAGE with an exported MODEL (no network, nothing else needed)."""
+    """Classify images with an exported model.
+
+    Top-k classes of each IMAGE with a MODEL written by `best --export` (no network, nothing else needed).
+    """
     model, payload = load_model(model_file)
     spec = spec_of(payload)
     readable, unreadable = read_images(images)

@@ -25,6 +25,11 @@ class SweepData:
 
 def load_splits(data_dir: Path) -> tuple[ClothingDataset, ClothingDataset]:
     """Both splits, refused when they cannot make a classifier (before any store is created)."""
+    if not (data_dir / "train").is_dir():
+        raise DatasetError(
+            f"data folder {shown(data_dir / 'train')} does not exist; run `make data` to download the clothing "
+            "dataset there, or point --data-dir (or CLOTHING_DATA_DIR) at a folder with train/ and validation/"
+        )
     transform = build_transforms(IMAGE_SIZE)
     train = ClothingDataset(data_dir / "train", transform)
     if len(train.classes) < 2:

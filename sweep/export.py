@@ -16,7 +16,7 @@ from clothing.extract import ExtractionOptions
 from clothing.features import cached_features
 from clothing.model import ClothingClassifierMobileNet, build_model, weights_fingerprint
 from sweep.select import TrialRecord
-from sweep.tracking import Tracker
+from sweep.tracking import LoggedModel, Tracker, VersionInfo
 
 CHECKPOINT_ARTIFACT = "checkpoint/head.pt"
 
@@ -63,7 +63,7 @@ def export_model(head: dict, backbone: torch.nn.Module, path: str | Path, metric
 
 
 def register_winner(
-    tracker: Tracker, head: dict, backbone: torch.nn.Module, name: str, serialization_format: str = "pickle"
+    tracker: Tracker, head: dict, backbone: torch.nn.Module, name: str, version: VersionInfo, fmt: str = "pickle"
 ) -> str:
     """Log the winner's full model on its run as an MLflow PyTorch model and register a version of `name`."""
     model, spec = model_from_checkpoint(head, backbone), spec_of(head)
@@ -79,9 +79,9 @@ def register_winner(
         "std": list(spec.std),
         "output": "logits, one per class in `classes` order",
     }
-    code = [str(Path(clothing.__file__).parent)] if serialization_format == "pickle" else None
-    run_id = head["provenance"]["mlflow_run_id"]
-    return tracker.register_model(run_id, model, name, example, metadata, code, serialization_format)
+    code = [str(Path(clothing.__file__).parent)] if fmt == "pickle" else None
+    logged = LoggedModel(example, metadata, fmt, code)
+    return tracker.register_model(head["provenance"]["mlflow_run_id"], model, name, version, logged)
 
 
 def split_logits(

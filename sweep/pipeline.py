@@ -41,8 +41,9 @@ from sweep.study import (
     run_trials,
     trial_records,
 )
+from sweep.summary import TEST_METRIC, experiment_description, parent_description, parent_metrics
 from sweep.table import record_rows, rows_to_csv
-from sweep.tracking import Tracker
+from sweep.tracking import NOTE_TAG, Tracker
 from sweep.trial import TrackedObjective, TrialContext
 from sweep.workers import start_workers
 
@@ -122,6 +123,7 @@ def prepare(cfg: SweepConfig, report: Report) -> tuple[TrialContext, optuna.Stud
     with holding(study_lock(cfg.storage, cfg.study)):
         experiment_id = tracker.experiment_id(cfg.study)
         parent_id = tracker.open_parent(experiment_id, cfg.study, parent_params(cfg, data.backbone_id))
+    tracker.describe_experiment(experiment_id, experiment_description(cfg.study, shown(cfg.data_dir)))
     if data.train.bad_paths or data.val.bad_paths:
         skipped = "\n".join(map(shown, data.train.bad_paths + data.val.bad_paths))
         tracker.log_text(parent_id, skipped, "skipped_images.txt")
@@ -195,16 +197,33 @@ def all_records(cfg: SweepConfig) -> list[TrialRecord]:
 
 
 def publish_study(tracker: Tracker, parent_id: str, study: str, storage: str, tolerance: float) -> list[TrialRecord]:
-    """Refresh the parent run's trials.csv and study plots, the winner marked under `tolerance`;
-    returns the records they show."""
+    """Refresh the parent run: its summary (metrics, description), trials.csv and the study plots,
+    the winner marked under `tolerance`; returns the records they show."""
     stage1, stage2 = load_studies(study, storage)
     records = trial_records(stage1, stage2)
     winner = select_winner(records, tolerance)
+    summarise_parent(tracker, parent_id, records, winner, tolerance, stage1.user_attrs)
     tracker.log_text(parent_id, rows_to_csv(record_rows(records, winner)), "trials.csv")
     with tempfile.TemporaryDirectory() as tmp:
         for path in study_plots(stage1, records, tolerance, winner, Path(tmp)):
             tracker.log_file(parent_id, path, "plots")
     return records
+
+
+def summarise_parent(
+    tracker: Tracker,
+    parent_id: str,
+    records: list[TrialRecord],
+    winner: TrialRecord | None,
+    tolerance: float,
+    stage1_attrs: dict,
+) -> None:
+    """The parent run's metrics and description, so its collapsed row in MLflow says what happened.
+    The winner's test score is the one `best` logged on the winner's own run, if any."""
+    test_acc = tracker.latest_metrics(winner.run_id).get(TEST_METRIC) if winner and winner.run_id else None
+    tracker.log_metrics(parent_id, parent_metrics(records, winner, test_acc))
+    description = parent_description(records, winner, tolerance, stage1_attrs, test_acc)
+    tracker.set_tags(parent_id, {NOTE_TAG: description})
 
 
 def run_sweep(cfg: SweepConfig, report: Report, jobs: int = 1) -> SweepResult:

@@ -106,7 +106,7 @@ def _mark_stale_run_failed(tracker_uri: str) -> Callable[[optuna.Study, FrozenTr
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
-            Tracker(tracker_uri).end_trial(run_id, "FAIL", {"sweep.error": "worker stopped (no heartbeat)"})
+            Tracker(tracker_uri).end_trial(run_id, "FAIL", "worker stopped (no heartbeat)")
 
     return callback
 

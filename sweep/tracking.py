@@ -8,10 +8,14 @@ processes can log side by side.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -21,16 +25,42 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from clothing.data import shown
+from sweep.config import default_tracking_uri
 from sweep.stores import mask_url, not_utf8
 
 ROLE_TAG = "sweep.role"
 STUDY_TAG = "sweep.study"
 STAGE_TAG = "stage"  # head (stage 1, a sweep trial) or finetune (stage 2)
 WINNER_TAG = "sweep.winner"  # on the winner's run only
+STATE_TAG = "sweep.state"  # a trial run's Optuna state: RUNNING, then COMPLETE, PRUNED or FAIL
+NOTE_TAG = "mlflow.note.content"  # the markdown description MLflow's UI shows for a run or an experiment
+# MLflow 3's UI shows an experiment of this kind as model training, not GenAI (unless the UI's own
+# GenAI/model-training switch overrides it: see browse_hint).
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+CHAMPION_ALIAS = "champion"  # `models:/NAME@champion` always loads the latest registered winner
 PARENT_ROLE, TRIAL_ROLE = "study", "trial"
 REGISTRY_FORMATS = ("pickle", "pt2")  # mlflow.pytorch serialization formats `best --register` offers
 # Optuna's final state -> the MLflow run status that says the same thing.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+@dataclass(frozen=True)
+class LoggedModel:
+    """How a model is logged: an example input (its signature comes from it), metadata for its users,
+    the serialization format, and the code a pickled model needs to load."""
+
+    input_example: object  # a numpy array
+    metadata: dict
+    serialization_format: str = "pickle"
+    code_paths: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """What a registered model version says about itself in the registry."""
+
+    description: str
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 class TrackingError(RuntimeError):
@@ -118,6 +148,12 @@ class Tracker:
             # Another worker created it between our lookup and create.
             return self.client.get_experiment_by_name(study).experiment_id
 
+    def describe_experiment(self, experiment_id: str, description: str) -> None:
+        """Open the experiment on the training-runs view, with a description (set again on every run,
+        so an experiment from an older version of the tool gets them too)."""
+        self.client.set_experiment_tag(experiment_id, KIND_TAG, TRAINING_KIND)
+        self.client.set_experiment_tag(experiment_id, NOTE_TAG, description)
+
     def find_parent(self, experiment_id: str) -> str | None:
         runs = self.client.search_runs(
             [experiment_id],
@@ -155,7 +191,7 @@ class Tracker:
             STUDY_TAG: study,
             STAGE_TAG: stage,
             "optuna.trial_number": str(number),
-            "optuna.state": "RUNNING",
+            STATE_TAG: "RUNNING",
         }
         run = self.client.create_run(experiment_id, run_name=name, tags=tags)
         self.log_params(run.info.run_id, params)
@@ -200,54 +236,78 @@ class Tracker:
             tags = {"sweep.winner_trial": name, "sweep.winner_run_id": run_id, "sweep.rule": rule}
             self.set_tags(parent_id, {**tags, "sweep.tolerance": tolerance})
 
-    def end_trial(self, run_id: str, state: str, tags: dict[str, object] | None = None) -> None:
-        """Close a trial's run with the status that matches its Optuna state (after its epochs landed)."""
+    def end_trial(self, run_id: str, state: str, reason: str = "") -> None:
+        """Close a trial's run with the status that matches its Optuna state (after its epochs landed),
+        with the reason a trial was pruned or failed as a tag and as the run's description. MLflow has
+        no status for "stopped early on purpose": a pruned trial's run is KILLED like an interrupted
+        one, so its tag and description say PRUNED."""
         for sent in self._pending.pop(run_id, []):
             sent.result()  # raises what sending it raised
-        self.set_tags(run_id, {"optuna.state": state, **(tags or {})})
+        tags: dict[str, object] = {STATE_TAG: state}
+        if state == "PRUNED":
+            tags["sweep.stop_reason"] = reason
+            tags[NOTE_TAG] = (
+                f"**Pruned**, stopped early on purpose (not a crash): {reason}. MLflow shows the run as "
+                f"KILLED; the tag `{STATE_TAG}` says PRUNED. Its metrics and checkpoint are from its best epoch."
+            )
+        elif state == "FAIL":
+            tags["sweep.error"] = reason[:5000]
+            tags[NOTE_TAG] = f"**Failed**: {reason[:500]}. The trial is FAIL in Optuna and never wins."
+        self.set_tags(run_id, tags)
         self.client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
 
-    def run_status(self, run_id: str) -> str:
-        return self.client.get_run(run_id).info.status
+    def latest_metrics(self, run_id: str) -> dict[str, float]:
+        return self.client.get_run(run_id).data.metrics
 
-    def register_model(
-        self,
-        run_id: str,
-        model,
-        name: str,
-        input_example,
-        metadata: dict,
-        code_paths: list[str] | None,
-        serialization_format: str = "pickle",
-    ) -> str:
-        """Log `model` on `run_id` as an MLflow PyTorch model (signature from the example) and register
-        a new version of `name`; returns the version.
+    def register_model(self, run_id: str, model, name: str, version: VersionInfo, logged: LoggedModel) -> str:
+        """Log `model` on the trial's run as an MLflow PyTorch model and register a new version of
+        `name`, with `version`'s description and tags, as the `champion`; returns the version.
 
         "pickle" loads as the nn.Module users expect (code_paths ships the model's classes with it),
         and like any pickle it runs code when loaded. "pt2" is torch.export's graph: nothing is
-        unpickled, the batch size stays dynamic, but it loads as a GraphModule."""
+        unpickled, the batch size stays dynamic, but it loads as a GraphModule.
+
+        The model is logged with an explicit run id, not by reopening the run with the fluent API:
+        that would end the run again and rewrite its end time (a 3 s trial would show the minutes
+        until `best --register`)."""
         import mlflow.pytorch
         import torch
         from mlflow.models import infer_signature
 
         with torch.no_grad():
-            output = model(torch.from_numpy(input_example)).numpy()
-        mlflow.set_tracking_uri(self.tracking_uri)
-        status = self.run_status(run_id)
-        # The fluent API logs models to an active run: reopen the trial's run, then restore its status.
-        with mlflow.start_run(run_id=run_id):
+            output = model(torch.from_numpy(logged.input_example)).numpy()
+        mlflow.set_tracking_uri(self.tracking_uri)  # log_model and register_model read the global URI
+        pytorch_logger = logging.getLogger("mlflow.pytorch")
+        saved_level = pytorch_logger.level
+        if logged.serialization_format == "pickle":
+            # Pickle is the user's explicit choice here (--register-format; pt2 is the other): MLflow's
+            # warning about unpickling is in our --help and README already, not news on every register.
+            pytorch_logger.setLevel(logging.ERROR)
+        try:
+            # Created here, in the run's experiment: left to itself, log_model without an active run
+            # files the model under the "Default" experiment.
+            experiment_id = self.client.get_run(run_id).info.experiment_id
+            logged_model = mlflow.initialize_logged_model("model", source_run_id=run_id, experiment_id=experiment_id)
             info = mlflow.pytorch.log_model(
                 model,
                 name="model",
-                signature=infer_signature(input_example, output),
-                input_example=input_example,
-                metadata=metadata,
-                registered_model_name=name,
-                serialization_format=serialization_format,
-                code_paths=code_paths,
+                run_id=run_id,
+                model_id=logged_model.model_id,
+                signature=infer_signature(logged.input_example, output),
+                input_example=logged.input_example,
+                metadata=logged.metadata,
+                serialization_format=logged.serialization_format,
+                code_paths=logged.code_paths,
             )
-        self.client.set_terminated(run_id, status=status)
-        return str(info.registered_model_version)
+            # register_model prints "Successfully registered ..." / "Created version ..." to stderr;
+            # `best` says the same in one line of its own.
+            with contextlib.redirect_stderr(io.StringIO()):
+                registered = mlflow.register_model(info.model_uri, name, tags=version.tags)
+        finally:
+            pytorch_logger.setLevel(saved_level)
+        self.client.update_model_version(name, registered.version, description=version.description)
+        self.client.set_registered_model_alias(name, CHAMPION_ALIAS, registered.version)
+        return str(registered.version)
 
     def download(self, run_id: str, artifact_path: str, dst: str | Path) -> Path:
         return Path(
@@ -257,9 +317,20 @@ class Tracker:
         )
 
 
-def ui_command(tracking_uri: str) -> str:
-    """The exact command that browses this store."""
-    shown = mask_url(tracking_uri)
-    if urlparse(tracking_uri).scheme in ("http", "https"):
-        return f"open {shown}"
-    return f"mlflow ui --backend-store-uri {shown}"
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` (and `make ui`) serves by default
+
+
+def browse_hint(tracker: Tracker, study: str) -> str:
+    """How to see this study's runs: the command that serves this store (a plain `mlflow ui` would read
+    ./mlflow.db, not ours), then the address of the experiment's runs page."""
+    experiment_id = tracker.experiment_id(study, create=False)
+    # MLflow 3.17's UI decides GenAI vs model-training view by a switch it keeps in the browser
+    # (GenAI by default), over the experiment's kind tag; this query parameter sets the switch.
+    page = f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning" if experiment_id else ""
+    shown_uri = mask_url(tracker.tracking_uri)
+    if urlparse(tracker.tracking_uri).scheme in ("http", "https"):
+        return f"open {shown_uri.rstrip('/')}{page}"
+    command = f"mlflow ui --backend-store-uri {shown_uri}"
+    if tracker.tracking_uri == default_tracking_uri() and Path("Makefile").is_file():
+        command = f"make ui (= {command})"  # in the project folder, its target serves this very store
+    return f"{command}, then open {UI_ADDRESS}{page}"

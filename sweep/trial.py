@@ -142,30 +142,30 @@ class TrackedObjective:
             ctx.tracker.log_params(run_id, {"trainable_parameters": trainable, "total_parameters": total})
             self.task.train(config, on_epoch)
         except optuna.TrialPruned as exc:
-            self._close(trial, run_id, config, best, "PRUNED", {"sweep.stop_reason": str(exc) or "pruned"})
+            self._close(trial, run_id, config, best, "PRUNED", str(exc) or "pruned")
             raise
         except TrainingDiverged as exc:
             reason = f"diverged: {exc}"
-            self._close(trial, run_id, config, best, "PRUNED", {"sweep.stop_reason": reason})
+            self._close(trial, run_id, config, best, "PRUNED", reason)
             raise optuna.TrialPruned(reason) from exc
         except KeyboardInterrupt:
             trial.set_user_attr("error", "interrupted")
-            self._close(trial, run_id, config, None, "FAIL", {"sweep.error": "interrupted (Ctrl-C)"})
+            self._close(trial, run_id, config, None, "FAIL", "interrupted (Ctrl-C)")
             raise
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc}"
             trial.set_user_attr("error", message)
-            self._close(trial, run_id, config, None, "FAIL", {"sweep.error": message[:5000]})
+            self._close(trial, run_id, config, None, "FAIL", message)
             raise
-        self._close(trial, run_id, config, best, "COMPLETE", {})
+        self._close(trial, run_id, config, best, "COMPLETE")
         return best.metrics["val_acc"]
 
     def _close(
-        self, trial: optuna.Trial, run_id: str, config: Any, best: BestEpoch | None, state: str, tags: dict
+        self, trial: optuna.Trial, run_id: str, config: Any, best: BestEpoch | None, state: str, reason: str = ""
     ) -> None:
         """The one way a trial's run ends: with at least one epoch, its scores at the best epoch go to
         the Optuna trial (what the winner rule reads) and the run gets the summary, the checkpoint and
-        the curves; then the run is closed with the status that matches `state`."""
+        the curves; then the run is closed with the status that matches `state`, and why."""
         tracker = self.ctx.tracker
         if best is not None and best.metrics is not None:
             for key, value in best_attrs(best.metrics).items():
@@ -177,19 +177,24 @@ class TrackedObjective:
                 "mlflow_run_id": run_id,
             }
             _log_best(tracker, run_id, best, self.task.checkpoint(config, best, **provenance))
-        tracker.end_trial(run_id, state, tags)
+        tracker.end_trial(run_id, state, reason)
+
+
+def summary_metrics(metrics: dict) -> dict[str, float]:
+    """The run's single values at its checkpointed epoch. The `best/` prefix keeps them apart from the
+    per-epoch curves (logged at step = epoch), in MLflow's charts and in its column list."""
+    return {
+        "best/epoch": metrics["epoch"],
+        "best/train_acc": metrics["train_acc"],
+        "best/val_acc": metrics["val_acc"],
+        "best/gap": metrics["train_acc"] - metrics["val_acc"],
+    }
 
 
 def _log_best(tracker: Tracker, run_id: str, best: BestEpoch, payload: dict) -> None:
     """Summary metrics at the checkpointed epoch, the checkpoint and the learning curves."""
     m = best.metrics
-    summary = {
-        "best_epoch": m["epoch"],
-        "best_train_acc": m["train_acc"],
-        "best_val_acc": m["val_acc"],
-        "gap": m["train_acc"] - m["val_acc"],
-    }
-    tracker.log_metrics(run_id, summary)
+    tracker.log_metrics(run_id, summary_metrics(m))
     with tempfile.TemporaryDirectory() as tmp:
         tracker.log_file(run_id, save_checkpoint(payload, Path(tmp) / "head.pt"), "checkpoint")
         curves = learning_curves(best.history, m["epoch"], Path(tmp) / "curves.png")

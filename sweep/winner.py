@@ -15,11 +15,12 @@ from clothing.checkpoint import CheckpointError
 from clothing.data import shown
 from clothing.model import load_backbone
 from sweep.export import check_backbone, export_model, fetch_head, mirror_val_acc, register_winner, split_accuracy
-from sweep.pipeline import publish_study
+from sweep.pipeline import publish_study, summarise_parent
 from sweep.select import TrialRecord, eligible, rule_text, select_winner
 from sweep.study import Report, SweepError, format_params, load_studies, resolve_device, trial_records
+from sweep.summary import version_info
 from sweep.table import format_table, record_rows
-from sweep.tracking import Tracker, ui_command
+from sweep.tracking import CHAMPION_ALIAS, Tracker, browse_hint
 
 LEADING = 10  # rows of the table `best` prints
 
@@ -49,17 +50,25 @@ class Ranking:
     tolerance: float
 
     def lines(self) -> list[str]:
-        """The leading trials, the rule and the winner, as `best` prints them."""
-        winner = self.winner
+        """The leading trials and the rule, as `best` prints them above the winner line."""
         leading = sorted([r for r in self.records if r.state == "COMPLETE"], key=lambda r: -r.val_acc)[:LEADING]
-        source = f"  [stage 2 of trial-{winner.source_trial:03d}]" if winner.source_trial is not None else ""
         band = len(eligible(self.records, self.tolerance))
         return [
-            format_table(record_rows(leading, winner)),
+            format_table(record_rows(leading, self.winner)),
             f"\nRule: {rule_text(self.tolerance)} ({band} trial(s) in the band)",
-            f"Winner: {winner.name}  {format_params(winner.params)}  val_acc {winner.val_acc:.3f}"
-            f"  gap {winner.gap:+.3f}  (epoch {winner.best_epoch}){source}",
         ]
+
+    def winner_line(self, metrics: dict | None = None) -> str:
+        """The winner, its params and scores: val_acc, and test_acc when `best` scored it on test/."""
+        winner, metrics = self.winner, metrics or {}
+        scores = f"val_acc {winner.val_acc:.3f}"
+        if "test_acc" in metrics:
+            scores += f"  test_acc {metrics['test_acc']:.3f}"
+        source = f"  [stage 2 of trial-{winner.source_trial:03d}]" if winner.source_trial is not None else ""
+        return (
+            f"Winner: {winner.name}  {format_params(winner.params)}  {scores}  gap {winner.gap:+.3f}"
+            f"  (epoch {winner.best_epoch}){source}"
+        )
 
 
 def rank_study(study: str, storage: str, tolerance: float) -> Ranking:
@@ -70,21 +79,23 @@ def rank_study(study: str, storage: str, tolerance: float) -> Ranking:
     return Ranking(records, winner, tolerance)
 
 
-def mark_winner(tracker: Tracker, ranking: Ranking, study: str, storage: str) -> None:
-    """Tag the winner's run and the parent run, and refresh the parent's plots under this tolerance."""
+def mark_winner(tracker: Tracker, ranking: Ranking, study: str, storage: str) -> str | None:
+    """Tag the winner's run and the parent run, and refresh the parent under this tolerance; returns
+    the parent run's id."""
     experiment_id = tracker.experiment_id(study, create=False) or ""
     parent_id = tracker.find_parent(experiment_id)
     winner, tolerance = ranking.winner, ranking.tolerance
     tracker.mark_winner(experiment_id, winner.run_id, parent_id, winner.name, rule_text(tolerance), tolerance)
     if parent_id:
         publish_study(tracker, parent_id, study, storage, ranking.tolerance)
+    return parent_id
 
 
 def evaluate_winner(
     tracker: Tracker, winner: TrialRecord, head: dict, backbone, options: BestOptions
 ) -> dict[str, float]:
     """The winner's metrics: its recorded scores, plus val_acc with TTA when asked and test_acc when
-    the data folder has a test/ split (both also logged on the winner's run)."""
+    the data folder has a test/ split (both also logged on the winner's run, as best/...)."""
     metrics = {"val_acc": winner.val_acc, "train_acc": winner.train_acc, "gap": winner.gap}
     metrics["best_epoch"] = winner.best_epoch
     device = resolve_device(options.device)
@@ -95,7 +106,7 @@ def evaluate_winner(
     if test_dir.is_dir():
         scored["test_acc"] = split_accuracy(head, backbone, test_dir, options.cache_dir, device)
     if scored:
-        tracker.log_metrics(winner.run_id, scored)
+        tracker.log_metrics(winner.run_id, {f"best/{name}": value for name, value in scored.items()})
     return {**metrics, **scored}
 
 
@@ -110,23 +121,31 @@ def run_best(options: BestOptions, say: Report) -> None:
         say(line)
     tracker = Tracker(options.tracking_uri)
     tracker.check_reachable()
-    mark_winner(tracker, ranking, options.study, options.storage)
+    parent_id = mark_winner(tracker, ranking, options.study, options.storage)
     has_test = (Path(options.data_dir) / "test").is_dir()
     if options.export_path is None and options.register_name is None and not options.tta and not has_test:
+        say(ranking.winner_line())
+        say(f"Browse the runs: {browse_hint(tracker, options.study)}")
         return
     winner = ranking.winner
     backbone = load_backbone(options.backbone_weights)
     head = fetch_head(tracker, winner)
     check_backbone(head, backbone)  # test scores, TTA and exports all need the weights it trained on
     metrics = evaluate_winner(tracker, winner, head, backbone, options)
+    say(ranking.winner_line(metrics))
     if "val_acc_tta" in metrics:
         say(f"val_acc {winner.val_acc:.3f} without TTA, {metrics['val_acc_tta']:.3f} with TTA (image + mirror)")
     if "test_acc" in metrics:
-        say(f"test_acc {metrics['test_acc']:.3f} on the images of {shown(Path(options.data_dir) / 'test')}")
+        say(f"(test_acc: the winner's accuracy on the images of {shown(Path(options.data_dir) / 'test')})")
+        if parent_id:  # the parent's summary now has the winner's test score
+            stage1, _ = load_studies(options.study, options.storage)
+            summarise_parent(tracker, parent_id, ranking.records, winner, ranking.tolerance, stage1.user_attrs)
     if options.export_path is not None:
         export_model(head, backbone, options.export_path, metrics)
         say(f"Exported {winner.name} to {shown(options.export_path)}")
     if options.register_name is not None:
-        version = register_winner(tracker, head, backbone, options.register_name, options.register_format)
-        say(f"Registered {winner.name} as models:/{options.register_name}/{version}")
-    say(f"Browse the runs: {ui_command(options.tracking_uri)}")
+        info = version_info(winner, options.study, ranking.tolerance, metrics)
+        name = options.register_name
+        version = register_winner(tracker, head, backbone, name, info, options.register_format)
+        say(f"Registered {winner.name} as models:/{name}/{version}, now models:/{name}@{CHAMPION_ALIAS}")
+    say(f"Browse the runs: {browse_hint(tracker, options.study)}")

@@ -35,6 +35,7 @@ class Mutant:
 
 
 OBJECTIVE_VALUES = "tests/test_objective.py"
+VIEW = "tests/test_mlflow_view.py"
 MUTANTS = (
     Mutant(
         "MLflow val_acc series logged from train_acc",
@@ -177,6 +178,51 @@ MUTANTS = (
         "os.fsencode(os.path.abspath(path))",
         "os.path.abspath(path).encode()",
         ("tests/test_hostile.py::test_names_that_are_not_utf8_work_end_to_end",),
+    ),
+    Mutant(
+        "registering reopens the winner's run (rewrites its end time)",
+        "sweep/tracking.py",
+        "            info = mlflow.pytorch.log_model(\n",
+        "            with mlflow.start_run(run_id=run_id):\n                pass\n"
+        "            info = mlflow.pytorch.log_model(\n",
+        (f"{VIEW}::test_registering_keeps_run_timing_describes_the_version_and_moves_the_champion_alias",),
+    ),
+    Mutant(
+        "the champion alias not moved",
+        "sweep/tracking.py",
+        "        self.client.set_registered_model_alias(name, CHAMPION_ALIAS, registered.version)\n",
+        "        if registered.version == 1:\n"
+        "            self.client.set_registered_model_alias(name, CHAMPION_ALIAS, registered.version)\n",
+        (f"{VIEW}::test_registering_keeps_run_timing_describes_the_version_and_moves_the_champion_alias",),
+    ),
+    Mutant(
+        "the parent counts pruned trials as failed",
+        "sweep/summary.py",
+        '"trials/failed": failed,',
+        '"trials/failed": failed + pruned,',
+        (f"{VIEW}::test_the_parent_run_summarises_the_study_in_metrics_description_and_params",),
+    ),
+    Mutant(
+        "an old winner's test score left on the parent",
+        "sweep/summary.py",
+        "PARENT_TEST_METRIC: math.nan if test_acc is None else test_acc,",
+        "**({PARENT_TEST_METRIC: test_acc} if test_acc is not None else {}),",
+        (f"{VIEW}::test_the_parent_gets_the_winners_test_acc_once_best_scored_it",),
+    ),
+    Mutant(
+        "a pruned trial tagged COMPLETE",
+        "sweep/tracking.py",
+        "tags: dict[str, object] = {STATE_TAG: state}",
+        'tags: dict[str, object] = {STATE_TAG: "COMPLETE" if state == "PRUNED" else state}',
+        (f"{VIEW}::test_pruned_trials_say_pruned_in_a_tag_a_user_can_filter_on_and_in_their_description",),
+    ),
+    Mutant(
+        "a missing data folder checked after the stores are created",
+        "sweep/pipeline.py",
+        "    splits = load_splits(cfg.data_dir)\n    backbone = load_backbone(cfg.backbone_weights)\n",
+        "    make_storage(cfg.storage)\n    splits = load_splits(cfg.data_dir)\n"
+        "    backbone = load_backbone(cfg.backbone_weights)\n",
+        ("tests/test_bad_input.py::test_run_without_data_says_how_to_get_it_and_creates_no_store",),
     ),
     Mutant(
         "a float option lets nan through",

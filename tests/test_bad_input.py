@@ -4,6 +4,8 @@ import os
 import pickle
 import shutil
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -54,7 +56,7 @@ def break_data(data_dir, case):
 
 
 BAD_DATA = {
-    "missing data dir": ("does not exist", "one sub-folder per class"),
+    "missing data dir": ("does not exist", "make data", "--data-dir", "CLOTHING_DATA_DIR"),
     "train without class folders": ("has no class folders",),
     "class folder without images": ("hat has no images",),
     "zero-byte jpeg": ("unreadable image", "00.jpg", "--skip-bad-images"),
@@ -188,3 +190,43 @@ def test_a_backbone_weights_file_that_runs_code_is_refused_without_running_it(st
         "not a torchvision MobileNetV2 state_dict",
     )
     assert not marker.exists()
+
+
+@pytest.fixture
+def fresh_folder(tmp_path, monkeypatch):
+    """A project folder on a fresh machine: no data, no stores, none of our variables set."""
+    for name in ("CLOTHING_DATA_DIR", "OPTUNA_STORAGE", "MLFLOW_TRACKING_URI", "CLOTHING_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_run_without_data_says_how_to_get_it_and_creates_no_store(fresh_folder, tiny_weights):
+    result = CliRunner().invoke(cli, ["run", "--backbone-weights", str(tiny_weights)])
+    assert_one_error(result, "data/clothing-dataset-small/train does not exist", "make data", "CLOTHING_DATA_DIR")
+    assert list(fresh_folder.iterdir()) == []  # no mlruns/, no empty study for `trials` to show
+
+
+def offline_env(tmp_path) -> dict:
+    """No network: every download goes through a proxy on a port nothing listens on (urllib, which
+    torch.hub uses, reads https_proxy), into an empty torch cache."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proxy = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    return {**env, "https_proxy": proxy, "HTTPS_PROXY": proxy, "TORCH_HOME": str(tmp_path / "torch-home")}
+
+
+@pytest.mark.parametrize("command", ["sweep run", "clothing classify"])
+def test_offline_without_weights_is_one_error_naming_the_weights_variable(command, fresh_folder, data_dir):
+    args = {
+        "sweep run": ["sweep", "run", "--data-dir", str(data_dir)],
+        "clothing classify": ["clothing", "classify", str(data_dir / "train" / "hat" / "00.jpg")],
+    }[command]
+    env = offline_env(fresh_folder)
+    env.pop("CLOTHING_BACKBONE_WEIGHTS", None)  # the default: torchvision's download
+    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert_one_error(result, "cannot download", "CLOTHING_BACKBONE_WEIGHTS", "--backbone-weights", "once")
+    assert len(result.stderr.splitlines()) <= 2, result.stderr  # torch's "Downloading: ..." line, then ours
+    assert not (fresh_folder / "mlruns").exists()

@@ -90,8 +90,8 @@ def test_the_best_epoch_is_the_argmax_and_its_checkpoint_reproduces_the_record(s
         history = [h.value for h in sorted(client.get_metric_history(run.info.run_id, "val_acc"), key=lambda h: h.step)]
         best_epoch = history.index(max(history)) + 1  # the first epoch that reached the best
         record = records[run.info.run_id]
-        assert record.best_epoch == best_epoch == run.data.metrics["best_epoch"]
-        assert record.val_acc == max(history) == run.data.metrics["best_val_acc"]
+        assert record.best_epoch == best_epoch == run.data.metrics["best/epoch"]
+        assert record.val_acc == max(history) == run.data.metrics["best/val_acc"]
         head = fetch_head(tracker, record)
         assert head["metrics"]["epoch"] == best_epoch
         head_module = model_from_checkpoint(head, load_backbone(swept.weights)).head
@@ -123,6 +123,6 @@ def test_the_median_pruner_stops_trials_early(swept):
     assert pruned
     assert all(len(t.intermediate_values) < swept.epochs for t in pruned)
     _, runs = trial_runs(swept)
-    stopped = [r for r in runs if r.data.tags["optuna.state"] == "PRUNED"]
+    stopped = [r for r in runs if r.data.tags["sweep.state"] == "PRUNED"]
     assert len(stopped) == len(pruned) and all(r.info.status == "KILLED" for r in stopped)
     assert all(r.data.tags["sweep.stop_reason"].startswith("pruned at epoch") for r in stopped)

@@ -1,3 +1,6 @@
+import json
+import re
+
 import pytest
 from sweep_helpers import load_study, mlflow_runs, run_options, sweep
 
@@ -25,11 +28,11 @@ def test_a_sweep_logs_one_parent_and_a_nested_run_per_trial(three_trials, stores
     study = load_study(stores)
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert child.info.status == "FINISHED" and child.data.tags["optuna.state"] == "COMPLETE"
+        assert child.info.status == "FINISHED" and child.data.tags["sweep.state"] == "COMPLETE"
         assert {"lr", "size_inner", "epochs", "batch_size", "seed", "image_size", "backbone"} <= set(child.data.params)
         for metric in METRICS:
             assert [m.step for m in client.get_metric_history(child.info.run_id, metric)] == [1, 2]
-        assert {"best_epoch", "best_val_acc", "best_train_acc", "gap"} <= set(child.data.metrics)
+        assert {"best/epoch", "best/val_acc", "best/train_acc", "best/gap"} <= set(child.data.metrics)
         assert [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")] == ["checkpoint/head.pt"]
         number = int(child.data.tags["optuna.trial_number"])
         assert study.trials[number].user_attrs["mlflow_run_id"] == child.info.run_id
@@ -52,18 +55,24 @@ def test_rerunning_with_a_higher_target_adds_only_the_missing_trials(three_trial
 
 
 def test_opt_in_dimensions_are_searched_and_recorded(stores, data_dir, tiny_weights):
-    result = sweep(
-        "run",
-        *run_options(data_dir, tiny_weights, 2, 1),
-        "--search",
-        "dropout",
-        "--search",
-        "label_smoothing",
-        stores=stores,
-    )
+    with_progress = [a for a in run_options(data_dir, tiny_weights, 2, 1) if a != "--quiet"]
+    result = sweep("run", *with_progress, "--search", "dropout", "--search", "label_smoothing", stores=stores)
     assert result.exit_code == 0, result.output
     study = load_study(stores)
     assert all({"lr", "size_inner", "dropout", "label_smoothing"} == set(t.params) for t in study.trials)
+    # Every searched dimension in the terminal: each trial's line, the trials table, CSV and JSON.
+    for trial in study.trials:
+        # (the first line may follow the progress bar's last frame on the same line here)
+        (line,) = re.findall(rf"trial-{trial.number:03d}  lr .*", result.output)
+        for name in ("dropout", "label_smoothing"):
+            assert f"  {name} {trial.params[name]}  " in line, line
+    table = sweep("trials", stores=stores).output.splitlines()
+    assert {"dropout", "label_smoothing"} <= set(table[0].split())
+    rows = json.loads(sweep("trials", "--format", "json", stores=stores).output)
+    assert [(r["dropout"], r["label_smoothing"]) for r in rows] == [
+        (t.params["dropout"], t.params["label_smoothing"]) for t in study.trials
+    ]
+    assert "dropout" in sweep("trials", "--format", "csv", stores=stores).output.splitlines()[0].split(",")
     _, runs = mlflow_runs(stores)
     for child in (r for r in runs if r.data.tags.get("sweep.role") == "trial"):
         trial = study.trials[int(child.data.tags["optuna.trial_number"])]
@@ -82,7 +91,7 @@ def test_the_rule_reads_the_eval_mode_train_acc_that_each_trial_logs(stores, dat
     for record in trial_records(load_study(stores)):
         history = {m.step: m.value for m in client.get_metric_history(record.run_id, "train_acc")}
         assert record.train_acc == pytest.approx(history[record.best_epoch])
-        assert by_id[record.run_id].data.metrics["gap"] == pytest.approx(record.gap)
+        assert by_id[record.run_id].data.metrics["best/gap"] == pytest.approx(record.gap)
         running = client.get_metric_history(record.run_id, "running_train_acc")
         assert [m.step for m in running] == sorted(history)  # the train-mode accuracy, kept under its own name
 

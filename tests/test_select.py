@@ -60,11 +60,11 @@ def test_the_winner_is_the_rule_applied_to_what_mlflow_recorded(swept):
         {
             "name": r.info.run_name,
             "number": int(r.data.tags["optuna.trial_number"]),
-            "val_acc": r.data.metrics["best_val_acc"],
-            "train_acc": r.data.metrics["best_train_acc"],
+            "val_acc": r.data.metrics["best/val_acc"],
+            "train_acc": r.data.metrics["best/train_acc"],
         }
         for r in runs
-        if r.data.tags.get("sweep.role") == "trial" and r.data.tags["optuna.state"] == "COMPLETE"
+        if r.data.tags.get("sweep.role") == "trial" and r.data.tags["sweep.state"] == "COMPLETE"
     ]
     tolerances = ("0", "0.02", "0.1", "0.3")
     for tolerance in tolerances:

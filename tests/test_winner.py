@@ -52,7 +52,7 @@ def test_test_acc_is_the_exported_models_accuracy_on_the_test_split(swept, expor
     with torch.no_grad():
         test_acc, val_acc = accuracy(model(test_x), test_y), accuracy(model(val_x), val_y)
     # Within one image: the sweep scores on cached features (a fused graph), this on the images.
-    assert winner_run(swept).data.metrics["test_acc"] == pytest.approx(test_acc, abs=1 / len(test_y) + 1e-9)
+    assert winner_run(swept).data.metrics["best/test_acc"] == pytest.approx(test_acc, abs=1 / len(test_y) + 1e-9)
     assert "test_acc " in result.output
     assert abs(test_acc - val_acc) >= 3 / len(val_y), "test and validation must score apart, or a swap goes unseen"
 
@@ -63,7 +63,7 @@ def test_tta_averages_each_image_with_its_mirror(swept, exported):
     with torch.no_grad():
         plain = accuracy(model(x), y)
         tta = accuracy((model(x) + model(x.flip(-1))) / 2, y)
-    assert winner_run(swept).data.metrics["val_acc_tta"] == pytest.approx(tta, abs=1 / len(y) + 1e-9)
+    assert winner_run(swept).data.metrics["best/val_acc_tta"] == pytest.approx(tta, abs=1 / len(y) + 1e-9)
     assert "with TTA (image + mirror)" in result.output
     # hat and pants are mirror images of each other, so the mirror changes predictions here.
     assert abs(tta - plain) >= 3 / len(y), "TTA must change the score here, or a TTA without the mirror goes unseen"
@@ -73,7 +73,7 @@ def test_the_export_predicts_what_the_sweep_recorded(swept, exported):
     _, model, payload = exported
     x, y = images_and_labels(swept.data_dir / "validation", spec_of(payload).classes)
     with torch.no_grad():
-        assert accuracy(model(x), y) == pytest.approx(winner_run(swept).data.metrics["best_val_acc"], abs=1 / len(y))
+        assert accuracy(model(x), y) == pytest.approx(winner_run(swept).data.metrics["best/val_acc"], abs=1 / len(y))
 
 
 @pytest.fixture
