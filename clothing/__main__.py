@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import click
 
+import clothing
 from clothing.model import TORCHVISION_WEIGHTS, BackboneError, load_backbone
 from clothing.predict import classify_imagenet, prediction_lines, read_images, unreadable_summary
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="clothing-sweep", prog_name="clothing")
+@click.version_option(version=clothing.__version__, prog_name="clothing")
 def cli() -> None:
     """Transfer-learning helpers for the clothing dataset."""
 

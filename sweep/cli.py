@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+import clothing
 from clothing.checkpoint import CheckpointError, load_model, spec_of
 from clothing.data import DatasetError, shown
 from clothing.extract import PRECISIONS
@@ -145,7 +146,7 @@ tolerance_option = click.option(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="clothing-sweep", prog_name="sweep")
+@click.version_option(version=clothing.__version__, prog_name="sweep")
 def cli() -> None:
     """Hyperparameter sweeps with experiment tracking for the clothing classifier.
 

@@ -45,7 +45,9 @@ def model_from_checkpoint(head: dict, backbone: torch.nn.Module) -> ClothingClas
     spec = spec_of(head)
     model = build_model(spec, copy.deepcopy(backbone) if spec.finetune_blocks else backbone)
     model.tail().load_state_dict(head["state_dict"])
-    return model.eval()
+    # On the CPU, whatever device the backbone was last used on (extraction moves it to --device):
+    # exports and registered models are CPU artifacts, and split_logits feeds it cached CPU tensors.
+    return model.cpu().eval()
 
 
 def export_model(head: dict, backbone: torch.nn.Module, path: str | Path, metrics: dict) -> Path:

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from images import make_split
 
+import clothing
 from clothing.__main__ import cli as clothing_cli
 from sweep.cli import cli
 
@@ -30,7 +31,8 @@ def test_h_is_help_and_version_is_the_packages(group, commands):
     assert "..." not in listed and "…" not in listed, listed  # summaries short enough to show whole
     assert all(command in listed for command in commands)
     shown = runner.invoke(group, ["--version"])
-    assert shown.exit_code == 0 and version("clothing-sweep") in shown.output
+    assert shown.exit_code == 0 and clothing.__version__ in shown.output
+    assert version("clothing-sweep") == clothing.__version__  # the installed metadata reads the same
 
 
 def git(*args, cwd):
