@@ -31,7 +31,7 @@ from sweep.config import SweepConfig
 from sweep.pipeline import quiet_libraries, run_sweep
 from sweep.select import select_winner
 
-RECIPE = ("--search", "dropout", "--views", "3", "--finetune-blocks", "1")  # the Makefile's SWEEP_OPTIONS
+RECIPE = ("--config", str(Path(__file__).resolve().parent.parent / "sweeps" / "default.yaml"))  # make sweep's
 
 
 def extraction_rows(train, val, backbone, work: Path, gpu: str) -> list[tuple[str, str, str]]:

@@ -22,7 +22,8 @@ from sweep.pipeline import quiet_libraries, run_sweep
 from sweep.select import DEFAULT_TOLERANCE, HEAD_STAGE, select_winner
 from sweep.space import FINETUNE_LR_RANGE, MAX_EPOCHS, OPTIONAL_DIMENSIONS
 from sweep.stores import STORAGE_ENV, StorageError
-from sweep.study import SweepError, load_studies, trial_records
+from sweep.study import SweepError, load_studies, study_tolerance, trial_records
+from sweep.sweepfile import SweepFileError, read_sweep_file
 from sweep.table import format_table, record_rows, rows_to_csv
 from sweep.tracking import REGISTRY_FORMATS, Tracker, TrackingError, browse_hint
 from sweep.winner import BestOptions, run_best
@@ -136,13 +137,34 @@ def data_options(command):
     )
 
 
+TOLERANCE_HELP = "Winner rule: trials within this much of the best val_acc compete on the smallest gap."
 tolerance_option = click.option(
-    "--tolerance",
-    default=DEFAULT_TOLERANCE,
-    show_default=True,
-    type=FiniteFloat(min=0),
-    help="Winner rule: trials within this much of the best val_acc compete on the smallest gap.",
+    "--tolerance", default=DEFAULT_TOLERANCE, show_default=True, type=FiniteFloat(min=0), help=TOLERANCE_HELP
 )
+# `best` and `trials` apply the rule the study was run with, unless told otherwise.
+study_tolerance_option = click.option(
+    "--tolerance",
+    default=None,
+    show_default=f"the study's own (run --tolerance), {DEFAULT_TOLERANCE} for older studies",
+    type=FiniteFloat(min=0),
+    help=TOLERANCE_HELP,
+)
+
+
+SPACE_KEY = "sweep.space"  # where --config leaves the file's space for `run`
+
+
+def load_sweep_file(ctx: click.Context, param: click.Parameter, path: Path | None) -> None:
+    """--config, read before the other options: its settings become their defaults (so the command
+    line wins), its space goes to `run` through the context."""
+    if path is None:
+        return
+    try:
+        settings, space = read_sweep_file(path)
+    except SweepFileError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from exc
+    ctx.default_map = {**(ctx.default_map or {}), **settings}
+    ctx.meta[SPACE_KEY] = space
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -238,7 +260,24 @@ def cli() -> None:
     type=FiniteFloat(*FINETUNE_LR_RANGE),
     help="Learning rate of stage 2 (blocks and head): small, so the pretrained blocks are adjusted, not overwritten.",
 )
+@click.option(
+    "--system-metrics/--no-system-metrics",
+    default=True,
+    show_default=True,
+    help="Log MLflow's system metrics (CPU, memory, disk, network, GPU) on the parent run while trials run.",
+)
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option(
+    "--config",
+    "sweep_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    is_eager=True,
+    expose_value=False,
+    callback=load_sweep_file,
+    help="A sweep file (YAML: settings and search space, see sweeps/default.yaml); options given on the "
+    "command line win over it.",
+)
+@tolerance_option
 @user_errors
 def run(jobs: int, quiet: bool, **options) -> None:
     """Run or resume a study.
@@ -246,7 +285,8 @@ def run(jobs: int, quiet: bool, **options) -> None:
     Checks every input, caches the backbone's features once, then trains a head per trial (and with
     --finetune-blocks, fine-tunes the winner), each trial a nested MLflow run.
     """
-    cfg = SweepConfig(**options, progress=not quiet)
+    space = click.get_current_context().meta.get(SPACE_KEY, ())
+    cfg = SweepConfig(**options, space=space, progress=not quiet)
     say = (lambda _: None) if quiet else click.echo
     result = run_sweep(cfg, say, jobs=jobs)
     click.echo(format_table(record_rows(result.records, select_winner(result.records))))
@@ -260,7 +300,7 @@ def run(jobs: int, quiet: bool, **options) -> None:
 @cli.command()
 @study_options
 @data_options
-@tolerance_option
+@study_tolerance_option
 @click.option(
     "--export",
     "export_path",
@@ -318,15 +358,16 @@ SORT_KEYS = {
     show_default=True,
     help="Aligned table for a terminal, or CSV / JSON for programs.",
 )
-@tolerance_option
+@study_tolerance_option
 @user_errors
 def trials(study, storage, tracking_uri, sort_by, fmt, tolerance) -> None:
     """List a study's trials (table, CSV or JSON).
 
     Every trial of both stages with its state, parameters, scores and MLflow run id; the winner starred.
     """
-    records = trial_records(*load_studies(study, storage))
-    winner = select_winner(records, tolerance)
+    stage1, stage2 = load_studies(study, storage)
+    records = trial_records(stage1, stage2)
+    winner = select_winner(records, study_tolerance(stage1, tolerance))
     rows = record_rows(sorted(records, key=SORT_KEYS[sort_by]), winner)
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))

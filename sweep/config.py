@@ -52,11 +52,14 @@ class SweepConfig:
     cache_dir: Path = RUNS_DIR / "cache"
     precision: str = "auto"
     skip_bad_images: bool = False
-    search: tuple[str, ...] = ()  # opt-in search dimensions beyond lr and size_inner
+    search: tuple[str, ...] = ()  # opt-in search dimensions beyond lr and size_inner, default grids
+    space: tuple = ()  # space.Dimension's from a sweep file: over the defaults, and searched
+    tolerance: float = 0.02  # the winner rule's band (select.DEFAULT_TOLERANCE)
     views: int = 1  # cached views per training image (1: the plain image, no augmentation)
     finetune_blocks: int = 0  # stage 2: fine-tune the winner's last K inverted-residual blocks (0: off)
     finetune_epochs: int = 10
     finetune_lr: float = 3e-5
+    system_metrics: bool = True  # MLflow's CPU/memory/GPU metrics on the parent run
     progress: bool = True
 
 

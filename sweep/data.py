@@ -13,6 +13,7 @@ from clothing.extract import ExtractionOptions
 from clothing.features import FeatureSet, cached_features
 from clothing.model import finetune_cut, load_backbone, weights_fingerprint
 from sweep.config import SweepConfig
+from sweep.lineage import SplitRecord, code_tags, split_record
 
 
 @dataclass
@@ -21,6 +22,26 @@ class SweepData:
     train: FeatureSet
     val: FeatureSet
     backbone_id: str
+    lineage: Lineage
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What every run of the sweep records of its origin: the splits (MLflow dataset inputs) and tags
+    (git commit, package versions, the feature-cache keys it trained on)."""
+
+    splits: tuple[SplitRecord, ...]
+    tags: dict[str, str]
+
+
+def lineage_of(
+    data_dir: Path, train: ClothingDataset, val: ClothingDataset, features: dict[str, FeatureSet]
+) -> Lineage:
+    splits = [split_record("train", train), split_record("validation", val)]
+    if (data_dir / "test").is_dir():  # scored by `best`, never seen by a trial
+        splits.append(split_record("test", ClothingDataset(data_dir / "test", class_to_idx=train.class_to_idx)))
+    keys = {f"sweep.feature_cache.{name}": f.cache_file.stem.removeprefix("features-") for name, f in features.items()}
+    return Lineage(tuple(splits), {**code_tags(), **keys})
 
 
 def load_splits(data_dir: Path) -> tuple[ClothingDataset, ClothingDataset]:
@@ -58,4 +79,5 @@ def prepare_data(
     )
     train = cached_features(train_set, backbone, cfg.cache_dir, options, views=cfg.views)
     val = cached_features(val_set, backbone, cfg.cache_dir, options)
-    return SweepData(train_set.classes, train, val, weights_fingerprint(backbone))
+    lineage = lineage_of(cfg.data_dir, train_set, val_set, {"train": train, "validation": val})
+    return SweepData(train_set.classes, train, val, weights_fingerprint(backbone), lineage)

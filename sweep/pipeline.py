@@ -27,8 +27,8 @@ from sweep.finetune import FinetuneTrial
 from sweep.locks import holding, study_lock
 from sweep.objective import HeadTrial
 from sweep.plots import study_plots
-from sweep.select import DEFAULT_TOLERANCE, FINETUNE_STAGE, HEAD_STAGE, TrialRecord, select_winner
-from sweep.space import finetune_recipe
+from sweep.select import FINETUNE_STAGE, HEAD_STAGE, TrialRecord, select_winner
+from sweep.space import finetune_recipe, resolved_space
 from sweep.study import (
     Report,
     count_finished,
@@ -37,11 +37,13 @@ from sweep.study import (
     load_studies,
     make_storage,
     open_study,
+    refuse_changed_space,
     resolve_device,
     run_trials,
     trial_records,
 )
 from sweep.summary import TEST_METRIC, experiment_description, parent_description, parent_metrics
+from sweep.sweepfile import resolved_file
 from sweep.table import record_rows, rows_to_csv
 from sweep.tracking import NOTE_TAG, Tracker
 from sweep.trial import TrackedObjective, TrialContext
@@ -93,11 +95,20 @@ def parent_params(cfg: SweepConfig, backbone_id: str) -> dict:
         "pruner": cfg.pruner,
         "backbone": backbone_id,
         "search": ",".join(cfg.search) or "-",
+        "tolerance": cfg.tolerance,
+        **{f"space.{name}": dim.describe() for name, dim in resolved_space(cfg).items()},
         "views": cfg.views,
         "finetune_blocks": cfg.finetune_blocks,
         "finetune_epochs": cfg.finetune_epochs,
         "finetune_lr": cfg.finetune_lr,
     }
+
+
+def sweep_settings(cfg: SweepConfig) -> dict:
+    """The settings a sweep file holds, as this run resolved them (file, then command line)."""
+    names = ("trials", "epochs", "batch_size", "seed", "pruner", "precision", "views", "tolerance")
+    stage2 = ("finetune_blocks", "finetune_epochs", "finetune_lr")
+    return {name: getattr(cfg, name) for name in (*names, *stage2)}
 
 
 def prepare(cfg: SweepConfig, report: Report) -> tuple[TrialContext, optuna.Study]:
@@ -113,6 +124,7 @@ def prepare(cfg: SweepConfig, report: Report) -> tuple[TrialContext, optuna.Stud
     tracker = Tracker(cfg.tracking_uri)
     tracker.check_reachable()
     make_storage(cfg.storage)  # a wrong URL fails now, not after minutes of extraction
+    refuse_changed_space(cfg)  # so does resuming a study with another search space
     cfg.cache_dir.mkdir(parents=True, exist_ok=True)  # a file in its place fails here, in one line
     data = prepare_data(cfg, device, splits, backbone, progress=cfg.progress)
     study = _stage1_study(cfg)
@@ -124,6 +136,8 @@ def prepare(cfg: SweepConfig, report: Report) -> tuple[TrialContext, optuna.Stud
         experiment_id = tracker.experiment_id(cfg.study)
         parent_id = tracker.open_parent(experiment_id, cfg.study, parent_params(cfg, data.backbone_id))
     tracker.describe_experiment(experiment_id, experiment_description(cfg.study, shown(cfg.data_dir)))
+    tracker.log_text(parent_id, resolved_file(sweep_settings(cfg), resolved_space(cfg)), "sweep.yaml")
+    tracker.log_lineage(parent_id, data.lineage.splits, data.lineage.tags)
     if data.train.bad_paths or data.val.bad_paths:
         skipped = "\n".join(map(shown, data.train.bad_paths + data.val.bad_paths))
         tracker.log_text(parent_id, skipped, "skipped_images.txt")
@@ -166,7 +180,7 @@ def run_stage2(ctx: TrialContext, records: list[TrialRecord], report: Report) ->
     cfg = ctx.cfg
     if not cfg.finetune_blocks:
         return 0, []
-    source = select_winner([r for r in records if r.stage == HEAD_STAGE])
+    source = select_winner([r for r in records if r.stage == HEAD_STAGE], cfg.tolerance)
     if source is None:
         report("stage 2 skipped: no COMPLETE stage-1 trial to fine-tune")
         return 0, []
@@ -235,10 +249,11 @@ def run_sweep(cfg: SweepConfig, report: Report, jobs: int = 1) -> SweepResult:
     ctx, study = prepare(cfg, report)
     status = "KILLED"
     try:
-        done, errors = run_stage1(ctx, study, report, jobs)
-        done2, errors2 = run_stage2(ctx, all_records(cfg), report)
+        with ctx.tracker.system_metrics(ctx.parent_id, cfg.system_metrics):
+            done, errors = run_stage1(ctx, study, report, jobs)
+            done2, errors2 = run_stage2(ctx, all_records(cfg), report)
         status = "FINISHED"
     finally:
-        records = publish_study(ctx.tracker, ctx.parent_id, cfg.study, cfg.storage, DEFAULT_TOLERANCE)
+        records = publish_study(ctx.tracker, ctx.parent_id, cfg.study, cfg.storage, cfg.tolerance)
         ctx.tracker.close_parent(ctx.parent_id, status)
     return SweepResult(records, done + done2, errors + errors2, ctx.parent_id)

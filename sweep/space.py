@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import optuna
 
 from clothing.model import MAX_FINETUNE_BLOCKS
@@ -24,27 +26,71 @@ MAX_EPOCHS = 1000
 MAX_TRIAL_NUMBER = 2**31 - 1
 
 
-def _suggest_head(trial: optuna.Trial, search: tuple[str, ...]) -> dict:
-    """The head's shape and regularisation: shared by both stages (stage 2 pins its source's)."""
-    return {
-        "size_inner": trial.suggest_categorical("size_inner", SIZE_INNER_CHOICES),
-        "dropout": trial.suggest_categorical("dropout", DROPOUT_CHOICES) if "dropout" in search else 0.0,
-        "weight_decay": (
-            trial.suggest_float("weight_decay", *WEIGHT_DECAY_RANGE, log=True) if "weight_decay" in search else 0.0
-        ),
-        "label_smoothing": (
-            trial.suggest_categorical("label_smoothing", LABEL_SMOOTHING_CHOICES)
-            if "label_smoothing" in search
-            else 0.0
-        ),
-    }
+@dataclass(frozen=True)
+class Dimension:
+    """One searched parameter: `kind` float, log-float, int or categorical, over [low, high] or `choices`."""
+
+    name: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple = ()
+
+    def suggest(self, trial: optuna.Trial):
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high))
+        return trial.suggest_float(self.name, self.low, self.high, log=self.kind == "log-float")
+
+    def describe(self) -> str:
+        if self.kind == "categorical":
+            return f"one of {tuple(self.choices)}"
+        return f"{'log-uniform' if self.kind == 'log-float' else self.kind} ({self.low:g}, {self.high:g})"
+
+    def as_dict(self) -> dict:
+        spec = {"type": self.kind}
+        return (
+            {**spec, "choices": list(self.choices)}
+            if self.kind == "categorical"
+            else {**spec, "low": self.low, "high": self.high}
+        )
+
+
+# The default space: the seed's two dimensions, and each opt-in one's grid (`--search NAME`).
+DEFAULT_DIMENSIONS = {
+    "lr": Dimension("lr", "log-float", *LR_RANGE),
+    "size_inner": Dimension("size_inner", "categorical", choices=SIZE_INNER_CHOICES),
+    "dropout": Dimension("dropout", "categorical", choices=DROPOUT_CHOICES),
+    "weight_decay": Dimension("weight_decay", "log-float", *WEIGHT_DECAY_RANGE),
+    "label_smoothing": Dimension("label_smoothing", "categorical", choices=LABEL_SMOOTHING_CHOICES),
+}
+ALWAYS_SEARCHED = ("lr", "size_inner")
+
+
+def resolved_space(sweep: SweepConfig) -> dict[str, Dimension]:
+    """Stage 1's space: lr and size_inner, the `--search` dimensions with their default grids, and a
+    sweep file's dimensions over either (a dimension in the file is searched)."""
+    names = [*ALWAYS_SEARCHED, *sweep.search, *(d.name for d in sweep.space)]
+    space = {name: DEFAULT_DIMENSIONS[name] for name in dict.fromkeys(names)}
+    return space | {d.name: d for d in sweep.space}
+
+
+def _suggest_head(trial: optuna.Trial, space: dict[str, Dimension]) -> dict:
+    """The head's shape and regularisation: shared by both stages (stage 2 pins its source's). A
+    dimension that is not searched keeps the value that changes nothing."""
+    head = {"size_inner": space["size_inner"].suggest(trial)}
+    for name in OPTIONAL_DIMENSIONS:
+        head[name] = space[name].suggest(trial) if name in space else 0.0
+    return head
 
 
 def suggest(trial: optuna.Trial, sweep: SweepConfig) -> TrainConfig:
     """Sample one stage-1 trial's configuration; fixed settings come from the sweep."""
-    lr = trial.suggest_float("lr", *LR_RANGE, log=True)
+    space = resolved_space(sweep)
+    lr = space["lr"].suggest(trial)
     return TrainConfig(
-        lr=lr, **_suggest_head(trial, sweep.search), epochs=sweep.epochs, batch_size=sweep.batch_size, seed=sweep.seed
+        lr=lr, **_suggest_head(trial, space), epochs=sweep.epochs, batch_size=sweep.batch_size, seed=sweep.seed
     )
 
 
@@ -54,7 +100,7 @@ def suggest_finetune(trial: optuna.Trial, sweep: SweepConfig) -> FinetuneConfig:
     blocks = trial.suggest_int("finetune_blocks", 1, MAX_FINETUNE_BLOCKS)
     lr = trial.suggest_float("lr", *FINETUNE_LR_RANGE, log=True)
     epochs = trial.suggest_int("epochs", 1, MAX_EPOCHS)
-    head = _suggest_head(trial, sweep.search)
+    head = _suggest_head(trial, resolved_space(sweep))
     train = TrainConfig(lr=lr, **head, epochs=epochs, batch_size=sweep.batch_size, seed=sweep.seed)
     return FinetuneConfig(source_trial=source, blocks=blocks, train=train)
 
@@ -74,20 +120,20 @@ def finetune_recipe(sweep: SweepConfig, source: TrialRecord) -> dict:
 
 def describe_space(sweep: SweepConfig) -> dict:
     """Stage 1's space in words, for the study's user attrs (what optuna-dashboard shows)."""
-    search = set(sweep.search)
-    head = {
-        "lr": f"log-uniform {LR_RANGE}",
-        "size_inner": f"one of {SIZE_INNER_CHOICES}",
-        "dropout": f"one of {DROPOUT_CHOICES}" if "dropout" in search else "0 (not searched)",
-        "weight_decay": f"log-uniform {WEIGHT_DECAY_RANGE}" if "weight_decay" in search else "0 (not searched)",
-        "label_smoothing": f"one of {LABEL_SMOOTHING_CHOICES}" if "label_smoothing" in search else "0 (not searched)",
-    }
+    space = resolved_space(sweep)
+    searched = {name: dim.describe() for name, dim in space.items()}
+    searched |= {name: "0 (not searched)" for name in OPTIONAL_DIMENSIONS if name not in space}
     fixed = {
         "epochs": sweep.epochs,
         "batch_size": sweep.batch_size,
         "views": sweep.views,
     }
-    return {"stage1": {"searched": head, "fixed": fixed}}
+    return {"stage1": {"searched": searched, "fixed": fixed}}
+
+
+def space_signature(sweep: SweepConfig) -> dict:
+    """Stage 1's space as data: a resumed study must sample from the same one."""
+    return {name: dim.as_dict() for name, dim in sorted(resolved_space(sweep).items())}
 
 
 def describe_finetune_space(sweep: SweepConfig) -> dict:

@@ -11,6 +11,7 @@ finetune-000).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from clothing.data import shown
 from sweep.config import SweepConfig
 from sweep.locks import holding, study_lock
 from sweep.select import DEFAULT_TOLERANCE, FINETUNE_STAGE, HEAD_STAGE, TrialRecord, rule_text, trial_name
-from sweep.space import describe_finetune_space, describe_space
+from sweep.space import describe_finetune_space, describe_space, space_signature
 from sweep.stores import StorageError, engine_kwargs, mask_url, not_utf8, storage_error
 from sweep.tracking import Tracker
 
@@ -187,10 +188,31 @@ def load_studies(name: str, storage: str) -> tuple[optuna.Study, optuna.Study | 
     return study, finetune
 
 
+def study_tolerance(study: optuna.Study, tolerance: float | None = None) -> float:
+    """`tolerance` if given, else the one the study was run with (0.02 for studies older than that)."""
+    return tolerance if tolerance is not None else study.user_attrs.get("tolerance", DEFAULT_TOLERANCE)
+
+
+def refuse_changed_space(cfg: SweepConfig) -> None:
+    """A study resumes only with the space it sampled from: stop before any work if it differs."""
+    try:
+        study = optuna.load_study(study_name=cfg.study, storage=make_storage(cfg.storage))
+    except KeyError:
+        return  # a new study
+    recorded, wanted = study.user_attrs.get("space"), space_signature(cfg)
+    if recorded is not None and recorded != wanted:
+        changed = sorted(k for k in recorded.keys() | wanted.keys() if recorded.get(k) != wanted.get(k))
+        raise SweepError(
+            f"study {cfg.study!r} was run with another search space ({', '.join(changed)} differ: "
+            f"recorded {json.dumps({k: recorded.get(k) for k in changed})}); resume it with the same space, "
+            "or pass --study NEW_NAME to start a new study with this one"
+        )
+
+
 def describe_study(study: optuna.Study, cfg: SweepConfig, stage: str) -> None:
     """User attrs that say what the study is, in optuna-dashboard and anywhere else it is read."""
-    study.set_user_attr("rule", rule_text(DEFAULT_TOLERANCE))
-    study.set_user_attr("tolerance", DEFAULT_TOLERANCE)
+    study.set_user_attr("rule", rule_text(cfg.tolerance))
+    study.set_user_attr("tolerance", cfg.tolerance)
     study.set_user_attr("objective", "maximize val_acc at the trial's best epoch (reported every epoch)")
     stages = {HEAD_STAGE: f"stage 1: a head on frozen features ({cfg.study})"}
     if cfg.finetune_blocks:
@@ -202,6 +224,8 @@ def describe_study(study: optuna.Study, cfg: SweepConfig, stage: str) -> None:
     study.set_user_attr("stage", stage)
     space = describe_space(cfg) if stage == HEAD_STAGE else describe_finetune_space(cfg)
     study.set_user_attr("search_space", space)
+    if stage == HEAD_STAGE:
+        study.set_user_attr("space", space_signature(cfg))  # what refuse_changed_space compares
 
 
 def trial_records(study: optuna.Study, finetune: optuna.Study | None = None) -> list[TrialRecord]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import time
@@ -21,8 +22,9 @@ from urllib.parse import urlparse
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from clothing.data import shown
 from sweep.config import default_tracking_uri
@@ -196,6 +198,42 @@ class Tracker:
         run = self.client.create_run(experiment_id, run_name=name, tags=tags)
         self.log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def log_lineage(self, run_id: str, splits, tags: dict[str, str]) -> None:
+        """The splits as MLflow dataset inputs (the UI's Datasets column), and the lineage tags."""
+        contexts = {"train": "training", "validation": "validation", "test": "testing"}
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    split.name,
+                    split.digest,
+                    "local",
+                    json.dumps({"uri": split.source}),
+                    None,
+                    json.dumps(split.profile),
+                ),
+                tags=[InputTag(MLFLOW_DATASET_CONTEXT, contexts.get(split.name, split.name))],
+            )
+            for split in splits
+        ]
+        self.client.log_inputs(run_id, datasets=inputs)
+        self.set_tags(run_id, tags)
+
+    @contextmanager
+    def system_metrics(self, run_id: str, enabled: bool = True):
+        """MLflow's own system metrics (CPU, memory, disk, network, and the GPU where there is one, as
+        `system/...`) on `run_id` while the block runs; every MLFLOW_SYSTEM_METRICS_* variable applies."""
+        if not enabled:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=self.tracking_uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def log_params(self, run_id: str, params: dict) -> None:
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])

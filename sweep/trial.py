@@ -127,6 +127,7 @@ class TrackedObjective:
             ctx.experiment_id, ctx.parent_id, ctx.cfg.study, name, trial.number, self.task.params(config), stage
         )
         trial.set_user_attr("mlflow_run_id", run_id)
+        ctx.tracker.log_lineage(run_id, ctx.data.lineage.splits, ctx.data.lineage.tags)
         best = BestEpoch()
 
         def on_epoch(epoch: int, metrics: dict, model: nn.Module) -> None:

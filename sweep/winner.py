@@ -17,7 +17,15 @@ from clothing.model import load_backbone
 from sweep.export import check_backbone, export_model, fetch_head, mirror_val_acc, register_winner, split_accuracy
 from sweep.pipeline import publish_study, summarise_parent
 from sweep.select import TrialRecord, eligible, rule_text, select_winner
-from sweep.study import Report, SweepError, format_params, load_studies, resolve_device, trial_records
+from sweep.study import (
+    Report,
+    SweepError,
+    format_params,
+    load_studies,
+    resolve_device,
+    study_tolerance,
+    trial_records,
+)
 from sweep.summary import version_info
 from sweep.table import format_table, record_rows
 from sweep.tracking import CHAMPION_ALIAS, Tracker, browse_hint
@@ -36,7 +44,7 @@ class BestOptions:
     backbone_weights: str | None
     cache_dir: Path
     device: str
-    tolerance: float
+    tolerance: float | None  # None: the study's own
     export_path: Path | None = None
     tta: bool = False
     register_name: str | None = None
@@ -71,8 +79,11 @@ class Ranking:
         )
 
 
-def rank_study(study: str, storage: str, tolerance: float) -> Ranking:
-    records = trial_records(*load_studies(study, storage))
+def rank_study(study: str, storage: str, tolerance: float | None) -> Ranking:
+    """Both stages' trials under the rule, with `tolerance` or else the one the study was run with."""
+    stage1, stage2 = load_studies(study, storage)
+    records = trial_records(stage1, stage2)
+    tolerance = study_tolerance(stage1, tolerance)
     winner = select_winner(records, tolerance)
     if winner is None:
         raise SweepError(f"study {study!r} has no COMPLETE trial yet; run `python -m sweep run --study {study}`")

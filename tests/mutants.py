@@ -225,6 +225,27 @@ MUTANTS = (
         ("tests/test_bad_input.py::test_run_without_data_says_how_to_get_it_and_creates_no_store",),
     ),
     Mutant(
+        "a resumed study takes a changed search space",
+        "sweep/study.py",
+        "    if recorded is not None and recorded != wanted:",
+        "    if False:",
+        ("tests/test_sweepfile.py::test_resuming_a_study_with_another_space_is_refused_and_loses_nothing",),
+    ),
+    Mutant(
+        "the sweep file's settings ignored",
+        "sweep/cli.py",
+        "    ctx.default_map = {**(ctx.default_map or {}), **settings}\n",
+        "    ctx.default_map = ctx.default_map or {}\n",
+        ("tests/test_sweepfile.py::test_a_sweep_file_becomes_the_studys_distributions_and_the_parent_runs_record",),
+    ),
+    Mutant(
+        "a split's digest ignores file sizes",
+        "sweep/lineage.py",
+        '        digest.update(str(os.stat(path).st_size).encode() + b"\\n")\n',
+        "",
+        ("tests/test_lineage.py::test_a_splits_digest_changes_when_a_file_changes",),
+    ),
+    Mutant(
         "a float option lets nan through",
         "sweep/cli.py",
         "if not math.isfinite(number):",
