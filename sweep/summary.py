@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 
-from sweep.select import FINETUNE_STAGE, TrialRecord, rule_text
+from sweep.select import FINETUNE_STAGE, HEAD_STAGE, TrialRecord, rule_text
 from sweep.tracking import VersionInfo
 
 TEST_METRIC = "best/test_acc"  # the winner's checkpoint scored on test/ (by `best`), on its own run
@@ -28,10 +28,12 @@ def experiment_description(study: str, data_dir: str) -> str:
 
 
 def count_states(records: list[TrialRecord]) -> dict[str, int]:
+    """Both stages' trials by state, and the finished stage-1 ones: what `--trials` counts."""
     states = [r.state for r in records]
     complete, pruned, failed = states.count("COMPLETE"), states.count("PRUNED"), states.count("FAIL")
+    finished = sum(r.stage == HEAD_STAGE and r.state in ("COMPLETE", "PRUNED") for r in records)
     return {
-        "trials/finished": complete + pruned,  # what --trials counts
+        "trials/finished": finished,
         "trials/complete": complete,
         "trials/pruned": pruned,
         "trials/failed": failed,

@@ -170,6 +170,9 @@ def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_di
     assert head["train_config"]["lr"] == 3e-5 and head["train_config"]["epochs"] == 2
     assert spec_of(head).finetune_blocks == 1 and head["provenance"]["trial"] == "finetune-000"
     assert run.data.params["trainable_parameters"] != run.data.params["total_parameters"]
+    # The parent's counts: stage 2 is a trial (complete), but `--trials` (finished) counts stage 1 only.
+    parent = next(r for r in runs if r.data.tags.get("sweep.role") == "study")
+    assert parent.data.metrics["trials/finished"] == 3 and parent.data.metrics["trials/complete"] == 4
 
     # The export of the stage-2 checkpoint predicts what stage 2 measured.
     backbone = load_backbone(tiny_weights)
