@@ -22,7 +22,6 @@ class SweepFileError(ValueError):
     """The sweep file cannot be used; the message names the key and what it may be."""
 
 
-# Settings a file may hold: name -> (check, what it may be). The names are `run`'s options.
 def _int_in(low: int, high: int):
     return (
         lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high,
@@ -41,6 +40,7 @@ def _one_of(*choices):
     return lambda v: v in choices, f"one of {', '.join(map(str, choices))}"
 
 
+# Settings a file may hold: name -> (check, what it may be). The names are `run`'s options.
 SETTINGS = {
     "trials": _int_in(1, 1_000_000),
     "epochs": _int_in(1, MAX_EPOCHS),
