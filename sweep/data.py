@@ -34,14 +34,17 @@ class Lineage:
     tags: dict[str, str]
 
 
-def lineage_of(
-    data_dir: Path, train: ClothingDataset, val: ClothingDataset, features: dict[str, FeatureSet]
-) -> Lineage:
+def split_records(data_dir: Path, train: ClothingDataset, val: ClothingDataset) -> tuple[SplitRecord, ...]:
+    """The splits' records; a test/ split (scored by `best`, never seen by a trial) is read here too,
+    so one that cannot be read fails before the extraction, not after it."""
     splits = [split_record("train", train), split_record("validation", val)]
-    if (data_dir / "test").is_dir():  # scored by `best`, never seen by a trial
+    if (data_dir / "test").is_dir():
         splits.append(split_record("test", ClothingDataset(data_dir / "test", class_to_idx=train.class_to_idx)))
-    keys = {f"sweep.feature_cache.{name}": f.cache_file.stem.removeprefix("features-") for name, f in features.items()}
-    return Lineage(tuple(splits), {**code_tags(), **keys})
+    return tuple(splits)
+
+
+def cache_keys(features: dict[str, FeatureSet]) -> dict[str, str]:
+    return {f"sweep.feature_cache.{name}": f.cache_file.stem.removeprefix("features-") for name, f in features.items()}
 
 
 def load_splits(data_dir: Path) -> tuple[ClothingDataset, ClothingDataset]:
@@ -71,6 +74,7 @@ def prepare_data(
 ) -> SweepData:
     """Cached features of the splits from `load_splits` (one backbone pass on a cold cache)."""
     train_set, val_set = splits
+    records = split_records(cfg.data_dir, train_set, val_set)
     backbone = backbone if backbone is not None else load_backbone(cfg.backbone_weights)
     # With fine-tuning on, the same pass also caches the activations entering the blocks that train.
     cut = finetune_cut(cfg.finetune_blocks) if cfg.finetune_blocks else None
@@ -79,5 +83,5 @@ def prepare_data(
     )
     train = cached_features(train_set, backbone, cfg.cache_dir, options, views=cfg.views)
     val = cached_features(val_set, backbone, cfg.cache_dir, options)
-    lineage = lineage_of(cfg.data_dir, train_set, val_set, {"train": train, "validation": val})
+    lineage = Lineage(records, {**code_tags(), **cache_keys({"train": train, "validation": val})})
     return SweepData(train_set.classes, train, val, weights_fingerprint(backbone), lineage)

@@ -43,7 +43,7 @@ from sweep.study import (
     trial_records,
 )
 from sweep.summary import TEST_METRIC, experiment_description, parent_description, parent_metrics
-from sweep.sweepfile import resolved_file
+from sweep.sweepfile import SETTINGS, resolved_file
 from sweep.table import record_rows, rows_to_csv
 from sweep.tracking import NOTE_TAG, Tracker
 from sweep.trial import TrackedObjective, TrialContext
@@ -106,9 +106,7 @@ def parent_params(cfg: SweepConfig, backbone_id: str) -> dict:
 
 def sweep_settings(cfg: SweepConfig) -> dict:
     """The settings a sweep file holds, as this run resolved them (file, then command line)."""
-    names = ("trials", "epochs", "batch_size", "seed", "pruner", "precision", "views", "tolerance")
-    stage2 = ("finetune_blocks", "finetune_epochs", "finetune_lr")
-    return {name: getattr(cfg, name) for name in (*names, *stage2)}
+    return {name: getattr(cfg, name) for name in SETTINGS}
 
 
 def prepare(cfg: SweepConfig, report: Report) -> tuple[TrialContext, optuna.Study]:
@@ -123,8 +121,8 @@ def prepare(cfg: SweepConfig, report: Report) -> tuple[TrialContext, optuna.Stud
     backbone = load_backbone(cfg.backbone_weights)
     tracker = Tracker(cfg.tracking_uri)
     tracker.check_reachable()
-    make_storage(cfg.storage)  # a wrong URL fails now, not after minutes of extraction
-    refuse_changed_space(cfg)  # so does resuming a study with another search space
+    storage = make_storage(cfg.storage)  # a wrong URL fails now, not after minutes of extraction
+    refuse_changed_space(cfg, storage)  # so does resuming a study with another search space
     cfg.cache_dir.mkdir(parents=True, exist_ok=True)  # a file in its place fails here, in one line
     data = prepare_data(cfg, device, splits, backbone, progress=cfg.progress)
     study = _stage1_study(cfg)

@@ -193,10 +193,10 @@ def study_tolerance(study: optuna.Study, tolerance: float | None = None) -> floa
     return tolerance if tolerance is not None else study.user_attrs.get("tolerance", DEFAULT_TOLERANCE)
 
 
-def refuse_changed_space(cfg: SweepConfig) -> None:
+def refuse_changed_space(cfg: SweepConfig, storage: optuna.storages.BaseStorage) -> None:
     """A study resumes only with the space it sampled from: stop before any work if it differs."""
     try:
-        study = optuna.load_study(study_name=cfg.study, storage=make_storage(cfg.storage))
+        study = optuna.load_study(study_name=cfg.study, storage=storage)
     except KeyError:
         return  # a new study
     recorded, wanted = study.user_attrs.get("space"), space_signature(cfg)

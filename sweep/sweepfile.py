@@ -22,18 +22,20 @@ class SweepFileError(ValueError):
     """The sweep file cannot be used; the message names the key and what it may be."""
 
 
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # YAML's true is not 1 here
+
+
+def _number(value) -> bool:
+    return (_integer(value) or isinstance(value, float)) and math.isfinite(value)
+
+
 def _int_in(low: int, high: int):
-    return (
-        lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high,
-        f"an integer in [{low}, {high}]",
-    )
+    return lambda v: _integer(v) and low <= v <= high, f"an integer in [{low}, {high}]"
 
 
 def _number_in(low: float, high: float):
-    def check(v) -> bool:
-        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
-
-    return check, f"a number in [{low:g}, {high:g}]"
+    return lambda v: _number(v) and low <= v <= high, f"a number in [{low:g}, {high:g}]"
 
 
 def _one_of(*choices):
@@ -66,10 +68,6 @@ VALUE_BOUNDS = {
 INTEGER_PARAMETERS = ("size_inner",)
 
 
-def _number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _dimension(name: str, spec) -> Dimension:
     where = f"space.{name}"
     if not isinstance(spec, dict):
@@ -86,8 +84,7 @@ def _dimension(name: str, spec) -> Dimension:
     kind_of_value = "integers" if integer else "numbers"
 
     def in_bounds(value) -> bool:
-        ok_type = isinstance(value, int) and not isinstance(value, bool) if integer else _number(value)
-        return ok_type and low_bound <= value <= high_bound
+        return (_integer(value) if integer else _number(value)) and low_bound <= value <= high_bound
 
     if kind == "categorical":
         choices = spec.get("choices")

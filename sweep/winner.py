@@ -56,6 +56,7 @@ class Ranking:
     records: list[TrialRecord]
     winner: TrialRecord
     tolerance: float
+    study_attrs: dict  # the stage-1 study's user attrs: its space and stages, for the parent's summary
 
     def lines(self) -> list[str]:
         """The leading trials and the rule, as `best` prints them above the winner line."""
@@ -87,7 +88,7 @@ def rank_study(study: str, storage: str, tolerance: float | None) -> Ranking:
     winner = select_winner(records, tolerance)
     if winner is None:
         raise SweepError(f"study {study!r} has no COMPLETE trial yet; run `python -m sweep run --study {study}`")
-    return Ranking(records, winner, tolerance)
+    return Ranking(records, winner, tolerance, stage1.user_attrs)
 
 
 def mark_winner(tracker: Tracker, ranking: Ranking, study: str, storage: str) -> str | None:
@@ -149,8 +150,7 @@ def run_best(options: BestOptions, say: Report) -> None:
     if "test_acc" in metrics:
         say(f"(test_acc: the winner's accuracy on the images of {shown(Path(options.data_dir) / 'test')})")
         if parent_id:  # the parent's summary now has the winner's test score
-            stage1, _ = load_studies(options.study, options.storage)
-            summarise_parent(tracker, parent_id, ranking.records, winner, ranking.tolerance, stage1.user_attrs)
+            summarise_parent(tracker, parent_id, ranking.records, winner, ranking.tolerance, ranking.study_attrs)
     if options.export_path is not None:
         export_model(head, backbone, options.export_path, metrics)
         say(f"Exported {winner.name} to {shown(options.export_path)}")
