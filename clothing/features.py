@@ -54,6 +54,12 @@ class FeatureSet:
     keep: np.ndarray  # rows of the cache files that hold readable images
     activation_file: Path | None = None  # with a cut: (rows, V, C, H, W) activations entering features[cut]
     precision: str = "exact"  # the precision they were extracted in ("auto" resolved)
+    cut: int | None = None  # where the activations were taken
+
+    def subset(self, rows: np.ndarray) -> FeatureSet:
+        """The same cache, restricted to `rows` of these features (e.g. without a held-out part)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return replace(self, features=self.features[rows], labels=self.labels[rows], keep=self.keep[rows.numpy()])
 
     @property
     def plain(self) -> torch.Tensor:
@@ -69,6 +75,26 @@ class FeatureSet:
         if self.activation_file is None:
             raise ValueError("these features were extracted without a cut; pass cut= to cached_features")
         return _read_rows(self.activation_file, self.keep)
+
+    def activations_at(
+        self, cut: int, trunk: torch.nn.Sequential, view: int | None = None, batch_size: int = 256
+    ) -> torch.Tensor:
+        """(N, V, C, H, W) activations entering `trunk[cut]` (with `view`: (N, C, H, W), that view
+        only): the cached ones, or for a later cut (fewer blocks fine-tuned) the cached ones run
+        forward through the frozen blocks in between, in eval mode and in memory, so that one cache at
+        the deepest cut serves every shallower one."""
+        activations = self.activations()
+        if view is not None:
+            activations = activations[:, view]
+        if cut == self.cut:
+            return activations
+        if self.cut is None or cut < self.cut:
+            raise ValueError(f"activations cached at cut {self.cut} cannot give the ones at cut {cut}")
+        bridge = trunk[self.cut : cut].eval()
+        rows = activations.flatten(0, 1) if view is None else activations  # one image-view per row
+        with torch.no_grad():
+            out = torch.cat([bridge(batch) for batch in rows.split(batch_size)])
+        return out.unflatten(0, activations.shape[:2]) if view is None else out
 
 
 def _read_rows(path: Path, keep: np.ndarray) -> torch.Tensor:
@@ -128,4 +154,4 @@ def cached_features(
     keep = np.setdiff1d(np.arange(len(dataset)), np.asarray(bad, dtype=np.int64))
     labels = torch.as_tensor(dataset.labels, dtype=torch.long)[torch.from_numpy(keep)]
     features = _read_rows(cache_file, keep)
-    return FeatureSet(features, labels, bad_paths, cache_file, hit, keep, activation_file, precision)
+    return FeatureSet(features, labels, bad_paths, cache_file, hit, keep, activation_file, precision, cut)

@@ -5,6 +5,7 @@ history and never prints or logs: side effects (tracking, checkpoints, pruning) 
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from collections.abc import Callable, Iterable
@@ -33,8 +34,10 @@ def _run_epoch(
     criterion: nn.Module,
     device: torch.device,
     optimizer: torch.optim.Optimizer | None,
+    after_step: Callable[[], None] | None = None,
 ) -> tuple[float, float]:
-    """One pass over `loader`; trains when an optimizer is given. Returns (loss per sample, accuracy)."""
+    """One pass over `loader`; trains when an optimizer is given, calling `after_step` after each
+    step. Returns (loss per sample, accuracy)."""
     total_loss, correct, seen = 0.0, 0, 0
     for inputs, labels in loader:
         inputs = inputs.to(device, non_blocking=True)
@@ -49,6 +52,8 @@ def _run_epoch(
         if optimizer is not None:
             loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step()
         total_loss += batch_loss * labels.size(0)
         correct += (outputs.argmax(dim=1) == labels).sum().item()
         seen += labels.size(0)
@@ -67,6 +72,8 @@ def train_and_evaluate(
     device: torch.device | str,
     on_epoch: EpochCallback | None = None,
     train_eval_loader: Iterable | None = None,
+    after_step: Callable[[], None] | None = None,
+    evaluated: nn.Module | None = None,
 ) -> list[dict]:
     """Train for `num_epochs`, validating after each; returns one metrics dict per epoch.
 
@@ -78,18 +85,22 @@ def train_and_evaluate(
     without it they equal the running ones.
     `on_epoch(epoch, metrics, model)` runs after each epoch and may raise to stop early
     (e.g. optuna.TrialPruned); raises TrainingDiverged as soon as a loss is not finite.
+    `after_step` runs after every optimizer step (a per-step lr schedule, a weight average), and
+    `evaluated`, when given, is the model validated, scored and handed to `on_epoch` instead of
+    `model` (a weight average of it).
     """
     device = torch.device(device)
     model.to(device)
+    evaluated = model if evaluated is None else evaluated.to(device)
     history = []
     for epoch in range(1, num_epochs + 1):
         model.train()
-        running_loss, running_acc = _run_epoch(model, train_loader, criterion, device, optimizer)
-        model.eval()
+        running_loss, running_acc = _run_epoch(model, train_loader, criterion, device, optimizer, after_step)
+        evaluated.eval()
         with torch.no_grad():
-            val_loss, val_acc = _run_epoch(model, val_loader, criterion, device, None)
+            val_loss, val_acc = _run_epoch(evaluated, val_loader, criterion, device, None)
             if train_eval_loader is not None:
-                train_loss, train_acc = _run_epoch(model, train_eval_loader, criterion, device, None)
+                train_loss, train_acc = _run_epoch(evaluated, train_eval_loader, criterion, device, None)
             else:
                 train_loss, train_acc = running_loss, running_acc
         metrics = {
@@ -103,7 +114,7 @@ def train_and_evaluate(
         }
         history.append(metrics)
         if on_epoch is not None:
-            on_epoch(epoch, metrics, model)
+            on_epoch(epoch, metrics, evaluated)
     return history
 
 
@@ -114,6 +125,8 @@ class FeatureBatches:
     epoch), but it slices whole tensors instead of collating samples one by one, which matters when
     a batch of the head costs less than the collation. With `views=True` the features are
     (N, V, ...) and every epoch draws one view per sample (after the shuffle, from the same generator).
+    `channels_last=True` hands out activation batches (B, C, H, W) in channels-last memory, the layout
+    oneDNN's convolutions run fastest in on a CPU (with the model in it too).
     """
 
     def __init__(
@@ -124,11 +137,13 @@ class FeatureBatches:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         views: bool = False,
+        channels_last: bool = False,
     ) -> None:
         if views and features.shape[1] == 1:  # one view: nothing to draw, same batches as plain rows
             features, views = features[:, 0], False
         self.features, self.labels = features, labels
         self.batch_size, self.shuffle, self.generator, self.views = batch_size, shuffle, generator, views
+        self.channels_last = channels_last
 
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
@@ -140,8 +155,35 @@ class FeatureBatches:
             view = torch.randint(self.features.shape[1], (n,), generator=self.generator)
         for start in range(0, n, self.batch_size):
             if not self.shuffle and not self.views:  # plain slices: no copy
-                yield self.features[start : start + self.batch_size], self.labels[start : start + self.batch_size]
-                continue
-            idx = order[start : start + self.batch_size]
-            rows = self.features[idx, view[idx]] if self.views else self.features[idx]
-            yield rows, self.labels[idx]
+                batch = slice(start, start + self.batch_size)
+                rows, labels = self.features[batch], self.labels[batch]
+            else:
+                idx = order[start : start + self.batch_size]
+                rows, labels = self.features[idx, view[idx]] if self.views else self.features[idx], self.labels[idx]
+            yield (rows.contiguous(memory_format=torch.channels_last) if self.channels_last else rows), labels
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and BatchNorm statistics (EMA, as timm
+    keeps one), updated after every optimizer step: `averaged` is the model to evaluate and keep.
+
+    After n updates each weight is decay**n * its value at the start plus (1 - decay) * decay**(n-k)
+    * its value after step k, summed over k; integer buffers (BatchNorm's batch counter) are copied.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(f"the average's decay must be in (0, 1), got {decay}")
+        self.model, self.decay = model, decay
+        self.averaged = copy.deepcopy(model).eval()
+        for param in self.averaged.parameters():
+            param.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        current = self.model.state_dict()
+        for name, average in self.averaged.state_dict().items():
+            if average.is_floating_point():
+                average.lerp_(current[name], 1 - self.decay)
+            else:
+                average.copy_(current[name])

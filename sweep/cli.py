@@ -20,7 +20,15 @@ from clothing.predict import top_k as predict_top_k
 from sweep.config import SweepConfig, default_cache_dir, default_storage, default_tracking_uri
 from sweep.pipeline import quiet_libraries, run_sweep
 from sweep.select import DEFAULT_TOLERANCE, HEAD_STAGE, select_winner
-from sweep.space import FINETUNE_LR_RANGE, MAX_EPOCHS, OPTIONAL_DIMENSIONS
+from sweep.space import (
+    AVERAGES,
+    FINETUNE_LR_RANGE,
+    FINETUNE_SEARCH_LR,
+    MAX_EPOCHS,
+    MAX_LABEL_SMOOTHING,
+    OPTIONAL_DIMENSIONS,
+    SCHEDULES,
+)
 from sweep.stores import STORAGE_ENV, StorageError
 from sweep.study import SweepError, load_studies, study_tolerance, trial_records
 from sweep.sweepfile import SweepFileError, read_sweep_file
@@ -248,7 +256,7 @@ def cli() -> None:
     show_default=True,
     type=click.IntRange(0, MAX_FINETUNE_BLOCKS),
     help="Stage 2: then fine-tune the winner's last K inverted-residual blocks (and the final 1x1 conv) "
-    "on activations cached at the cut, as one more trial tagged stage=finetune; 0 = off.",
+    "on activations cached at the cut, as trials tagged stage=finetune (see --finetune-trials); 0 = off.",
 )
 @click.option(
     "--finetune-epochs", default=10, show_default=True, type=click.IntRange(1, MAX_EPOCHS), help="Epochs of stage 2."
@@ -259,6 +267,52 @@ def cli() -> None:
     show_default=True,
     type=FiniteFloat(*FINETUNE_LR_RANGE),
     help="Learning rate of stage 2 (blocks and head): small, so the pretrained blocks are adjusted, not overwritten.",
+)
+@click.option(
+    "--finetune-trials",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help="Stage-2 trials: 1 runs the fixed recipe (--finetune-blocks, --finetune-lr); more search the block "
+    "count in [1, --finetune-blocks] (cycled, deepest first) and the lr in [{:g}, {:g}] (log), with pruning.".format(
+        *FINETUNE_SEARCH_LR
+    ),
+)
+@click.option(
+    "--finetune-average",
+    type=click.Choice(AVERAGES),
+    default="none",
+    show_default=True,
+    help="Stage 2: ema validates and keeps an exponential moving average of the weights (decay 0.995 a step).",
+)
+@click.option(
+    "--finetune-schedule",
+    type=click.Choice(SCHEDULES),
+    default="constant",
+    show_default=True,
+    help="Stage 2's lr: constant, or cosine (annealed to 0 over the trial's steps).",
+)
+@click.option(
+    "--finetune-label-smoothing",
+    default=0.0,
+    show_default=True,
+    type=FiniteFloat(0, MAX_LABEL_SMOOTHING),
+    help="Stage 2's label smoothing (stage 1's is searched with --search label_smoothing).",
+)
+@click.option(
+    "--holdout",
+    default=0.0,
+    show_default=True,
+    type=FiniteFloat(0, 0.5, max_open=True),
+    help="Leave this fraction of train/ (stratified) out of every trial, for an estimate no trial or rule "
+    "saw (make bench-accuracy); 0 = none.",
+)
+@click.option(
+    "--holdout-seed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 2**32 - 1),
+    help="Which images --holdout leaves out.",
 )
 @click.option(
     "--system-metrics/--no-system-metrics",

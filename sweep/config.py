@@ -59,6 +59,12 @@ class SweepConfig:
     finetune_blocks: int = 0  # stage 2: fine-tune the winner's last K inverted-residual blocks (0: off)
     finetune_epochs: int = 10
     finetune_lr: float = 3e-5
+    finetune_trials: int = 1  # 1: the fixed recipe above; more: search blocks in [1, finetune_blocks] and lr
+    finetune_average: str = "none"  # "ema": evaluate and keep an exponential moving average of the weights
+    finetune_schedule: str = "constant"  # "cosine": anneal the lr to 0 over stage 2's steps
+    finetune_label_smoothing: float = 0.0
+    holdout: float = 0.0  # leave this fraction of train/ out of the sweep (sweep.holdout); 0: none
+    holdout_seed: int = 0
     system_metrics: bool = True  # MLflow's CPU/memory/GPU metrics on the parent run
     progress: bool = True
 
@@ -66,8 +72,11 @@ class SweepConfig:
 @dataclass(frozen=True)
 class FinetuneConfig:
     """What one stage-2 trial trains with: the source trial's head, its last `blocks` blocks unfrozen,
-    and `train` (the source's head configuration with stage 2's own lr and epochs)."""
+    and `train` (the source's head configuration with stage 2's own lr, epochs and label smoothing),
+    with `average` ("none" or "ema") and `schedule` ("constant" or "cosine")."""
 
     source_trial: int
     blocks: int
     train: TrainConfig
+    average: str = "none"
+    schedule: str = "constant"

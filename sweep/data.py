@@ -13,7 +13,10 @@ from clothing.extract import ExtractionOptions
 from clothing.features import FeatureSet, cached_features
 from clothing.model import finetune_cut, load_backbone, weights_fingerprint
 from sweep.config import SweepConfig
+from sweep.holdout import holdout_rows
 from sweep.lineage import SplitRecord, code_tags, split_record
+
+HOLDOUT_TAG = "sweep.held_out"
 
 
 @dataclass
@@ -76,12 +79,19 @@ def prepare_data(
     train_set, val_set = splits
     records = split_records(cfg.data_dir, train_set, val_set)
     backbone = backbone if backbone is not None else load_backbone(cfg.backbone_weights)
-    # With fine-tuning on, the same pass also caches the activations entering the blocks that train.
+    # With fine-tuning on, the same pass also caches the activations entering the blocks that train
+    # (the most a stage-2 search may train: fewer blocks start from these).
     cut = finetune_cut(cfg.finetune_blocks) if cfg.finetune_blocks else None
     options = ExtractionOptions(
         device=str(device), precision=cfg.precision, cut=cut, skip_bad_images=cfg.skip_bad_images, progress=progress
     )
     train = cached_features(train_set, backbone, cfg.cache_dir, options, views=cfg.views)
     val = cached_features(val_set, backbone, cfg.cache_dir, options)
-    lineage = Lineage(records, {**code_tags(), **cache_keys({"train": train, "validation": val})})
+    tags = {**code_tags(), **cache_keys({"train": train, "validation": val})}
+    if cfg.holdout:  # cached for all of train/, so every seed shares the cache; trials see the rest
+        kept, held = holdout_rows(train.labels, cfg.holdout, cfg.holdout_seed)
+        train = train.subset(kept)
+        of = f"{len(held)} of {len(kept) + len(held)} training images"
+        tags[HOLDOUT_TAG] = f"{of} (fraction {cfg.holdout:g}, seed {cfg.holdout_seed})"
+    lineage = Lineage(records, tags)
     return SweepData(train_set.classes, train, val, weights_fingerprint(backbone), lineage)

@@ -13,8 +13,8 @@ import clothing
 from clothing.checkpoint import HEAD, MODEL, CheckpointError, checkpoint, load_checkpoint, save_checkpoint, spec_of
 from clothing.data import ClothingDataset, build_transforms
 from clothing.extract import ExtractionOptions
-from clothing.features import cached_features
-from clothing.model import ClothingClassifierMobileNet, build_model, weights_fingerprint
+from clothing.features import FeatureSet, cached_features
+from clothing.model import LAST_CONV, ClothingClassifierMobileNet, build_model, weights_fingerprint
 from sweep.select import TrialRecord
 from sweep.tracking import LoggedModel, Tracker, VersionInfo
 
@@ -94,15 +94,22 @@ def split_logits(
     The features are extracted in the precision the trial trained on, unless `precision` says otherwise."""
     precision = precision or head["provenance"].get("feature_precision", "auto")
     model = model_from_checkpoint(head, backbone)
-    tuned = spec_of(head).finetune_blocks > 0
     # The tail takes activations at the cut; without fine-tuning the cache holds pooled features.
-    module, cut = (model.tail(), model.cut) if tuned else (model.head, None)
+    cut = model.cut if spec_of(head).finetune_blocks else None
     options = ExtractionOptions(device=str(device), precision=precision, cut=cut, progress=False)
     features = cached_features(split, backbone, cache_dir, options)
-    inputs = features.activations()[:, 0] if tuned else features.plain
+    return cached_logits(model, features), features.labels
+
+
+def cached_logits(model: ClothingClassifierMobileNet, features: FeatureSet) -> torch.Tensor:
+    """The model's logits over the plain view of cached features: its head on the pooled features, or
+    after fine-tuning its tail on the activations at its cut (from a deeper cut's cache if need be)."""
+    if model.cut <= LAST_CONV:
+        module, inputs = model.tail(), features.activations_at(model.cut, model.features, view=0)
+    else:
+        module, inputs = model.head, features.plain
     with torch.no_grad():
-        logits = torch.cat([module(batch) for batch in inputs.split(256)])
-    return logits, features.labels
+        return torch.cat([module(batch) for batch in inputs.split(256)])
 
 
 def split_accuracy(head: dict, backbone: torch.nn.Module, folder: Path, cache_dir: Path, device) -> float:

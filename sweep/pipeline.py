@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from sweep.study import (
     count_finished,
     describe_study,
     finetune_study_name,
+    latest_trials,
     load_studies,
     make_storage,
     open_study,
@@ -48,6 +50,9 @@ from sweep.table import record_rows, rows_to_csv
 from sweep.tracking import NOTE_TAG, Tracker
 from sweep.trial import TrackedObjective, TrialContext
 from sweep.workers import start_workers
+
+# Stage 2's median pruner prunes from its second finished trial on: a search has only a few trials.
+FINETUNE_STARTUP_TRIALS = 1
 
 
 def quiet_libraries() -> None:
@@ -101,6 +106,11 @@ def parent_params(cfg: SweepConfig, backbone_id: str) -> dict:
         "finetune_blocks": cfg.finetune_blocks,
         "finetune_epochs": cfg.finetune_epochs,
         "finetune_lr": cfg.finetune_lr,
+        "finetune_trials": cfg.finetune_trials,
+        "finetune_average": cfg.finetune_average,
+        "finetune_schedule": cfg.finetune_schedule,
+        "finetune_label_smoothing": cfg.finetune_label_smoothing,
+        "holdout": f"{cfg.holdout:g} of train/, seed {cfg.holdout_seed}" if cfg.holdout else "none",
     }
 
 
@@ -174,7 +184,8 @@ def stage1_worker(cfg: SweepConfig, experiment_id: str, parent_id: str, threads:
 
 
 def run_stage2(ctx: TrialContext, records: list[TrialRecord], report: Report) -> tuple[int, list[str]]:
-    """Fine-tune the stage-1 winner, as trials of the stage-2 study, once per (source, recipe)."""
+    """Fine-tune the stage-1 winner, as `finetune_trials` trials of the stage-2 study, once per
+    (source, recipe): a re-run adds only the trials a recipe is missing."""
     cfg = ctx.cfg
     if not cfg.finetune_blocks:
         return 0, []
@@ -190,18 +201,46 @@ def run_stage2(ctx: TrialContext, records: list[TrialRecord], report: Report) ->
         seed=cfg.seed,
         pruner=cfg.pruner,
         fixed_params=recipe,
+        startup_trials=FINETUNE_STARTUP_TRIALS,
     )
     describe_study(study, cfg, FINETUNE_STAGE)
 
     def of_this_recipe(trial: optuna.trial.FrozenTrial) -> bool:
         return all(trial.params.get(k) == v for k, v in recipe.items())
 
-    if count_finished(study, of_this_recipe):
-        report(f"stage 2: {source.name} was already fine-tuned with {cfg.finetune_blocks} block(s)")
+    if count_finished(study, of_this_recipe) >= cfg.finetune_trials:
+        report(f"stage 2: {source.name} was already fine-tuned with this recipe")
         return 0, []
-    report(f"stage 2: fine-tuning {source.name} with its last {cfg.finetune_blocks} block(s), lr {cfg.finetune_lr:.1e}")
+    if cfg.finetune_trials == 1:
+        report(f"stage 2: fine-tuning {source.name}'s last {cfg.finetune_blocks} block(s), lr {cfg.finetune_lr:.1e}")
+    else:
+        enqueue_block_counts(study, cfg, recipe)
+        blocks = f"1-{cfg.finetune_blocks}"
+        report(f"stage 2: {cfg.finetune_trials} trials fine-tuning {source.name}'s last {blocks} block(s)")
     task = FinetuneTrial(ctx, source, fetch_head(ctx.tracker, source))
-    return run_trials(study, TrackedObjective(ctx, task), 1, cfg.storage, report, FINETUNE_STAGE, of_this_recipe)
+    objective = TrackedObjective(ctx, task)
+    return run_trials(study, objective, cfg.finetune_trials, cfg.storage, report, FINETUNE_STAGE, of_this_recipe)
+
+
+def enqueue_block_counts(study: optuna.Study, cfg: SweepConfig, recipe: dict) -> None:
+    """A search's block counts, cycled deepest first (3, 2, 1, 3, ...), so that even two trials try
+    two depths where random draws could repeat one; the lr is sampled. A count that a trial of this
+    recipe already has (finished, running or still queued) is not queued again, so a resumed search
+    goes on with the cycle."""
+    depths = range(cfg.finetune_blocks, 0, -1)
+    wanted = Counter(depths[i % len(depths)] for i in range(cfg.finetune_trials))
+
+    def planned(trial: optuna.trial.FrozenTrial) -> dict:  # a queued trial's params are still in its plan
+        return {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+
+    have = Counter(
+        planned(t).get("finetune_blocks")
+        for t in latest_trials(study)
+        if t.state != optuna.trial.TrialState.FAIL and all(planned(t).get(k) == v for k, v in recipe.items())
+    )
+    for blocks, count in (wanted - have).items():
+        for _ in range(count):
+            study.enqueue_trial({**recipe, "finetune_blocks": blocks})
 
 
 def all_records(cfg: SweepConfig) -> list[TrialRecord]:

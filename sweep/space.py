@@ -22,6 +22,10 @@ LABEL_SMOOTHING_CHOICES = (0.0, 0.1, 0.2)
 # PartialFixedSampler, so its trial's params are exactly what it trained with; the ranges are what
 # the values may be, and what a stage-2 search would sample from.
 FINETUNE_LR_RANGE = (1e-7, 1e-2)
+FINETUNE_SEARCH_LR = (1e-5, 3e-4)  # a stage-2 search's lr range (README, "Accuracy")
+MAX_LABEL_SMOOTHING = 0.5
+AVERAGES = ("none", "ema")
+SCHEDULES = ("constant", "cosine")
 MAX_EPOCHS = 1000
 MAX_TRIAL_NUMBER = 2**31 - 1
 
@@ -95,27 +99,40 @@ def suggest(trial: optuna.Trial, sweep: SweepConfig) -> TrainConfig:
 
 
 def suggest_finetune(trial: optuna.Trial, sweep: SweepConfig) -> FinetuneConfig:
-    """One stage-2 trial's configuration: its own lr, blocks and epochs on top of its source's head."""
+    """One stage-2 trial's configuration on top of its source's head: its own blocks, lr, epochs,
+    label smoothing, weight averaging and schedule. A fixed recipe pins all of them (the wide ranges
+    are what a pinned value may be); a search (`finetune_trials` > 1) samples the blocks in
+    [1, finetune_blocks] and the lr in FINETUNE_SEARCH_LR."""
+    searching = sweep.finetune_trials > 1
     source = trial.suggest_int("source_trial", 0, MAX_TRIAL_NUMBER)
-    blocks = trial.suggest_int("finetune_blocks", 1, MAX_FINETUNE_BLOCKS)
-    lr = trial.suggest_float("lr", *FINETUNE_LR_RANGE, log=True)
+    blocks = trial.suggest_int("finetune_blocks", 1, sweep.finetune_blocks if searching else MAX_FINETUNE_BLOCKS)
+    lr = trial.suggest_float("lr", *(FINETUNE_SEARCH_LR if searching else FINETUNE_LR_RANGE), log=True)
     epochs = trial.suggest_int("epochs", 1, MAX_EPOCHS)
-    head = _suggest_head(trial, resolved_space(sweep))
+    # Stage 2's own label smoothing, not the source's: its head dimensions are pinned without it.
+    head = _suggest_head(trial, {k: v for k, v in resolved_space(sweep).items() if k != "label_smoothing"})
+    head["label_smoothing"] = trial.suggest_float("label_smoothing", 0.0, MAX_LABEL_SMOOTHING)
+    average = trial.suggest_categorical("average", list(AVERAGES))
+    schedule = trial.suggest_categorical("schedule", list(SCHEDULES))
     train = TrainConfig(lr=lr, **head, epochs=epochs, batch_size=sweep.batch_size, seed=sweep.seed)
-    return FinetuneConfig(source_trial=source, blocks=blocks, train=train)
+    return FinetuneConfig(source_trial=source, blocks=blocks, train=train, average=average, schedule=schedule)
 
 
 def finetune_recipe(sweep: SweepConfig, source: TrialRecord) -> dict:
-    """The values a fixed stage-2 recipe pins: the source trial's head configuration (all of its
-    params but its lr) and the sweep's stage-2 settings."""
-    head = {k: v for k, v in source.params.items() if k != "lr"}
-    return {
+    """The values stage 2 pins: the source trial's head configuration (all of its params but its lr
+    and label smoothing) and the sweep's stage-2 settings; also the blocks and the lr when the recipe
+    is fixed (`finetune_trials` 1), as a search samples those."""
+    head = {k: v for k, v in source.params.items() if k not in ("lr", "label_smoothing")}
+    recipe = {
         **head,
         "source_trial": source.number,
-        "finetune_blocks": sweep.finetune_blocks,
-        "lr": sweep.finetune_lr,
         "epochs": sweep.finetune_epochs,
+        "label_smoothing": sweep.finetune_label_smoothing,
+        "average": sweep.finetune_average,
+        "schedule": sweep.finetune_schedule,
     }
+    if sweep.finetune_trials == 1:
+        recipe |= {"finetune_blocks": sweep.finetune_blocks, "lr": sweep.finetune_lr}
+    return recipe
 
 
 def describe_space(sweep: SweepConfig) -> dict:
@@ -132,16 +149,28 @@ def describe_space(sweep: SweepConfig) -> dict:
 
 
 def space_signature(sweep: SweepConfig) -> dict:
-    """Stage 1's space as data: a resumed study must sample from the same one."""
-    return {name: dim.as_dict() for name, dim in sorted(resolved_space(sweep).items())}
+    """Stage 1's space as data, and the held-out part of train/ if any: a resumed study must sample
+    from the same space and train on the same images."""
+    signature = {name: dim.as_dict() for name, dim in sorted(resolved_space(sweep).items())}
+    if sweep.holdout:
+        signature["holdout"] = {"fraction": sweep.holdout, "seed": sweep.holdout_seed}
+    return signature
 
 
 def describe_finetune_space(sweep: SweepConfig) -> dict:
     """Stage 2's recipe in words, for the stage-2 study's user attrs."""
+    searched = {
+        "finetune_blocks": f"int [1, {sweep.finetune_blocks}], cycled deepest first",
+        "lr": "log-uniform ({:g}, {:g})".format(*FINETUNE_SEARCH_LR),
+    }
+    fixed = {"finetune_blocks": sweep.finetune_blocks, "lr": sweep.finetune_lr}
     return {
         "source_trial": "the stage-1 winner",
         "size_inner, dropout, ...": "the source trial's",
-        "finetune_blocks": sweep.finetune_blocks,
-        "lr": sweep.finetune_lr,
+        **(searched if sweep.finetune_trials > 1 else fixed),
+        "trials": sweep.finetune_trials,
         "epochs": sweep.finetune_epochs,
+        "label_smoothing": sweep.finetune_label_smoothing,
+        "average": sweep.finetune_average,
+        "schedule": sweep.finetune_schedule,
     }

@@ -144,8 +144,10 @@ def open_study(
     seed: int = 42,
     pruner: str = "median",
     fixed_params: dict | None = None,
+    startup_trials: int = 5,
 ) -> optuna.Study:
-    """Create or resume a study for running trials; `fixed_params` pins those params (stage 2)."""
+    """Create or resume a study for running trials; `fixed_params` pins those params (stage 2). The
+    median pruner starts pruning once `startup_trials` trials have finished."""
     sampler: BaseSampler = TrialSeededSampler(seed)
     if fixed_params:
         sampler = PartialFixedSampler(fixed_params, sampler)
@@ -155,7 +157,7 @@ def open_study(
         direction="maximize",
         sampler=sampler,
         pruner=(
-            optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+            optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=2)
             if pruner == "median"
             else optuna.pruners.NopPruner()
         ),
@@ -203,7 +205,7 @@ def refuse_changed_space(cfg: SweepConfig, storage: optuna.storages.BaseStorage)
     if recorded is not None and recorded != wanted:
         changed = sorted(k for k in recorded.keys() | wanted.keys() if recorded.get(k) != wanted.get(k))
         raise SweepError(
-            f"study {cfg.study!r} was run with another search space ({', '.join(changed)} differ: "
+            f"study {cfg.study!r} was run with another search space or held-out split ({', '.join(changed)} differ: "
             f"recorded {json.dumps({k: recorded.get(k) for k in changed})}); resume it with the same space, "
             "or pass --study NEW_NAME to start a new study with this one"
         )
@@ -216,8 +218,9 @@ def describe_study(study: optuna.Study, cfg: SweepConfig, stage: str) -> None:
     study.set_user_attr("objective", "maximize val_acc at the trial's best epoch (reported every epoch)")
     stages = {HEAD_STAGE: f"stage 1: a head on frozen features ({cfg.study})"}
     if cfg.finetune_blocks:
+        blocks = f"1-{cfg.finetune_blocks}" if cfg.finetune_trials > 1 else cfg.finetune_blocks
         stages[FINETUNE_STAGE] = (
-            f"stage 2: the stage-1 winner's last {cfg.finetune_blocks} block(s) fine-tuned "
+            f"stage 2: the stage-1 winner's last {blocks} block(s) fine-tuned, {cfg.finetune_trials} trial(s) "
             f"({finetune_study_name(cfg.study)})"
         )
     study.set_user_attr("stages", stages)

@@ -15,7 +15,16 @@ import yaml
 from clothing.data import shown
 from clothing.extract import PRECISIONS
 from clothing.model import MAX_FINETUNE_BLOCKS
-from sweep.space import DEFAULT_DIMENSIONS, FINETUNE_LR_RANGE, MAX_EPOCHS, OPTIONAL_DIMENSIONS, Dimension
+from sweep.space import (
+    AVERAGES,
+    DEFAULT_DIMENSIONS,
+    FINETUNE_LR_RANGE,
+    MAX_EPOCHS,
+    MAX_LABEL_SMOOTHING,
+    OPTIONAL_DIMENSIONS,
+    SCHEDULES,
+    Dimension,
+)
 
 
 class SweepFileError(ValueError):
@@ -55,6 +64,10 @@ SETTINGS = {
     "finetune_blocks": _int_in(0, MAX_FINETUNE_BLOCKS),
     "finetune_epochs": _int_in(1, MAX_EPOCHS),
     "finetune_lr": _number_in(*FINETUNE_LR_RANGE),
+    "finetune_trials": _int_in(1, 100),
+    "finetune_average": _one_of(*AVERAGES),
+    "finetune_schedule": _one_of(*SCHEDULES),
+    "finetune_label_smoothing": _number_in(0, MAX_LABEL_SMOOTHING),
 }
 KINDS = ("float", "log-float", "int", "categorical")
 # What each parameter's values may be, whatever range a file gives.

@@ -252,6 +252,41 @@ MUTANTS = (
         "if math.isinf(number):",
         ("tests/test_hostile.py::test_numbers_that_parse_but_make_no_sense_are_usage_errors",),
     ),
+    Mutant(
+        "the held-out rows are left in the training features",
+        "sweep/data.py",
+        "        train = train.subset(kept)\n",
+        "",
+        ("tests/test_holdout.py::test_no_trial_trains_on_a_held_out_image",),
+    ),
+    Mutant(
+        "the held-out rows drawn from the whole of train/, not per class",
+        "sweep/holdout.py",
+        "rows = np.flatnonzero(labels == label)",
+        "rows = np.arange(len(labels))",
+        ("tests/test_holdout.py::test_the_held_out_rows_are_stratified_and_fixed_by_the_seed",),
+    ),
+    Mutant(
+        "the weight average checkpointed as the last step's weights",
+        "clothing/train.py",
+        "average.lerp_(current[name], 1 - self.decay)",
+        "average.copy_(current[name])",
+        ("tests/test_finetune.py::test_the_weight_average_is_the_exponential_average_of_every_step",),
+    ),
+    Mutant(
+        "a stage-2 search draws every trial's block count at random",
+        "sweep/pipeline.py",
+        "        enqueue_block_counts(study, cfg, recipe)\n",
+        "",
+        ("tests/test_finetune.py::test_a_stage2_search_tries_two_depths_and_records_each_truthfully",),
+    ),
+    Mutant(
+        "a shallower cut reads the deepest cut's activations as they are",
+        "clothing/features.py",
+        "        if cut == self.cut:\n            return activations\n",
+        "        return activations\n",
+        ("tests/test_finetune.py::test_activations_from_a_deeper_cut_equal_the_ones_cached_at_the_cut",),
+    ),
 )
 
 

@@ -19,9 +19,10 @@ from clothing.model import (
     trainable_parameters,
     weights_fingerprint,
 )
-from clothing.train import FeatureBatches, train_and_evaluate
+from clothing.train import FeatureBatches, WeightAverage, train_and_evaluate
 from sweep.export import export_model, fetch_head, split_logits
 from sweep.select import select_winner
+from sweep.space import FINETUNE_SEARCH_LR
 from sweep.study import load_studies, trial_records
 from sweep.tracking import Tracker
 
@@ -148,12 +149,16 @@ def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_di
     source = select_winner([r for r in records if r.stage == "head"])
     assert tuned.name == "finetune-000" and tuned.source_trial == source.number
 
-    # Its Optuna params are what it trained with: its own lr, blocks and epochs, the source's head.
+    # Its Optuna params are what it trained with: its own lr, blocks, epochs and stabilisers, the
+    # source's head.
     expected = {
         "source_trial": source.number,
         "finetune_blocks": 1,
         "lr": 3e-5,
         "epochs": 2,
+        "label_smoothing": 0.0,
+        "average": "none",
+        "schedule": "constant",
         "size_inner": source.params["size_inner"],
     }
     assert tuned.params == expected
@@ -193,3 +198,71 @@ def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_di
     assert best.exit_code == 0, best.output
     shown = f"[stage 2 of trial-{source.number:03d}]" in best.output
     assert shown == (select_winner(records, 1).stage == "finetune")
+
+
+def test_a_stage2_search_tries_two_depths_and_records_each_truthfully(stores, data_dir, tiny_weights):
+    extra = ("--finetune-blocks", "2", "--finetune-trials", "2", "--finetune-epochs", "2", "--precision", "fp32")
+    result = sweep("run", *run_options(data_dir, tiny_weights, 2, 1), *extra, stores=stores)
+    assert result.exit_code == 0, result.output
+    study, finetune = load_studies("clothing", stores["--storage"])
+    assert [t.state.name for t in finetune.trials] == ["COMPLETE", "COMPLETE"]  # the pruner let both finish
+    # Deepest first: one cache at the cut for 2 blocks serves the 1-block trial too.
+    assert [t.params["finetune_blocks"] for t in finetune.trials] == [2, 1]
+    lrs = [t.params["lr"] for t in finetune.trials]
+    assert all(FINETUNE_SEARCH_LR[0] <= lr <= FINETUNE_SEARCH_LR[1] for lr in lrs) and lrs[0] != lrs[1]
+    _, runs = mlflow_runs(stores)
+    tracker = Tracker(stores["--tracking-uri"])
+    for trial, record in zip(finetune.trials, [r for r in trial_records(study, finetune) if r.stage == "finetune"]):
+        run = next(r for r in runs if r.info.run_id == trial.user_attrs["mlflow_run_id"])
+        assert run.info.run_name == f"finetune-{trial.number:03d}" and run.info.run_name in result.output
+        assert float(run.data.params["lr"]) == trial.params["lr"]
+        assert int(run.data.params["finetune_blocks"]) == trial.params["finetune_blocks"]
+        head = fetch_head(tracker, record)  # the checkpoint is the model it says it is
+        assert spec_of(head).finetune_blocks == trial.params["finetune_blocks"]
+        assert head["train_config"]["lr"] == trial.params["lr"]
+        blocks = {int(k.split(".")[1]) for k in head["state_dict"] if k.startswith("blocks.")}
+        assert len(blocks) == trial.params["finetune_blocks"] + 1  # the blocks and the closing 1x1 conv
+    # Resuming the search adds nothing; asking for a third trial adds the next depth of the cycle.
+    again = sweep("run", *run_options(data_dir, tiny_weights, 2, 1), *extra, stores=stores)
+    assert again.exit_code == 0 and len(load_studies("clothing", stores["--storage"])[1].trials) == 2
+    more = sweep("run", *run_options(data_dir, tiny_weights, 2, 1), *extra, "--finetune-trials", "3", stores=stores)
+    assert more.exit_code == 0, more.output
+    assert [t.params["finetune_blocks"] for t in load_studies("clothing", stores["--storage"])[1].trials] == [2, 1, 2]
+
+
+def test_activations_from_a_deeper_cut_equal_the_ones_cached_at_the_cut(train_set, tmp_path):
+    backbone = load_backbone(None)
+    options = dict(precision="exact", progress=False, views=2)
+    deep = cached_features(train_set, backbone, tmp_path, cut=15, **options)
+    shallow = cached_features(train_set, backbone, tmp_path, cut=17, **options)
+    torch.testing.assert_close(deep.activations_at(17, backbone.features), shallow.activations(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(deep.activations_at(17, backbone.features, view=1), shallow.activations()[:, 1])
+    with pytest.raises(ValueError, match="cannot give"):
+        shallow.activations_at(15, backbone.features)
+
+
+def test_the_weight_average_is_the_exponential_average_of_every_step(train_set):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(24, 4), torch.randint(0, 3, (24,))
+    average = WeightAverage(model, decay=0.9)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}  # the start, where it begins
+
+    def after_step():
+        average.update()
+        for name, value in model.state_dict().items():
+            expected[name] = 0.9 * expected[name] + 0.1 * value if value.is_floating_point() else value.clone()
+
+    seen = []
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    batches = FeatureBatches(x, y, 6)
+    train_and_evaluate(
+        model, optimizer, batches, batches, nn.CrossEntropyLoss(), 2, "cpu",
+        on_epoch=lambda epoch, metrics, evaluated: seen.append(evaluated),
+        after_step=after_step, evaluated=average.averaged,
+    )  # fmt: skip
+    assert seen == [average.averaged, average.averaged]  # validated and checkpointed: the average
+    for name, value in average.averaged.state_dict().items():
+        torch.testing.assert_close(value, expected[name])
+    assert not torch.allclose(average.averaged[0].weight, model[0].weight)  # not the last step's weights
+    assert average.averaged.state_dict()["1.num_batches_tracked"] == 8  # 2 epochs x 4 steps, copied

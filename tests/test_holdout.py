@@ -1,0 +1,74 @@
+"""The held-out part of train/ (`run --holdout`): stratified, deterministic, and never seen by a trial."""
+
+import numpy as np
+import pytest
+from images import make_split
+from sweep_helpers import data_args, mlflow_runs, sweep
+
+from clothing.data import ClothingDataset, build_transforms
+from clothing.features import cached_features
+from clothing.model import load_backbone
+from sweep.config import SweepConfig
+from sweep.data import HOLDOUT_TAG, load_splits, prepare_data
+from sweep.holdout import holdout_rows
+from sweep.study import load_studies
+
+
+def test_the_held_out_rows_are_stratified_and_fixed_by_the_seed():
+    labels = np.repeat([0, 1, 2, 3], [40, 20, 10, 1])  # unbalanced, and one class of a single image
+    kept, held = holdout_rows(labels, 0.1, seed=0)
+    assert sorted(np.concatenate([kept, held])) == list(range(len(labels)))  # a partition of the rows
+    assert np.bincount(labels[held], minlength=4).tolist() == [4, 2, 1, 0]  # 10 % of each class
+    again_kept, again_held = holdout_rows(labels, 0.1, seed=0)
+    assert np.array_equal(held, again_held) and np.array_equal(kept, again_kept)
+    others = [holdout_rows(labels, 0.1, seed)[1] for seed in (1, 2)]
+    assert all(not np.array_equal(held, other) for other in others)  # another seed, other images
+    with pytest.raises(ValueError, match="fraction"):
+        holdout_rows(labels, 0.0, seed=0)
+
+
+def test_no_trial_trains_on_a_held_out_image(tmp_path, tiny_weights):
+    data = tmp_path / "data"
+    make_split(data / "train", per_class=10)
+    make_split(data / "validation", per_class=2, seed=1000)
+    cfg = SweepConfig(data_dir=data, backbone_weights=str(tiny_weights), cache_dir=tmp_path / "cache", holdout=0.2)
+    cfg = SweepConfig(**{**cfg.__dict__, "precision": "fp32", "progress": False, "finetune_blocks": 1})
+    prepared = prepare_data(cfg, "cpu", load_splits(data), load_backbone(str(tiny_weights)))
+
+    # The cache holds every training image; the trials get all but the held-out ones.
+    full = cached_features(
+        ClothingDataset(data / "train", build_transforms()),
+        load_backbone(str(tiny_weights)),
+        tmp_path / "cache",
+        precision="fp32",
+        cut=17,
+        progress=False,
+    )
+    kept, held = holdout_rows(full.labels, 0.2, seed=0)
+    assert len(held) == 6 and sorted(prepared.train.keep) == sorted(full.keep[kept])
+    assert not set(prepared.train.keep) & set(full.keep[held])
+    assert prepared.train.features.shape[0] == len(kept) == prepared.train.activations().shape[0]
+    for row, cache_row in enumerate(prepared.train.keep):
+        assert prepared.train.features[row].equal(full.features[cache_row])  # the right rows, in order
+    assert prepared.train.labels.tolist() == full.labels[kept].tolist()
+    assert prepared.lineage.tags[HOLDOUT_TAG] == "6 of 30 training images (fraction 0.2, seed 0)"
+
+
+def test_a_sweep_with_a_held_out_part_records_it_and_refuses_another(tmp_path, tiny_weights, stores):
+    data = tmp_path / "data"
+    make_split(data / "train", per_class=10)
+    make_split(data / "validation", per_class=2, seed=1000)
+    options = [*data_args(data, tiny_weights), "--trials", "2", "--epochs", "1", "--quiet", "--holdout", "0.2"]
+    result = sweep("run", *options, stores=stores)
+    assert result.exit_code == 0, result.output
+    _, runs = mlflow_runs(stores)
+    trials = [r for r in runs if r.data.tags.get("sweep.role") == "trial"]
+    assert len(trials) == 2 and {r.data.params["num_train"] for r in trials} == {"24"}  # 30 - 6 held out
+    parent = next(r for r in runs if r.data.tags.get("sweep.role") == "study")
+    assert parent.data.params["holdout"] == "0.2 of train/, seed 0"
+    assert all(r.data.tags[HOLDOUT_TAG].startswith("6 of 30") for r in [parent, *trials])
+
+    # Resuming with other held-out images would mix trials trained on different data: refused.
+    again = sweep("run", *options, "--holdout-seed", "1", "--trials", "3", stores=stores)
+    assert again.exit_code == 1 and "held-out split" in again.output and "holdout" in again.output
+    assert len(load_studies("clothing", stores["--storage"])[0].trials) == 2
