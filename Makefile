@@ -34,7 +34,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 # The default recipe is the checked-in sweep file (README, "Accuracy" and "Sweep files"): dropout
-# searched, 3 cached views per training image, then stage 2 fine-tunes the winner's last 3 blocks.
+# searched, 2 cached views per training image, then stage 2 fine-tunes the winner's last 3 blocks.
 # SWEEP_OPTIONS= runs the plain head-only sweep; SWEEP_OPTIONS='--config my.yaml' runs yours.
 SWEEP_OPTIONS ?= --config sweeps/default.yaml
 

@@ -65,6 +65,10 @@ RECIPES = {
         *("--finetune-blocks", "3", "--finetune-lr", "1e-4", "--finetune-epochs", "6"),
         *("--finetune-schedule", "cosine", "--tolerance", "0.01"),
     ),
+    "+ cosine, tolerance 0.01": (
+        *("--finetune-blocks", "3", "--finetune-lr", "1e-4", "--finetune-epochs", "6"),
+        *("--finetune-schedule", "cosine", "--tolerance", "0.01"),
+    ),
     "+ cosine + EMA": (
         *("--finetune-blocks", "3", "--finetune-lr", "1e-4", "--finetune-epochs", "6"),
         *("--finetune-schedule", "cosine", "--finetune-average", "ema"),

@@ -109,8 +109,8 @@ def test_resuming_a_study_with_another_space_is_refused_and_loses_nothing(tmp_pa
 
 def test_the_checked_in_default_file_is_the_make_sweep_recipe():
     settings, space = read_sweep_file(ROOT / "sweeps" / "default.yaml")
-    assert (settings["views"], settings["finetune_blocks"], settings["trials"], settings["epochs"]) == (3, 3, 20, 10)
-    assert (settings["finetune_epochs"], settings["finetune_lr"], settings["finetune_schedule"]) == (6, 1e-4, "cosine")
-    assert settings["tolerance"] == 0.01
+    assert (settings["views"], settings["finetune_blocks"], settings["trials"], settings["epochs"]) == (2, 3, 20, 10)
+    assert (settings["finetune_epochs"], settings["finetune_lr"], settings["tolerance"]) == (6, 1e-4, 0.01)
+    assert (settings["finetune_schedule"], settings["finetune_average"]) == ("constant", "none")
     assert [d.name for d in space] == ["lr", "size_inner", "dropout"]
     assert "--config sweeps/default.yaml" in (ROOT / "Makefile").read_text()
