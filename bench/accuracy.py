@@ -3,8 +3,9 @@
 The validation split picks the winner, so its val_acc flatters it. Every recipe here runs once per
 seed with a stratified 10 % of train/ held out (`run --holdout 0.1 --holdout-seed S`, seeds 0, 1, 2;
 sweep.holdout), and the table gives, per recipe: the winner's val_acc, the winner's accuracy on the
-held-out images (mean ± std over the seeds), the same for the trial with the best val_acc (does the
-gap rule pick models that generalise better?), and the mean time of a warm run (stage 1 or stage 2).
+held-out images (mean ± std over the seeds), the same for the winner under a narrower band (0.01)
+and for the trial with the best val_acc (does the gap rule pick models that generalise better?), and
+the mean time of a warm run (stage 1 or stage 2).
 
 Stage 1 (the sweep file's, views as given) runs once per seed; each recipe's stage 2 then starts from a
 copy of those stores, so the recipes differ only in what they add. One feature cache serves all: it
@@ -12,8 +13,10 @@ holds every training image, and a stage-2 recipe with fewer blocks starts from t
 Results go to results.jsonl in the work folder, one line per (recipe, seed), so a run can be resumed
 (`--work-dir` again) and the table printed from whatever is done.
 
-Needs CLOTHING_DATA_DIR and CLOTHING_BACKBONE_WEIGHTS. The cold time of a recipe, as a user waits for
-it, is measured with `--cold RECIPE` (a fresh cache and stores, no held-out part).
+Needs CLOTHING_DATA_DIR and CLOTHING_BACKBONE_WEIGHTS. Every recipe at one --views is about 80
+minutes on a 2-core CPU (a 3-block stage 2 about 2 minutes a seed); --recipe picks some. The cold
+time of a recipe, as a user waits for it, is measured with `--cold RECIPE` (a fresh cache and
+stores, no held-out part).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ BASELINE = (
 TOLERANCES = (0.02, 0.01)  # the rule's default band, and a narrower one
 STAGE1_ONLY = ("--finetune-blocks", "0")
 # Stage-2 recipes on top of the sweep file's stage 1: each option list replaces the file's stage 2.
+# `make sweep`'s is "3 blocks, lr 1e-4, 6 epochs" with --views 2 (README, "Accuracy").
 RECIPES = {
     "stage 1 only": STAGE1_ONLY,
     "1 block, lr 3e-5, 10 epochs": ("--finetune-blocks", "1", "--finetune-lr", "3e-5", "--finetune-epochs", "10"),
@@ -60,10 +64,6 @@ RECIPES = {
     "+ cosine": (
         *("--finetune-blocks", "3", "--finetune-lr", "1e-4", "--finetune-epochs", "6"),
         *("--finetune-schedule", "cosine"),
-    ),
-    "+ cosine, tolerance 0.01 (make sweep)": (
-        *("--finetune-blocks", "3", "--finetune-lr", "1e-4", "--finetune-epochs", "6"),
-        *("--finetune-schedule", "cosine", "--tolerance", "0.01"),
     ),
     "+ cosine, tolerance 0.01": (
         *("--finetune-blocks", "3", "--finetune-lr", "1e-4", "--finetune-epochs", "6"),
