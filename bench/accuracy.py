@@ -32,11 +32,10 @@ import time
 from pathlib import Path
 
 import click
-import torch
 
 from clothing.data import ClothingDataset, build_transforms
 from clothing.extract import ExtractionOptions
-from clothing.features import cached_features
+from clothing.features import FeatureSet, cached_features
 from clothing.model import finetune_cut, load_backbone
 from sweep.export import cached_logits, fetch_head, model_from_checkpoint
 from sweep.holdout import HOLDOUT_FRACTION, HOLDOUT_SEEDS, holdout_rows
@@ -122,26 +121,28 @@ class HeldOutScorer:
         self.train = ClothingDataset(data_dir / "train", build_transforms())
         self.cache, self.views = cache, views
 
-    def accuracy(self, tracker: Tracker, record: TrialRecord, seed: int, cut: int | None) -> float:
+    def held_out(self, seed: int, cut: int | None) -> FeatureSet:
+        """The held-out rows of seed `seed`, read once per run from the cache the sweep filled."""
         options = ExtractionOptions(precision="auto", views=self.views, cut=cut, progress=False)
         full = cached_features(self.train, self.backbone, self.cache, options)
-        _, held = holdout_rows(full.labels, HOLDOUT_FRACTION, seed)
-        part = full.subset(held)
+        return full.subset(holdout_rows(full.labels, HOLDOUT_FRACTION, seed)[1])
+
+    def accuracy(self, tracker: Tracker, record: TrialRecord, part: FeatureSet) -> float:
         model = model_from_checkpoint(fetch_head(tracker, record), self.backbone)
         logits = cached_logits(model, part)
         return (logits.argmax(dim=1) == part.labels).float().mean().item()
 
 
 def score_run(scorer: HeldOutScorer, folder: Path, seed: int, cut: int | None) -> dict:
-    """Held-out accuracy of the winner (the default rule, and a narrower band) and of the best val_acc."""
+    """Held-out accuracy of the winner (the default rule, and a narrower band) and of the best val_acc;
+    a trial several rules chose is scored once."""
     records = trial_records(*load_studies("clothing", f"sqlite:///{folder / 'optuna.db'}"))
     tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}")
     chosen = {f"tolerance {t:g}": select_winner(records, t) for t in TOLERANCES}
     chosen["max val_acc"] = max((r for r in records if r.state == "COMPLETE"), key=lambda r: (r.val_acc, -r.number))
-    return {
-        rule: {"trial": r.name, "val_acc": r.val_acc, "held_out": scorer.accuracy(tracker, r, seed, cut)}
-        for rule, r in chosen.items()
-    }
+    part = scorer.held_out(seed, cut)
+    held_out = {r.name: scorer.accuracy(tracker, r, part) for r in {r.name: r for r in chosen.values()}.values()}
+    return {rule: {"trial": r.name, "val_acc": r.val_acc, "held_out": held_out[r.name]} for rule, r in chosen.items()}
 
 
 def mean_std(values: list[float]) -> str:
@@ -189,7 +190,6 @@ def main(work_dir: Path | None, recipes: tuple[str, ...], views: int, cold: str 
         seconds = run_sweep(folder, folder / "cache", (*RECIPES[cold], "--views", str(views)))
         click.echo(f"{cold}, views {views}, cold: {seconds:.0f} s on a CPU with {cpu_flags()}")
         return
-    torch.set_num_threads(torch.get_num_threads())
     cache, results_file = root / "cache", root / "results.jsonl"
     done = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
     scorer = HeldOutScorer(Path(os.environ["CLOTHING_DATA_DIR"]), cache, views)

@@ -18,6 +18,7 @@ from clothing.model import MAX_FINETUNE_BLOCKS, TORCHVISION_WEIGHTS, BackboneErr
 from clothing.predict import prediction_lines, read_images, unreadable_summary
 from clothing.predict import top_k as predict_top_k
 from sweep.config import SweepConfig, default_cache_dir, default_storage, default_tracking_uri
+from sweep.finetune import EMA_DECAY
 from sweep.pipeline import quiet_libraries, run_sweep
 from sweep.select import DEFAULT_TOLERANCE, HEAD_STAGE, select_winner
 from sweep.space import (
@@ -283,7 +284,7 @@ def cli() -> None:
     type=click.Choice(AVERAGES),
     default="none",
     show_default=True,
-    help="Stage 2: ema validates and keeps an exponential moving average of the weights (decay 0.995 a step).",
+    help=f"Stage 2: ema validates and keeps an exponential moving average of the weights (decay {EMA_DECAY:g} a step).",
 )
 @click.option(
     "--finetune-schedule",
