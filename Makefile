@@ -8,7 +8,7 @@ DATA_DIR ?= data/clothing-dataset-small
 export CLOTHING_DATA_DIR ?= $(DATA_DIR)
 MODEL   ?= model.pt
 
-.PHONY: install test lint mutants sweep best ui data bench bench-accuracy clean
+.PHONY: install test lint mutants sweep best ui data bench bench-scale bench-accuracy clean
 
 install: $(STAMP)
 
@@ -55,7 +55,12 @@ data:
 	test -d $(DATA_DIR) || git clone --depth 1 $(DATA_URL) $(DATA_DIR)
 
 bench: install
+	$(PY) -m pip install --quiet -e '.[bench]' $(TORCH)
 	$(PY) -m bench
+
+# How extraction, the sweep, the cache and memory grow with 1x, 3x and 10x the training images (bench/scale.py).
+bench-scale: install
+	$(PY) -m bench.scale
 
 bench-accuracy: install
 	$(PY) -m bench.accuracy

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from bench.cluster import CallTimer, server_rows
+from bench.extraction import extraction_rows
 from bench.notebook import notebook_epoch, notebook_features
 from clothing.data import ClothingDataset, build_transforms
 from clothing.extract import resolve_precision
@@ -57,38 +58,52 @@ def head_val_acc(train_x, train_y, val_x, val_y, epochs: int = 10) -> float:
     return max(h["val_acc"] for h in history)
 
 
-def cold_sweep(data_dir: Path, weights: Path, workdir: Path) -> tuple[float, float]:
-    """A whole default-size sweep from a cold cache in a fresh process: (wall seconds, peak RSS GB)."""
-    command = [
-        "/usr/bin/time",
-        "-v",
-        sys.executable,
-        "-m",
-        "sweep",
-        "run",
-        "--quiet",
-        "--study",
-        "cold",
-        "--trials",
-        str(SWEEP_TRIALS),
-        "--epochs",
-        str(SWEEP_EPOCHS),
-        "--data-dir",
-        str(data_dir),
-        "--backbone-weights",
-        str(weights),
-        "--storage",
-        f"sqlite:///{workdir / 'optuna.db'}",
-        "--tracking-uri",
-        f"sqlite:///{workdir / 'mlflow.db'}",
-        "--cache-dir",
-        str(workdir / "cache"),
-    ]
-    result, seconds = timed(subprocess.run, command, capture_output=True, text=True)
+def timed_process(command: list[str]) -> tuple[float, float]:
+    """Run one command in a fresh process: (wall seconds, its peak RSS in GB)."""
+    result, seconds = timed(subprocess.run, ["/usr/bin/time", "-v", *command], capture_output=True, text=True)
     if result.returncode != 0:
-        raise SystemExit(f"cold sweep failed:\n{result.stderr[-3000:]}")
+        raise SystemExit(f"{' '.join(command[:4])} failed:\n{result.stderr[-3000:]}")
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
     return seconds, peak_kb / 1024**2
+
+
+def sweep_command(
+    action: str, data_dir: Path, weights: Path, workdir: Path, *options: str, cache: Path | None = None
+) -> list[str]:
+    """`python -m sweep ACTION` on stores in `workdir` (and its cache there, unless `cache`)."""
+    stores = ["--storage", f"sqlite:///{workdir / 'optuna.db'}", "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}"]
+    workdir.mkdir(parents=True, exist_ok=True)
+    cache = cache or workdir / "cache"
+    common = ["--data-dir", str(data_dir), "--backbone-weights", str(weights), "--cache-dir", str(cache)]
+    return [sys.executable, "-m", "sweep", action, *stores, *common, *options]
+
+
+def cold_sweep(data_dir: Path, weights: Path, workdir: Path) -> tuple[float, float]:
+    """A whole default-size plain sweep from a cold cache in a fresh process: (wall seconds, peak RSS GB)."""
+    options = ("--quiet", "--study", "cold", "--trials", str(SWEEP_TRIALS), "--epochs", str(SWEEP_EPOCHS))
+    return timed_process(sweep_command("run", data_dir, weights, workdir, *options))
+
+
+def cold_recipe(data_dir: Path, weights: Path, workdir: Path) -> tuple[float, float]:
+    """What `make sweep` runs, from a cold cache: `run --config sweeps/default.yaml`, then
+    `best --export`, each a fresh process: (wall seconds of both, the larger peak RSS in GB)."""
+    recipe = Path(__file__).resolve().parent.parent / "sweeps" / "default.yaml"
+    run = sweep_command("run", data_dir, weights, workdir, "--quiet", "--study", "recipe", "--config", str(recipe))
+    export = sweep_command("best", data_dir, weights, workdir, "--study", "recipe", "--export", str(workdir / "m.pt"))
+    (t_run, rss_run), (t_export, rss_export) = timed_process(run), timed_process(export)
+    return t_run + t_export, max(rss_run, rss_export)
+
+
+def jobs_rows(data_dir: Path, weights: Path, workdir: Path) -> list[tuple[str, str, str]]:
+    """The plain sweep on a warm cache by one process on all cores, then by one single-thread process
+    per core (`--jobs N`), each a fresh `sweep run`."""
+    rows, cores = [], os.cpu_count() or 1
+    for jobs in (1, cores):
+        sweep = ("--quiet", "--study", f"jobs{jobs}", "--trials", str(SWEEP_TRIALS), "--epochs", str(SWEEP_EPOCHS))
+        seconds, _ = timed_process(sweep_command("run", data_dir, weights, workdir, *sweep, "--jobs", str(jobs)))
+        how = "1 process, all cores" if jobs == 1 else f"{jobs} processes of 1 thread"
+        rows.append((f"sweep {SWEEP_TRIALS}x{SWEEP_EPOCHS}, warm cache, --jobs {jobs} ({how})", f"{seconds:.1f} s", ""))
+    return rows
 
 
 def limited_copy(data_dir: Path, root: Path, limit: int) -> Path:
@@ -134,14 +149,15 @@ def main(limit: int | None) -> None:
     fast["val"], t_val = timed(cached_features, val, backbone, work / "cache-a", progress=False)
     t_pass = t_train + t_val
     precision = resolve_precision("auto", torch.device("cpu"))
+    engine = fast["train"].engine
     rows.append(
         ("extraction, notebook pipeline", f"{n_images / t_notebook_pass:.1f} img/s", f"{t_notebook_pass:.1f} s")
     )
     rows.append(
         (
-            f"extraction, project pipeline ({precision})",
+            f"extraction, project pipeline ({engine}, {precision})",
             f"{n_images / t_pass:.1f} img/s",
-            f"{t_notebook_pass / t_pass:.2f}x notebook (target >= 3x)",
+            f"{t_notebook_pass / t_pass:.2f}x notebook (target >= 4x)",
         )
     )
 
@@ -175,8 +191,18 @@ def main(limit: int | None) -> None:
     rows.append(("one epoch, notebook loop (images)", f"{t_nb_epoch:.1f} s", ""))
     rows.append(("one epoch, cached features", f"{t_epoch:.3f} s", f"{t_nb_epoch / t_epoch:.0f}x faster"))
 
-    # 3. Whole sweeps: cold (fresh process, empty cache) and warm (cache from step 1), with MLflow's share.
-    t_cold, peak_gb = cold_sweep(data_dir, Path(weights), work)
+    # 3. Whole sweeps: make sweep's recipe and the plain sweep, each cold (fresh processes, empty
+    # cache), and the plain one warm (cache from step 1), with MLflow's share.
+    t_recipe, peak_recipe = cold_recipe(data_dir, Path(weights), work / "recipe")
+    rows.append(
+        (
+            "make sweep recipe (run --config sweeps/default.yaml, best --export), cold",
+            f"{t_recipe:.1f} s",
+            f"{t_recipe / t_notebook_pass:.2f}x one notebook pass (target <= 1)",
+        )
+    )
+    rows.append(("  peak memory of that recipe (max RSS)", f"{peak_recipe:.2f} GB", "target < 2 GB"))
+    t_cold, peak_gb = cold_sweep(data_dir, Path(weights), work / "plain")
     rows.append(
         (
             f"sweep {SWEEP_TRIALS}x{SWEEP_EPOCHS}, cold cache (process)",
@@ -185,6 +211,7 @@ def main(limit: int | None) -> None:
         )
     )
     rows.append(("  peak memory of that sweep (max RSS)", f"{peak_gb:.2f} GB", "target < 2 GB"))
+    rows += jobs_rows(data_dir, Path(weights), work / "plain")
     cfg = SweepConfig(
         data_dir=data_dir,
         study="warm",
@@ -209,6 +236,9 @@ def main(limit: int | None) -> None:
 
     # 4. Several machines: PostgreSQL and an MLflow server against SQLite, by 1 and by 2 processes.
     rows += server_rows(data_dir, weights, work / "cache-a", work)
+
+    # 5. The extraction engines and the decoding steps, one by one.
+    rows += extraction_rows(data_dir, backbone)
 
     print(
         f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

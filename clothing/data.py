@@ -109,6 +109,18 @@ def view_transforms(base: Callable, image_size: int, views: int) -> list[Callabl
     return [base, *extra[: views - 1]]
 
 
+def pixel_transform(transform: Callable) -> tuple[Callable, tuple[float, ...], tuple[float, ...]]:
+    """One of build_transforms' pipelines split in two: its steps up to uint8 pixels, and the mean and
+    std of its closing ToTensor + Normalize, which extraction runs batched inside the trunk instead (the
+    same arithmetic, bit for bit). The loader process then does less work and sends 4x fewer bytes."""
+    steps = getattr(transform, "transforms", [])
+    ends_as_built = len(steps) >= 2 and isinstance(steps[-2], transforms.ToTensor)
+    if not ends_as_built or not isinstance(steps[-1], transforms.Normalize):
+        raise ValueError("extraction needs a transform from build_transforms (ending in ToTensor, Normalize)")
+    normalize = steps[-1]
+    return transforms.Compose([*steps[:-2], transforms.PILToTensor()]), tuple(normalize.mean), tuple(normalize.std)
+
+
 class ClothingDataset(torch.utils.data.Dataset):
     """Images in `root/<class>/<file>`, labelled by the train split's class mapping.
 

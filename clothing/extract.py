@@ -1,4 +1,4 @@
-"""The extraction engine: one pass of the frozen trunk over every view of every image.
+"""The extraction pass: one pass of the frozen trunk over every view of every image.
 
 `extract_features` streams the trunk's outputs (pooled features, and with a cut the activations
 entering the blocks that train) into memory-mapped .npy files, renamed into place only when
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +18,22 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from clothing.data import IMAGE_SIZE, ClothingDataset, DatasetError, load_image, view_transforms
+from clothing.data import (
+    IMAGE_SIZE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ClothingDataset,
+    DatasetError,
+    load_image,
+    pixel_transform,
+    view_transforms,
+)
+from clothing.engines import build_trunk, resolve_engine
 from clothing.model import GlobalPool
 
-# "exact": eager PyTorch in fp32, the reference. "fp32": a frozen, fused inference graph (BatchNorm
-# folded into the convolutions) in fp32. "bf16": that graph under bf16 autocast. "auto": the fastest
-# of these that the hardware runs natively.
+# "exact": eager PyTorch in fp32, the reference. "fp32": the engine's fastest fp32 path (clothing.engines).
+# "bf16": bf16 where the engine and hardware run it. "auto": bf16 where the hardware runs it natively,
+# else fp32.
 PRECISIONS = ("auto", "exact", "fp32", "bf16")
 
 
@@ -34,8 +43,9 @@ class ExtractionOptions:
 
     device: str = "cpu"
     precision: str = "auto"
+    engine: str = "auto"  # clothing.engines.ENGINES
     batch_size: int = 32
-    num_workers: int | None = None  # None: one loader process on a small CPU (default_num_workers)
+    num_workers: int | None = None  # None: default_num_workers
     views: int = 1  # view 0 the image as the dataset gives it, 1 its mirror, 2+ random augmentations
     seed: int = 0  # the random views' seed
     cut: int | None = None  # also keep the activations entering features[cut] (stage 2)
@@ -45,18 +55,27 @@ class ExtractionOptions:
 
 
 class TrunkOutputs(torch.nn.Module):
-    """Images -> (pooled features,) or, with a cut, (activations entering features[cut], pooled
-    features): one pass of the trunk gives both caches."""
+    """uint8 images -> (pooled features,) or, with a cut, (activations entering features[cut], pooled
+    features): one pass of the trunk gives both caches. It normalises the pixels itself (ToTensor and
+    Normalize, the same arithmetic), so that the loader sends uint8 and the engine fuses the rest."""
 
-    def __init__(self, features: torch.nn.Sequential, cut: int | None = None) -> None:
+    def __init__(
+        self,
+        features: torch.nn.Sequential,
+        cut: int | None = None,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
         super().__init__()
         cut = len(features) if cut is None else cut
         self.prefix, self.rest = features[:cut], features[cut:]
         self.pool = GlobalPool()
         self.with_activations = cut < len(features)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        activations = self.prefix(images)
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        activations = self.prefix((pixels.float() / 255 - self.mean) / self.std)
         pooled = self.pool(self.rest(activations))
         return (activations, pooled) if self.with_activations else (pooled,)
 
@@ -72,23 +91,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
-def optimize_for_cpu(extractor: torch.nn.Module, image_shape: tuple[int, ...]) -> torch.nn.Module:
-    """Freeze the extractor into a fused inference graph: on a CPU without native bf16 this is the
-    largest single speed-up measured (bench/), with features equal to eager fp32 up to rounding."""
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.compile, which
-        # costs minutes of compilation on a small CPU for a one-pass job; the jit graph costs a second.
-        traced = torch.jit.trace(extractor, torch.zeros(1, *image_shape))
-        return torch.jit.optimize_for_inference(traced)
-
-
 class _TolerantImages(Dataset):
-    """Yields (views of one image (V, 3, H, W), ok); an unreadable file gives zero images and
-    ok=False instead of raising, so one extraction pass can report every bad file at once."""
+    """Yields (uint8 views of one image (V, 3, H, W), ok); an unreadable file gives zero images and
+    ok=False instead of raising, so one extraction pass can report every bad file at once. Each image
+    is decoded once for all its views."""
 
     def __init__(self, dataset: ClothingDataset, options: ExtractionOptions) -> None:
         self.paths = dataset.image_paths
-        self.transforms = view_transforms(dataset.transform, options.image_size, options.views)
+        views = view_transforms(dataset.transform, options.image_size, options.views)
+        self.pixels = [pixel_transform(view)[0] for view in views]
+        self.mean, self.std = pixel_transform(views[0])[1:]
         self.seed = options.seed
         self.shape = (3, options.image_size, options.image_size)
 
@@ -99,14 +111,16 @@ class _TolerantImages(Dataset):
         try:
             image = load_image(self.paths[idx])
         except DatasetError:
-            return torch.zeros(len(self.transforms), *self.shape), False
-        views = []
-        for view, transform in enumerate(self.transforms):
+            return torch.zeros(len(self.pixels), *self.shape, dtype=torch.uint8), False
+        views = [self.pixels[0](image)]
+        if len(self.pixels) > 1:  # view 1 is view 0 mirrored: flipping the resized pixels gives what
+            views.append(views[0].flip(-1))  # resizing the mirrored image does, bit for bit, for free
+        for view in range(2, len(self.pixels)):
             # Each random view is a pure function of (seed, image, view): the same on every run and
             # in any loader process, and the caller's random state is left as it was.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(hash((self.seed, idx, view)) & 0x7FFFFFFF)
-                views.append(transform(image))
+                views.append(self.pixels[view](image))
         return torch.stack(views), True
 
 
@@ -117,20 +131,35 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def activation_dtype(precision: str) -> type:
+    """How the activations at a cut are stored: fp16 (half the disk, memory and bandwidth of stage 2;
+    its 11-bit mantissa rounds finer than the bf16 extraction itself), except for `exact`, the
+    reference, which keeps fp32. The pooled features, small, stay fp32."""
+    return np.float32 if precision == "exact" else np.float16
+
+
 def default_num_workers(device: torch.device) -> int:
-    # On a small CPU one loader process overlaps JPEG decoding with the backbone without
-    # oversubscribing the cores; a GPU can use more to keep itself fed.
+    # A GPU can use several loader processes to keep itself fed. On a small CPU two loader processes
+    # decode while the engine runs, at the lowest priority (_yield_to_engine).
     cores = os.cpu_count() or 1
     if device.type == "cuda":
         return min(8, cores)
-    return 1 if cores >= 2 else 0
+    return 2 if cores >= 2 else 0
+
+
+def _yield_to_engine(_worker_id: int) -> None:
+    # The engine's threads wait for each other at every layer: a decoder that takes a core from one of
+    # them stalls all. At nice 19 the loaders decode on what the engine leaves idle (measured on 2
+    # cores: about 7 % faster than one loader at normal priority, more than decoding in between batches).
+    os.nice(19)
 
 
 def extract_features(
-    dataset: ClothingDataset, extractor: torch.nn.Module, out_files: list[Path], options: ExtractionOptions
+    dataset: ClothingDataset, trunk_layers: torch.nn.Sequential, out_files: list[Path], options: ExtractionOptions
 ) -> list[int]:
-    """Run `extractor` over `options.views` views of every image of `dataset` once, streaming its i-th
-    output into `out_files[i]` (.npy, float32, shape (N, views, *output shape)).
+    """Run the trunk (`trunk_layers`, a backbone's `features`) over `options.views` views of every
+    image of `dataset` once, streaming the i-th of TrunkOutputs into `out_files[i]` (.npy, shape
+    (N, views, *output shape); float32, activations as `activation_dtype` says).
 
     Returns the indices of unreadable images (their rows are zeros).
     """
@@ -147,17 +176,19 @@ def extract_features(
         shuffle=False,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        worker_init_fn=_yield_to_engine if device.type == "cpu" else None,
     )
-    extractor = extractor.to(device, memory_format=torch.channels_last).eval()
-    if device.type == "cpu" and precision == "fp32":
-        extractor = optimize_for_cpu(extractor, images_in.shape)
+    engine = resolve_engine(options.engine, device, precision, len(dataset) * views)
+    extractor = TrunkOutputs(trunk_layers, options.cut, images_in.mean, images_in.std)
+    trunk = build_trunk(extractor, engine, device, precision, images_in.shape)
     with torch.inference_mode():
-        shapes = [out.shape[1:] for out in extractor(torch.zeros(1, *images_in.shape, device=device))]
+        shapes = [out.shape[1:] for out in trunk(torch.zeros(1, *images_in.shape, dtype=torch.uint8))]
     out_files[0].parent.mkdir(parents=True, exist_ok=True)
     tmp_files = [f.with_name(f".{f.name}.{os.getpid()}.tmp") for f in out_files]
+    dtypes = [activation_dtype(precision) if extractor.with_activations else np.float32, np.float32]
     outputs = [
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(dataset), views, *shape))
-        for tmp, shape in zip(tmp_files, shapes)
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(dataset), views, *shape))
+        for tmp, shape, dtype in zip(tmp_files, shapes, dtypes)
     ]
     bad: list[int] = []
     start = 0
@@ -166,8 +197,7 @@ def extract_features(
         with torch.inference_mode(), _autocast(device, precision):
             for images, ok in loader:
                 count = len(images)
-                images = images.flatten(0, 1).to(device, non_blocking=True, memory_format=torch.channels_last)
-                for rows, result in zip(outputs, extractor(images)):
+                for rows, result in zip(outputs, trunk(images.flatten(0, 1))):
                     rows[start : start + count] = result.float().cpu().reshape(count, views, *result.shape[1:]).numpy()
                 bad.extend(start + int(i) for i in torch.nonzero(~ok).flatten())
                 start += count

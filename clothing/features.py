@@ -1,7 +1,7 @@
 """The on-disk cache of frozen features (and of the activations at a fine-tuning cut).
 
 The backbone is frozen and the evaluation transform is deterministic, so an image's pooled feature
-vector is a pure function of (image file, backbone weights, transform, precision). It is computed once
+vector is a pure function of (image file, backbone weights, transform, precision, engine). It is computed once
 (clothing.extract) and cached; every trial and epoch of a sweep then trains on the cached vectors. The
 cache key hashes all of those inputs, so changing an image, the weights or the transform misses it.
 
@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from clothing.data import ClothingDataset, DatasetError, shown, view_transforms
-from clothing.extract import ExtractionOptions, TrunkOutputs, extract_features, resolve_precision
+from clothing.engines import resolve_engine
+from clothing.extract import ExtractionOptions, extract_features, resolve_precision
 from clothing.model import weights_fingerprint
 
-CACHE_FORMAT = 3  # bump when the cached layout or the extraction semantics change
+CACHE_FORMAT = 4  # bump when the cached layout or the extraction semantics change
 
 
 class BadImagesError(DatasetError):
@@ -52,8 +53,10 @@ class FeatureSet:
     cache_file: Path
     cache_hit: bool
     keep: np.ndarray  # rows of the cache files that hold readable images
-    activation_file: Path | None = None  # with a cut: (rows, V, C, H, W) activations entering features[cut]
+    activation_file: Path | None = None  # with a cut: (rows, V, C, H, W) activations entering features[cut],
+    # fp16 unless extracted in exact precision (clothing.extract.activation_dtype)
     precision: str = "exact"  # the precision they were extracted in ("auto" resolved)
+    engine: str = "torch"  # the engine that extracted them (resolved)
     cut: int | None = None  # where the activations were taken
 
     def subset(self, rows: np.ndarray) -> FeatureSet:
@@ -93,7 +96,7 @@ class FeatureSet:
         bridge = trunk[self.cut : cut].eval()
         rows = activations.flatten(0, 1) if view is None else activations  # one image-view per row
         with torch.no_grad():
-            out = torch.cat([bridge(batch) for batch in rows.split(batch_size)])
+            out = torch.cat([bridge(batch.float()).to(rows.dtype) for batch in rows.split(batch_size)])
         return out.unflatten(0, activations.shape[:2]) if view is None else out
 
 
@@ -104,11 +107,11 @@ def _read_rows(path: Path, keep: np.ndarray) -> torch.Tensor:
 
 def cache_key(dataset: ClothingDataset, weights_id: str, options: ExtractionOptions) -> str:
     """Hash of everything the features depend on: files (path, size, mtime), labels, weights, the
-    precision (resolved: "auto" is never part of a key), the transform of every view and the views'
+    precision and engine (resolved: "auto" is never part of a key), the transform of every view and the views'
     seed. (Activations add their cut to the file name.)"""
-    precision, views, seed = options.precision, options.views, options.seed
+    precision, engine, views, seed = options.precision, options.engine, options.views, options.seed
     digest = hashlib.sha256(
-        f"format={CACHE_FORMAT};weights={weights_id};precision={precision};views={views};seed={seed}".encode()
+        f"format={CACHE_FORMAT};weights={weights_id};precision={precision};engine={engine};views={views};seed={seed}".encode()
     )
     for transform in view_transforms(dataset.transform, options.image_size, views):
         digest.update(repr(transform).encode())
@@ -133,8 +136,10 @@ def cached_features(
     Unreadable images raise BadImagesError listing all of them, unless `skip_bad_images`.
     """
     options = replace(options or ExtractionOptions(), **settings)
-    precision = resolve_precision(options.precision, torch.device(options.device))
-    options = replace(options, precision=precision)
+    device = torch.device(options.device)
+    precision = resolve_precision(options.precision, device)
+    engine = resolve_engine(options.engine, device, precision, len(dataset) * options.views)
+    options = replace(options, precision=precision, engine=engine)
     key = cache_key(dataset, weights_fingerprint(backbone), options)
     cache_dir = Path(cache_dir)
     cache_file = cache_dir / f"features-{key}.npy"
@@ -145,7 +150,7 @@ def cached_features(
     out_files = [f for f in (activation_file, cache_file) if f is not None]
     hit = bad_file.is_file() and all(f.is_file() for f in out_files)
     if not hit:
-        bad = extract_features(dataset, TrunkOutputs(backbone.features, cut), out_files, options)
+        bad = extract_features(dataset, backbone.features, out_files, options)
         bad_file.write_text(json.dumps(bad))
     bad = json.loads(bad_file.read_text())
     bad_paths = [dataset.image_paths[i] for i in bad]
@@ -154,4 +159,4 @@ def cached_features(
     keep = np.setdiff1d(np.arange(len(dataset)), np.asarray(bad, dtype=np.int64))
     labels = torch.as_tensor(dataset.labels, dtype=torch.long)[torch.from_numpy(keep)]
     features = _read_rows(cache_file, keep)
-    return FeatureSet(features, labels, bad_paths, cache_file, hit, keep, activation_file, precision, cut)
+    return FeatureSet(features, labels, bad_paths, cache_file, hit, keep, activation_file, precision, engine, cut)

@@ -160,6 +160,7 @@ class FeatureBatches:
             else:
                 idx = order[start : start + self.batch_size]
                 rows, labels = self.features[idx, view[idx]] if self.views else self.features[idx], self.labels[idx]
+            rows = rows.float()  # activations may be cached in fp16; training and evaluation run in fp32
             yield (rows.contiguous(memory_format=torch.channels_last) if self.channels_last else rows), labels
 
 

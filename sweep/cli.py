@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import click
 import clothing
 from clothing.checkpoint import CheckpointError, load_model, spec_of
 from clothing.data import DatasetError, shown
+from clothing.engines import ENGINES, EngineError
 from clothing.extract import PRECISIONS
 from clothing.model import MAX_FINETUNE_BLOCKS, TORCHVISION_WEIGHTS, BackboneError
 from clothing.predict import prediction_lines, read_images, unreadable_summary
@@ -38,7 +40,7 @@ from sweep.tracking import REGISTRY_FORMATS, Tracker, TrackingError, browse_hint
 from sweep.winner import BestOptions, run_best
 
 MAX_JOBS = 64  # worker processes on one machine; more is a typo, not a plan (each holds a torch runtime)
-USER_ERRORS = (DatasetError, BackboneError, CheckpointError, TrackingError, SweepError, StorageError)
+USER_ERRORS = (DatasetError, BackboneError, EngineError, CheckpointError, TrackingError, SweepError, StorageError)
 
 
 def user_errors(command):
@@ -58,6 +60,20 @@ def user_errors(command):
             raise click.ClickException(f"{shown(exc.filename)}: {exc.strerror or exc}") from exc
 
     return wrapper
+
+
+class Jobs(click.IntRange):
+    """A number of worker processes, or "auto": one per CPU core."""
+
+    name = "integer or auto"
+
+    def __init__(self) -> None:
+        super().__init__(1, MAX_JOBS)
+
+    def convert(self, value, param, ctx):
+        if value == "auto":
+            return min(os.cpu_count() or 1, MAX_JOBS)
+        return super().convert(value, param, ctx)
 
 
 class FiniteFloat(click.FloatRange):
@@ -221,8 +237,16 @@ def cli() -> None:
     type=click.Choice(PRECISIONS),
     default="auto",
     show_default=True,
-    help="Feature extraction: exact (eager fp32, the reference), fp32 (fused graph), bf16; "
+    help="Feature extraction: exact (eager torch fp32, the reference), fp32, bf16; "
     "auto picks the fastest the hardware runs natively. All stay within cosine 0.99 of exact.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    default="auto",
+    show_default=True,
+    help="What runs the frozen backbone over the images: openvino (the fast CPU runtime) or torch (the "
+    "reference, and the only one on a GPU or with --precision exact); auto picks openvino where it applies.",
 )
 @click.option(
     "--skip-bad-images",
@@ -238,10 +262,11 @@ def cli() -> None:
 )
 @click.option(
     "--jobs",
-    default=1,
+    default="1",
     show_default=True,
-    type=click.IntRange(1, MAX_JOBS),
-    help="Worker processes on this machine sharing the study (features are extracted once first).",
+    type=Jobs(),
+    help="Worker processes on this machine sharing the study's stage-1 trials, each with an equal share of "
+    "the cores (features are extracted once first); auto: one per core.",
 )
 @click.option(
     "--views",

@@ -51,6 +51,7 @@ class SweepConfig:
     pruner: str = "median"
     cache_dir: Path = RUNS_DIR / "cache"
     precision: str = "auto"
+    engine: str = "auto"  # what runs the trunk over the images (clothing.engines)
     skip_bad_images: bool = False
     search: tuple[str, ...] = ()  # opt-in search dimensions beyond lr and size_inner, default grids
     space: tuple = ()  # space.Dimension's from a sweep file: over the defaults, and searched

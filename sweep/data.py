@@ -83,10 +83,16 @@ def prepare_data(
     # (the most a stage-2 search may train: fewer blocks start from these).
     cut = finetune_cut(cfg.finetune_blocks) if cfg.finetune_blocks else None
     options = ExtractionOptions(
-        device=str(device), precision=cfg.precision, cut=cut, skip_bad_images=cfg.skip_bad_images, progress=progress
+        device=str(device),
+        precision=cfg.precision,
+        engine=cfg.engine,
+        cut=cut,
+        skip_bad_images=cfg.skip_bad_images,
+        progress=progress,
     )
     train = cached_features(train_set, backbone, cfg.cache_dir, options, views=cfg.views)
-    val = cached_features(val_set, backbone, cfg.cache_dir, options)
+    # Validation's features come from the same engine as the training ones, whatever its own size.
+    val = cached_features(val_set, backbone, cfg.cache_dir, options, engine=train.engine)
     tags = {**code_tags(), **cache_keys({"train": train, "validation": val})}
     if cfg.holdout:  # cached for all of train/, so every seed shares the cache; trials see the rest
         kept, held = holdout_rows(train.labels, cfg.holdout, cfg.holdout_seed)

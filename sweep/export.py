@@ -12,6 +12,7 @@ import torch
 import clothing
 from clothing.checkpoint import HEAD, MODEL, CheckpointError, checkpoint, load_checkpoint, save_checkpoint, spec_of
 from clothing.data import ClothingDataset, build_transforms
+from clothing.engines import engine_runs
 from clothing.extract import ExtractionOptions
 from clothing.features import FeatureSet, cached_features
 from clothing.model import LAST_CONV, ClothingClassifierMobileNet, build_model, weights_fingerprint
@@ -91,12 +92,16 @@ def split_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of the checkpoint over a split, from cached features, or for a fine-tuned
     checkpoint from the activations cached at its cut: the frozen trunk runs at most once per split.
-    The features are extracted in the precision the trial trained on, unless `precision` says otherwise."""
+    The features are extracted as the trial's were (precision and engine), unless `precision` says
+    otherwise."""
     precision = precision or head["provenance"].get("feature_precision", "auto")
+    engine = head["provenance"].get("feature_engine", "torch")  # checkpoints from before engines: torch
+    if not engine_runs(engine, torch.device(device)):  # e.g. scored on a GPU: the same features up to rounding
+        engine = "auto"
     model = model_from_checkpoint(head, backbone)
     # The tail takes activations at the cut; without fine-tuning the cache holds pooled features.
     cut = model.cut if spec_of(head).finetune_blocks else None
-    options = ExtractionOptions(device=str(device), precision=precision, cut=cut, progress=False)
+    options = ExtractionOptions(device=str(device), precision=precision, engine=engine, cut=cut, progress=False)
     features = cached_features(split, backbone, cache_dir, options)
     return cached_logits(model, features), features.labels
 
@@ -109,7 +114,7 @@ def cached_logits(model: ClothingClassifierMobileNet, features: FeatureSet) -> t
     else:
         module, inputs = model.head, features.plain
     with torch.no_grad():
-        return torch.cat([module(batch) for batch in inputs.split(256)])
+        return torch.cat([module(batch.float()) for batch in inputs.split(256)])
 
 
 def split_accuracy(head: dict, backbone: torch.nn.Module, folder: Path, cache_dir: Path, device) -> float:

@@ -46,6 +46,7 @@ class HeadTrial:
             "image_size": IMAGE_SIZE,
             "backbone": self.ctx.data.backbone_id,
             "precision": self.ctx.cfg.precision,
+            "engine": self.ctx.data.train.engine,
             "num_train": len(self.train_xy[1]),
             "views": self.ctx.data.train.views,
         }

@@ -20,6 +20,8 @@ import optuna
 import torch
 
 from clothing.data import shown
+from clothing.engines import resolve_engine
+from clothing.extract import resolve_precision
 from clothing.model import load_backbone
 from sweep.config import SweepConfig
 from sweep.data import load_splits, prepare_data
@@ -103,6 +105,7 @@ def parent_params(cfg: SweepConfig, backbone_id: str) -> dict:
         "tolerance": cfg.tolerance,
         **{f"space.{name}": dim.describe() for name, dim in resolved_space(cfg).items()},
         "views": cfg.views,
+        "engine": cfg.engine,
         "finetune_blocks": cfg.finetune_blocks,
         "finetune_epochs": cfg.finetune_epochs,
         "finetune_lr": cfg.finetune_lr,
@@ -127,6 +130,7 @@ def prepare(cfg: SweepConfig, report: Report) -> tuple[TrialContext, optuna.Stud
     folder, then the images themselves while their features are cached. A refused run records nothing.
     """
     device = resolve_device(cfg.device)
+    resolve_engine(cfg.engine, device, resolve_precision(cfg.precision, device))  # a refused engine: before any store
     splits = load_splits(cfg.data_dir)
     backbone = load_backbone(cfg.backbone_weights)
     tracker = Tracker(cfg.tracking_uri)

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from clothing.data import shown
+from clothing.engines import ENGINES
 from clothing.extract import PRECISIONS
 from clothing.model import MAX_FINETUNE_BLOCKS
 from sweep.space import (
@@ -59,6 +60,7 @@ SETTINGS = {
     "seed": _int_in(0, 2**32 - 1),
     "pruner": _one_of("median", "none"),
     "precision": _one_of(*PRECISIONS),
+    "engine": _one_of(*ENGINES),
     "views": _int_in(1, 16),
     "tolerance": _number_in(0, 1),
     "finetune_blocks": _int_in(0, MAX_FINETUNE_BLOCKS),

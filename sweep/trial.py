@@ -91,6 +91,7 @@ def trial_checkpoint(
     provenance = {
         "backbone_fingerprint": data.backbone_id,
         "feature_precision": data.train.precision,  # `best` scores with the features the trial saw
+        "feature_engine": data.train.engine,
         **provenance,
     }
     return checkpoint(

@@ -108,6 +108,27 @@ MUTANTS = (
         ("tests/test_features.py::test_every_field_of_the_cache_key_matters",),
     ),
     Mutant(
+        "engine dropped from the feature-cache key",
+        "clothing/features.py",
+        "engine={engine};",
+        "",
+        ("tests/test_features.py::test_every_field_of_the_cache_key_matters",),
+    ),
+    Mutant(
+        "view 1 flipped along the height instead of mirrored",
+        "clothing/extract.py",
+        "views.append(views[0].flip(-1))",
+        "views.append(views[0].flip(-2))",
+        ("tests/test_finetune.py::test_the_cache_holds_the_requested_views_each_different",),
+    ),
+    Mutant(
+        "the trunk normalises with the std as the mean",
+        "clothing/extract.py",
+        "(pixels.float() / 255 - self.mean) / self.std",
+        "(pixels.float() / 255 - self.std) / self.std",
+        ("tests/test_features.py::test_cached_features_are_the_models_own_pooled_features",),
+    ),
+    Mutant(
         "the backbone file loaded with weights_only=False",
         "clothing/model.py",
         'torch.load(path, map_location="cpu", weights_only=True)',

@@ -5,8 +5,10 @@ import pytest
 import torch
 from images import calibrated_backbone, write_image
 
+import clothing.engines as engines
 import clothing.features as features_module
 from clothing.data import ClothingDataset, build_transforms
+from clothing.engines import EngineError, resolve_engine
 from clothing.features import BadImagesError, cached_features
 from clothing.model import load_backbone
 from clothing.train import FeatureBatches
@@ -44,11 +46,14 @@ def test_changing_an_image_misses_the_cache(train_set, tmp_path):
 
 
 def test_every_field_of_the_cache_key_matters(train_set, tmp_path):
-    """Weights, precision, views and the files: change any one and the cache misses."""
+    """Weights, precision, engine, views and the files: change any one and the cache misses."""
     backbone = calibrated_backbone()
-    first = cached_features(train_set, backbone, tmp_path, precision="fp32", progress=False)
-    assert cached_features(train_set, backbone, tmp_path, precision="fp32", progress=False).cache_hit
+    openvino = dict(precision="fp32", engine="openvino", progress=False)
+    first = cached_features(train_set, backbone, tmp_path, **openvino)
+    assert cached_features(train_set, backbone, tmp_path, **openvino).cache_hit
     assert not cached_features(train_set, backbone, tmp_path, precision="exact", progress=False).cache_hit
+    by_torch = cached_features(train_set, backbone, tmp_path, precision="fp32", progress=False)
+    assert by_torch.engine == "torch" and not by_torch.cache_hit  # auto: 12 images are too few for openvino
     assert not cached_features(train_set, backbone, tmp_path, precision="fp32", views=2, progress=False).cache_hit
     assert not cached_features(
         train_set, calibrated_backbone(seed=1), tmp_path, precision="fp32", progress=False
@@ -79,14 +84,33 @@ def test_other_weights_or_transform_miss_the_cache(train_set, tmp_path):
     assert not cached_features(train_set, backbone, tmp_path, progress=False).cache_hit
 
 
-def test_fast_pipeline_stays_within_the_quality_guard(train_set, tmp_path):
-    """The fused inference graph (and any reduced precision) keeps cosine >= 0.99 on every image."""
+@pytest.mark.parametrize("engine", ["torch", "openvino"])
+def test_fast_pipeline_stays_within_the_quality_guard(train_set, tmp_path, engine):
+    """Every engine, in fp32, bf16 and auto, keeps cosine >= 0.99 with eager fp32 on every image."""
     backbone = load_backbone(None)
-    reference = cached_features(train_set, backbone, tmp_path, precision="exact", progress=False).plain
-    for precision in ("auto", "fp32"):
-        fast = cached_features(train_set, backbone, tmp_path, precision=precision, progress=False).plain
-        cosine = torch.nn.functional.cosine_similarity(reference, fast, dim=1)
+    reference = cached_features(train_set, backbone, tmp_path, precision="exact", progress=False)
+    assert reference.engine == "torch"  # exact is eager torch, whatever the engine
+    for precision in ("fp32", "bf16", "auto"):
+        fast = cached_features(train_set, backbone, tmp_path, precision=precision, engine=engine, progress=False)
+        assert fast.engine == engine and fast.cache_hit == (precision == "auto")  # auto is fp32 or bf16
+        cosine = torch.nn.functional.cosine_similarity(reference.plain, fast.plain, dim=1)
         assert cosine.min() >= 0.99, precision
+        if precision == "fp32":
+            torch.testing.assert_close(fast.plain, reference.plain, rtol=1e-3, atol=1e-3 * reference.plain.abs().max())
+
+
+def test_an_engine_that_cannot_run_here_is_refused_and_auto_falls_back(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_engine("auto", cpu, "fp32") == "openvino"
+    assert resolve_engine("auto", cpu, "fp32", images=12) == "torch"  # too short to repay the conversion
+    assert resolve_engine("openvino", cpu, "exact") == "torch"  # exact is the eager torch reference
+    assert resolve_engine("auto", torch.device("cuda"), "bf16") == "torch"
+    with pytest.raises(EngineError, match="runs on the CPU"):
+        resolve_engine("openvino", torch.device("cuda"), "fp32")
+    monkeypatch.setattr(engines, "openvino_installed", lambda: False)
+    assert resolve_engine("auto", cpu, "fp32") == "torch"
+    with pytest.raises(EngineError, match="pip install openvino"):
+        resolve_engine("openvino", cpu, "fp32")
 
 
 def test_unreadable_images_are_all_listed_or_skipped(train_set, tmp_path):

@@ -42,6 +42,12 @@ def test_the_cache_holds_the_requested_views_each_different(train_set, tmp_path)
                 assert not torch.allclose(image[a], image[b], rtol=1e-3, atol=0), (a, b)
     plain = cached_features(train_set, backbone, tmp_path, precision="exact", progress=False)
     torch.testing.assert_close(views.plain, plain.plain)  # view 0 is the image as evaluation sees it
+    # View 1 is the mirrored image, as evaluation would see a mirrored file.
+    mirrored = copy.copy(train_set)
+    mirrored.transform = build_transforms(mirror=True)
+    as_mirrored = cached_features(mirrored, backbone, tmp_path / "mirrored", precision="exact", progress=False)
+    scale = as_mirrored.plain.abs().max()  # this backbone's features are tiny: tolerances relative to them
+    torch.testing.assert_close(views.features[:, 1], as_mirrored.plain, rtol=1e-4, atol=1e-4 * scale)
     # The random views are fixed: extracting them again elsewhere gives the same rows.
     again = cached_features(train_set, backbone, tmp_path / "other", views=4, precision="exact", progress=False)
     torch.testing.assert_close(again.features, views.features)
@@ -136,7 +142,9 @@ def test_the_exported_finetuned_model_predicts_like_the_one_in_memory(train_set,
 
 def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_dir, tiny_weights, tmp_path):
     # fp32 features: the export below runs the full model in fp32, and "auto" may pick bf16 on this CPU.
+    # OpenVINO, which "auto" leaves to longer passes than this test's.
     extra = ("--views", "2", "--finetune-blocks", "1", "--finetune-epochs", "2", "--precision", "fp32")
+    extra += ("--engine", "openvino")
     result = sweep("run", *run_options(data_dir, tiny_weights, 3, 2), *extra, stores=stores)
     assert result.exit_code == 0, result.output
 
@@ -175,8 +183,13 @@ def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_di
     assert head["train_config"]["lr"] == 3e-5 and head["train_config"]["epochs"] == 2
     assert spec_of(head).finetune_blocks == 1 and head["provenance"]["trial"] == "finetune-000"
     assert run.data.params["trainable_parameters"] != run.data.params["total_parameters"]
+    # The engine that extracted the features is recorded, and `best` scores with it.
+    assert head["provenance"]["feature_engine"] == "openvino"
+    stage1 = [r for r in runs if r.data.tags.get("sweep.role") == "trial" and r.data.tags.get("stage") != "finetune"]
+    assert stage1 and {r.data.params["engine"] for r in stage1} == {"openvino"}
     # The parent's counts: stage 2 is a trial (complete), but `--trials` (finished) counts stage 1 only.
     parent = next(r for r in runs if r.data.tags.get("sweep.role") == "study")
+    assert parent.data.params["engine"] == "openvino"
     assert parent.data.metrics["trials/finished"] == 3 and parent.data.metrics["trials/complete"] == 4
 
     # The export of the stage-2 checkpoint predicts what stage 2 measured.
@@ -228,6 +241,22 @@ def test_a_stage2_search_tries_two_depths_and_records_each_truthfully(stores, da
     more = sweep("run", *run_options(data_dir, tiny_weights, 2, 1), *extra, "--finetune-trials", "3", stores=stores)
     assert more.exit_code == 0, more.output
     assert [t.params["finetune_blocks"] for t in load_studies("clothing", stores["--storage"])[1].trials] == [2, 1, 2]
+
+
+def test_activations_are_cached_in_half_precision_except_in_exact(train_set, tmp_path):
+    """fp16 halves what stage 2 reads and holds; exact, the reference, stays fp32."""
+    backbone = calibrated_backbone()
+    exact = cached_features(train_set, backbone, tmp_path, cut=16, precision="exact", progress=False)
+    fast = cached_features(train_set, backbone, tmp_path, cut=16, precision="fp32", progress=False)
+    assert (exact.activations().dtype, fast.activations().dtype) == (torch.float32, torch.float16)
+    assert fast.activation_file.stat().st_size < 0.6 * exact.activation_file.stat().st_size
+    scale = exact.activations().abs().max()
+    assert scale > 0.1  # informative activations: the comparison below means something
+    torch.testing.assert_close(fast.activations().float(), exact.activations(), rtol=2e-3, atol=2e-3 * scale)
+    bridged = fast.activations_at(17, backbone.features)  # through a frozen block, stored fp16 again
+    assert bridged.dtype == torch.float16
+    reference = exact.activations_at(17, backbone.features)
+    torch.testing.assert_close(bridged.float(), reference, rtol=1e-2, atol=1e-2 * reference.abs().max())
 
 
 def test_activations_from_a_deeper_cut_equal_the_ones_cached_at_the_cut(train_set, tmp_path):
