@@ -8,7 +8,7 @@ DATA_DIR ?= data/clothing-dataset-small
 export CLOTHING_DATA_DIR ?= $(DATA_DIR)
 MODEL   ?= model.pt
 
-.PHONY: install test lint mutants sweep best ui data bench bench-scale bench-accuracy clean
+.PHONY: install test test-fast lint mutants sweep best ui data bench bench-scale bench-accuracy clean
 
 install: $(STAMP)
 
@@ -21,8 +21,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,postgres,server]' $(TORCH)
 	touch $@
 
+# Everything, as CI runs it; test-fast leaves out the tests marked slow (processes of their own:
+# a real make sweep, --jobs workers, several machines, models loaded in a fresh process; fuzzing).
+# Two pytest workers: the suite waits on processes, databases and servers as much as it computes.
+PYTEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist load
+
+test-fast: install
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist load -m "not slow"
 
 # Plants known bugs one at a time and runs the tests that must catch each (tests/mutants.py); slow,
 # so not part of `make test` or CI.
@@ -33,7 +40,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The default recipe is the checked-in sweep file (README, "Accuracy" and "Sweep files"): dropout
+# The default recipe is the checked-in sweep file (docs/benchmarks.md, "Accuracy"; docs/reference.md, "Sweep files"): dropout
 # searched, 2 cached views per training image, then stage 2 fine-tunes the winner's last 3 blocks.
 # SWEEP_OPTIONS= runs the plain head-only sweep; SWEEP_OPTIONS='--config my.yaml' runs yours.
 SWEEP_OPTIONS ?= --config sweeps/default.yaml

@@ -221,7 +221,7 @@ def main(limit: int | None) -> None:
         tracking_uri=f"sqlite:///{work / 'mlflow.db'}",
         backbone_weights=weights,
         cache_dir=work / "cache-a",
-        progress=False,
+        quiet=True,
     )
     with CallTimer(Tracker) as mlflow_time:
         _, t_warm = timed(run_sweep, cfg, lambda _: None)

@@ -37,11 +37,11 @@ from clothing.data import ClothingDataset, build_transforms
 from clothing.extract import ExtractionOptions
 from clothing.features import FeatureSet, cached_features
 from clothing.model import finetune_cut, load_backbone
-from sweep.export import cached_logits, fetch_head, model_from_checkpoint
+from clothing.scoring import cached_logits, model_from_checkpoint
 from sweep.holdout import HOLDOUT_FRACTION, HOLDOUT_SEEDS, holdout_rows
 from sweep.pipeline import quiet_libraries
 from sweep.select import TrialRecord, select_winner
-from sweep.study import load_studies, trial_records
+from sweep.study import read_studies
 from sweep.tracking import Tracker
 
 SWEEP_FILE = "sweeps/default.yaml"  # stage 1's settings and space; BASELINE pins the rest
@@ -54,7 +54,7 @@ BASELINE = (
 TOLERANCES = (0.02, 0.01)  # the rule's default band, and a narrower one
 STAGE1_ONLY = ("--finetune-blocks", "0")
 # Stage-2 recipes on top of the sweep file's stage 1: each option list replaces the file's stage 2.
-# `make sweep`'s is "3 blocks, lr 1e-4, 6 epochs" with --views 2 (README, "Accuracy").
+# `make sweep`'s is "3 blocks, lr 1e-4, 6 epochs" with --views 2 (docs/benchmarks.md, "Accuracy").
 RECIPES = {
     "stage 1 only": STAGE1_ONLY,
     "1 block, lr 3e-5, 10 epochs": ("--finetune-blocks", "1", "--finetune-lr", "3e-5", "--finetune-epochs", "10"),
@@ -128,7 +128,7 @@ class HeldOutScorer:
         return full.subset(holdout_rows(full.labels, HOLDOUT_FRACTION, seed)[1])
 
     def accuracy(self, tracker: Tracker, record: TrialRecord, part: FeatureSet) -> float:
-        model = model_from_checkpoint(fetch_head(tracker, record), self.backbone)
+        model = model_from_checkpoint(tracker.fetch_checkpoint(record), self.backbone)
         logits = cached_logits(model, part)
         return (logits.argmax(dim=1) == part.labels).float().mean().item()
 
@@ -136,7 +136,7 @@ class HeldOutScorer:
 def score_run(scorer: HeldOutScorer, folder: Path, seed: int, cut: int | None) -> dict:
     """Held-out accuracy of the winner (the default rule, and a narrower band) and of the best val_acc;
     a trial several rules chose is scored once."""
-    records = trial_records(*load_studies("clothing", f"sqlite:///{folder / 'optuna.db'}"))
+    records = read_studies(f"sqlite:///{folder / 'optuna.db'}", "clothing").records()
     tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}")
     chosen = {f"tolerance {t:g}": select_winner(records, t) for t in TOLERANCES}
     chosen["max val_acc"] = max((r for r in records if r.state == "COMPLETE"), key=lambda r: (r.val_acc, -r.number))

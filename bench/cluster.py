@@ -68,7 +68,9 @@ class CallTimer:
         return wrapper
 
 
-def sweep_process(data_dir: Path, weights: str, cache: Path, study: str, storage: str, tracking: str, env: dict):
+def sweep_process(data_dir: Path, weights: str, cache: Path, study: str, stores: dict, env: dict):
+    """`sweep run` in a process of its own, on `stores` ({"storage": URL, "tracking": URI})."""
+    storage, tracking = stores["storage"], stores["tracking"]
     command = [sys.executable, "-m", "sweep", "run", "--quiet", "--study", study, "--trials", str(TRIALS)]
     command += ["--epochs", str(EPOCHS), "--data-dir", str(data_dir), "--backbone-weights", weights]
     command += ["--cache-dir", str(cache), "--storage", storage, "--tracking-uri", tracking]
@@ -104,17 +106,15 @@ def server_rows(data_dir: Path, weights: str, cache: Path, work: Path) -> list[t
             env.update(server.credentials())
             os.environ.update(PGPASSWORD=PG_PASSWORD, **server.credentials())
             remote = {"storage": pg.url(pg.create_database("optuna")), "tracking": server.uri}
-            t_sqlite = wall_time([sweep_process(data_dir, weights, cache, "sqlite-1", **sqlite, env=env)])
-            t_one = wall_time([sweep_process(data_dir, weights, cache, "server-1", **remote, env=env)])
-            t_two = wall_time(
-                [sweep_process(data_dir, weights, cache, "server-2", **remote, env=env) for _ in range(2)]
-            )
+            t_sqlite = wall_time([sweep_process(data_dir, weights, cache, "sqlite-1", sqlite, env=env)])
+            t_one = wall_time([sweep_process(data_dir, weights, cache, "server-1", remote, env=env)])
+            t_two = wall_time([sweep_process(data_dir, weights, cache, "server-2", remote, env=env) for _ in range(2)])
             shares = {}
             for label, stores in (("SQLite", sqlite), ("PostgreSQL + HTTP", remote)):
                 cfg = SweepConfig(
                     data_dir=data_dir, study=f"shares-{label[:6]}", trials=TRIALS, epochs=EPOCHS,
                     storage=stores["storage"], tracking_uri=stores["tracking"], backbone_weights=weights,
-                    cache_dir=cache, progress=False,
+                    cache_dir=cache, quiet=True,
                 )  # fmt: skip
                 shares[label] = in_process_shares(cfg)
     name = f"sweep {TRIALS}x{EPOCHS}, warm"

@@ -29,7 +29,6 @@ from clothing.features import cached_features
 from clothing.model import load_backbone
 from sweep.config import SweepConfig
 from sweep.pipeline import quiet_libraries, run_sweep
-from sweep.select import select_winner
 
 RECIPE = ("--config", str(Path(__file__).resolve().parent.parent / "sweeps" / "default.yaml"))  # make sweep's
 
@@ -70,11 +69,11 @@ def sweep_seconds(data_dir: Path, weights: str, work: Path, device: str) -> tupl
         backbone_weights=weights,
         cache_dir=work / f"cache-{device}-auto",
         device=device,
-        progress=False,
+        quiet=True,
     )
     start = time.perf_counter()
     result = run_sweep(cfg, lambda _: None)
-    return time.perf_counter() - start, select_winner(result.records).val_acc
+    return time.perf_counter() - start, result.ranking.winner.val_acc
 
 
 def cli_rows(data_dir: Path, weights: str, work: Path, gpu: str) -> list[tuple[str, str, str]]:

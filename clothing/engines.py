@@ -7,7 +7,7 @@ CPU inference. `python -m bench.extraction` measured it at 1.7x the fused torch 
 torch's bf16 autocast in bf16 (2-core AVX-512 + bf16 CPU), features within rounding of eager fp32 in
 fp32. The engine is part of the cache key.
 
-Measured and not kept (README, "Speed"): ONNX Runtime (as fast as OpenVINO in fp32, no bf16 on x86,
+Measured and not kept (docs/benchmarks.md, "Speed"): ONNX Runtime (as fast as OpenVINO in fp32, no bf16 on x86,
 one more runtime), int8 through NNCF (min cosine 0.986 against exact, under the 0.99 gate, and a
 calibration pass per cache miss), torch.compile (slower than the TorchScript graph here, after a minute
 of compilation that a one-pass job pays every time).

@@ -9,6 +9,7 @@ import copy
 import math
 import random
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -62,7 +63,19 @@ def _run_epoch(
     return total_loss / seen, correct / seen
 
 
-def train_and_evaluate(
+@dataclass
+class TrainHooks:
+    """What the loop calls besides its own work, as Lightning's callbacks do: `on_epoch(epoch, metrics,
+    model)` after each epoch (it may raise to stop early, e.g. optuna.TrialPruned), `after_step()` after
+    every optimizer step (a per-step lr schedule, a weight average), and `evaluated`, the model that is
+    validated, scored and handed to `on_epoch` instead of the trained one (a weight average of it)."""
+
+    on_epoch: EpochCallback | None = None
+    after_step: Callable[[], None] | None = None
+    evaluated: nn.Module | None = None
+
+
+def train_and_evaluate(  # noqa: PLR0913 - the loop's own inputs (DESIGN.md's interface), hooks in one object
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     train_loader: Iterable,
@@ -70,10 +83,9 @@ def train_and_evaluate(
     criterion: nn.Module,
     num_epochs: int,
     device: torch.device | str,
-    on_epoch: EpochCallback | None = None,
+    hooks: TrainHooks | EpochCallback | None = None,
+    *,
     train_eval_loader: Iterable | None = None,
-    after_step: Callable[[], None] | None = None,
-    evaluated: nn.Module | None = None,
 ) -> list[dict]:
     """Train for `num_epochs`, validating after each; returns one metrics dict per epoch.
 
@@ -83,19 +95,17 @@ def train_and_evaluate(
     are the honest ones when `train_eval_loader` (the plain training images) is given: the model in
     eval mode after the epoch, like validation, so train minus val is a real generalisation gap;
     without it they equal the running ones.
-    `on_epoch(epoch, metrics, model)` runs after each epoch and may raise to stop early
-    (e.g. optuna.TrialPruned); raises TrainingDiverged as soon as a loss is not finite.
-    `after_step` runs after every optimizer step (a per-step lr schedule, a weight average), and
-    `evaluated`, when given, is the model validated, scored and handed to `on_epoch` instead of
-    `model` (a weight average of it).
+    `hooks` is a TrainHooks, or just its `on_epoch` callback; raises TrainingDiverged as soon as a
+    loss is not finite.
     """
+    hooks = hooks if isinstance(hooks, TrainHooks) else TrainHooks(on_epoch=hooks)
     device = torch.device(device)
     model.to(device)
-    evaluated = model if evaluated is None else evaluated.to(device)
+    evaluated = model if hooks.evaluated is None else hooks.evaluated.to(device)
     history = []
     for epoch in range(1, num_epochs + 1):
         model.train()
-        running_loss, running_acc = _run_epoch(model, train_loader, criterion, device, optimizer, after_step)
+        running_loss, running_acc = _run_epoch(model, train_loader, criterion, device, optimizer, hooks.after_step)
         evaluated.eval()
         with torch.no_grad():
             val_loss, val_acc = _run_epoch(evaluated, val_loader, criterion, device, None)
@@ -113,8 +123,8 @@ def train_and_evaluate(
             "running_train_acc": running_acc,
         }
         history.append(metrics)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics, evaluated)
+        if hooks.on_epoch is not None:
+            hooks.on_epoch(epoch, metrics, evaluated)
     return history
 
 
@@ -129,7 +139,7 @@ class FeatureBatches:
     oneDNN's convolutions run fastest in on a CPU (with the model in it too).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - a DataLoader's own arguments
         self,
         features: torch.Tensor,
         labels: torch.Tensor,

@@ -10,8 +10,8 @@ stage-1 sampler never sees it; its params are what it trained with (see space.su
 The activations are cached once, at the deepest cut the run may train from; a trial that trains
 fewer blocks runs the frozen blocks in between forward once, in memory (FeatureSet.activations_at).
 
-Two stabilisers, each a recipe setting chosen by `make bench-accuracy`'s held-out estimate (README,
-"Accuracy"): `average="ema"` validates and keeps an exponential moving average of the weights,
+Two stabilisers, each a recipe setting chosen by `make bench-accuracy`'s held-out estimate
+(docs/benchmarks.md, "Accuracy"): `average="ema"` validates and keeps an exponential moving average of the weights,
 `schedule="cosine"` anneals the lr to 0 over the trial's steps.
 """
 
@@ -26,15 +26,13 @@ from torch import nn
 
 from clothing.checkpoint import spec_of
 from clothing.model import ModelSpec, build_model, head_only, load_backbone, trainable_parameters
-from clothing.train import FeatureBatches, WeightAverage, set_seed, train_and_evaluate
-from sweep.config import FinetuneConfig
+from clothing.train import FeatureBatches, TrainHooks, WeightAverage, set_seed, train_and_evaluate
+from sweep.config import EMA_DECAY, FinetuneConfig
 from sweep.objective import EVAL_BATCH
 from sweep.select import FINETUNE_STAGE, TrialRecord
+from sweep.session import Session
 from sweep.space import suggest_finetune
-from sweep.trial import BestEpoch, EpochCallback, TrialContext, trial_checkpoint
-
-# About two epochs' worth of steps at the default batch size on the clothing data (87 steps an epoch).
-EMA_DECAY = 0.995
+from sweep.trial import BestEpoch, EpochCallback, trial_checkpoint
 
 
 class FinetuneTrial:
@@ -42,16 +40,16 @@ class FinetuneTrial:
 
     stage = FINETUNE_STAGE
 
-    def __init__(self, ctx: TrialContext, source: TrialRecord, source_head: dict) -> None:
-        self.ctx, self.source, self.source_head = ctx, source, source_head
+    def __init__(self, session: Session, source: TrialRecord, source_head: dict) -> None:
+        self.session, self.source, self.source_head = session, source, source_head
 
     def suggest(self, trial: optuna.Trial) -> FinetuneConfig:
-        config = suggest_finetune(trial, self.ctx.cfg)
+        config = suggest_finetune(trial, self.session.cfg)
         # The head and the cached activations were prepared for one source and at most so many blocks.
-        if config.source_trial != self.source.number or not 1 <= config.blocks <= self.ctx.cfg.finetune_blocks:
+        if config.source_trial != self.source.number or not 1 <= config.blocks <= self.session.cfg.finetune_blocks:
             raise RuntimeError(
                 f"stage 2 drew source trial {config.source_trial} with {config.blocks} block(s), but the run "
-                f"prepared {self.source.name} with at most {self.ctx.cfg.finetune_blocks}"
+                f"prepared {self.source.name} with at most {self.session.cfg.finetune_blocks}"
             )
         return config
 
@@ -65,28 +63,28 @@ class FinetuneTrial:
             "finetune_blocks": config.blocks,
             "average": config.average,
             "schedule": config.schedule,
-            "views": self.ctx.data.train.views,
-            "backbone": self.ctx.data.backbone_id,
+            "views": self.session.data.train.views,
+            "backbone": self.session.data.backbone_id,
         }
 
     def train(self, config: FinetuneConfig, on_epoch: EpochCallback) -> None:
-        ctx, source, cfg = self.ctx, self.source_head, config.train
+        session, source, cfg = self.session, self.source_head, config.train
         set_seed(cfg.seed)
-        model = build_model(self.spec(config), load_backbone(ctx.cfg.backbone_weights))
+        model = build_model(self.spec(config), load_backbone(session.cfg.backbone_weights))
         head_only(model.head).load_state_dict(source["state_dict"])  # the source trial's trained head
         # Channels-last weights and batches: bench/ measured a 3-block training step 1.25x and an
         # evaluation batch 1.7x faster on a 2-core CPU than in the default layout.
         tail = model.tail().to(memory_format=torch.channels_last)
         optimizer = torch.optim.AdamW(trainable_parameters(tail), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         generator = torch.Generator().manual_seed(cfg.seed)
-        activations = ctx.data.train.activations_at(model.cut, model.features)
-        labels = ctx.data.train.labels.to(ctx.device)
+        activations = session.data.train.activations_at(model.cut, model.features)
+        labels = session.data.train.labels.to(session.device)
         batches = functools.partial(FeatureBatches, channels_last=True)
-        train_batches = batches(activations.to(ctx.device), labels, cfg.batch_size, True, generator, views=True)
+        train_batches = batches(activations.to(session.device), labels, cfg.batch_size, True, generator, views=True)
         # The honest train_acc: the plain view of each training image, in eval mode.
-        train_eval = batches(activations[:, 0].to(ctx.device), labels, EVAL_BATCH // 4)
-        val_x = ctx.data.val.activations_at(model.cut, model.features, view=0).to(ctx.device)
-        val_batches = batches(val_x, ctx.data.val.labels.to(ctx.device), EVAL_BATCH // 4)
+        train_eval = batches(activations[:, 0].to(session.device), labels, EVAL_BATCH // 4)
+        val_x = session.data.val.activations_at(model.cut, model.features, view=0).to(session.device)
+        val_batches = batches(val_x, session.data.val.labels.to(session.device), EVAL_BATCH // 4)
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         steps = []  # what runs after every optimizer step
         if config.schedule == "cosine":
@@ -100,6 +98,11 @@ class FinetuneTrial:
             for step in steps:
                 step()
 
+        hooks = TrainHooks(
+            on_epoch,
+            after_step=after_step if steps else None,
+            evaluated=average.averaged if average is not None else None,
+        )
         train_and_evaluate(
             tail,
             optimizer,
@@ -107,14 +110,12 @@ class FinetuneTrial:
             val_batches,
             criterion,
             cfg.epochs,
-            ctx.device,
-            on_epoch,
-            train_eval,
-            after_step=after_step if steps else None,
-            evaluated=average.averaged if average is not None else None,
+            session.device,
+            hooks,
+            train_eval_loader=train_eval,
         )
 
     def checkpoint(self, config: FinetuneConfig, best: BestEpoch, **provenance) -> dict:
         return trial_checkpoint(
-            self.ctx.data, config.train, best, config.blocks, source_trial=config.source_trial, **provenance
+            self.session.data, config.train, best, config.blocks, source_trial=config.source_trial, **provenance
         )

@@ -13,8 +13,9 @@ from clothing.model import ModelSpec, build_head, head_only, trainable_parameter
 from clothing.train import FeatureBatches, set_seed, train_and_evaluate
 from sweep.config import TrainConfig
 from sweep.select import HEAD_STAGE
+from sweep.session import Session
 from sweep.space import suggest
-from sweep.trial import BestEpoch, EpochCallback, TrialContext, trial_checkpoint
+from sweep.trial import BestEpoch, EpochCallback, trial_checkpoint
 
 EVAL_BATCH = 1024  # evaluation has no gradients: large batches only save Python overhead
 
@@ -24,9 +25,9 @@ class HeadTrial:
 
     stage = HEAD_STAGE
 
-    def __init__(self, ctx: TrialContext) -> None:
-        self.ctx = ctx
-        data, device = ctx.data, ctx.device
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        data, device = session.data, session.device
         # Features move to the device once; every trial and epoch reuses them. Training draws one of
         # the cached views of each image per epoch; validation, and the honest train_acc, see the
         # plain images.
@@ -35,27 +36,27 @@ class HeadTrial:
         self.val_xy = (data.val.plain.to(device), data.val.labels.to(device))
 
     def suggest(self, trial: optuna.Trial) -> TrainConfig:
-        return suggest(trial, self.ctx.cfg)
+        return suggest(trial, self.session.cfg)
 
     def spec(self, config: TrainConfig) -> ModelSpec:
-        return ModelSpec(tuple(self.ctx.data.classes), config.size_inner, config.dropout)
+        return ModelSpec(tuple(self.session.data.classes), config.size_inner, config.dropout)
 
     def params(self, config: TrainConfig) -> dict:
         return {
             **asdict(config),
             "image_size": IMAGE_SIZE,
-            "backbone": self.ctx.data.backbone_id,
-            "precision": self.ctx.cfg.precision,
-            "engine": self.ctx.data.train.engine,
+            "backbone": self.session.data.backbone_id,
+            "precision": self.session.cfg.precision,
+            "engine": self.session.data.train.engine,
             "num_train": len(self.train_xy[1]),
-            "views": self.ctx.data.train.views,
+            "views": self.session.data.train.views,
         }
 
     def train(self, config: TrainConfig, on_epoch: EpochCallback) -> None:
         set_seed(config.seed)
-        device = self.ctx.device
+        device = self.session.device
         # Named as in the full model's tail, so the checkpoint's keys are the same for both stages.
-        head = head_only(build_head(len(self.ctx.data.classes), config.size_inner, config.dropout)).to(device)
+        head = head_only(build_head(len(self.session.data.classes), config.size_inner, config.dropout)).to(device)
         # AdamW with weight_decay=0 is exactly Adam; with decay it is the decoupled form that works.
         # fused=True: one kernel per step instead of several passes over the weights, which halves a
         # size_inner=1000 epoch on a small CPU (bench/ measured 0.67 s against 1.30 s).
@@ -68,8 +69,16 @@ class HeadTrial:
         train_eval = FeatureBatches(self.train_plain, self.train_xy[1], EVAL_BATCH)
         criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         train_and_evaluate(
-            head, optimizer, train_batches, val_batches, criterion, config.epochs, device, on_epoch, train_eval
+            head,
+            optimizer,
+            train_batches,
+            val_batches,
+            criterion,
+            config.epochs,
+            device,
+            on_epoch,
+            train_eval_loader=train_eval,
         )
 
     def checkpoint(self, config: TrainConfig, best: BestEpoch, **provenance) -> dict:
-        return trial_checkpoint(self.ctx.data, config, best, **provenance)
+        return trial_checkpoint(self.session.data, config, best, **provenance)

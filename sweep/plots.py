@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 
-from sweep.select import HEAD_STAGE, TrialRecord, eligible  # noqa: E402
+from sweep.select import HEAD_STAGE, TrialRecord  # noqa: E402
 
 
 def learning_curves(history: list[dict], best_epoch: int, path: Path) -> Path:
@@ -29,16 +29,18 @@ def learning_curves(history: list[dict], best_epoch: int, path: Path) -> Path:
     return _save(fig, path)
 
 
-def winner_rule(records: list[TrialRecord], tolerance: float, winner: TrialRecord | None, path: Path) -> Path:
-    """val_acc against gap for every COMPLETE trial, the tolerance band shaded, the winner marked."""
+def winner_rule(ranking, path: Path) -> Path:
+    """val_acc against gap for every COMPLETE trial of `ranking`, the tolerance band shaded, the winner
+    marked."""
+    records, tolerance, winner = ranking.records, ranking.tolerance, ranking.winner
     complete = [r for r in records if r.state == "COMPLETE" and r.gap is not None]
-    band = {r.number for r in eligible(records, tolerance)}
+    band = {r.name for r in ranking.band}
     fig, ax = plt.subplots(figsize=(6, 4.5))
     if complete:
         best = max(r.val_acc for r in complete)
         ax.axhspan(best - tolerance, best, color="tab:green", alpha=0.15, label=f"within {tolerance:g} of best")
         for inside in (True, False):
-            group = [r for r in complete if (r.number in band) == inside]
+            group = [r for r in complete if (r.name in band) == inside]
             ax.scatter(
                 [r.gap for r in group],
                 [r.val_acc for r in group],
@@ -52,7 +54,7 @@ def winner_rule(records: list[TrialRecord], tolerance: float, winner: TrialRecor
             )
     if winner is not None:
         ax.scatter([winner.gap], [winner.val_acc], s=200, marker="*", color="tab:red", label=f"winner: {winner.name}")
-    ax.set_xlabel("gap = train_acc (eval mode, plain training images) - val_acc, at the best epoch")
+    ax.set_xlabel("gap = train_acc - val_acc, at the best epoch\n(train_acc: eval mode, plain training images)")
     ax.set_ylabel("val_acc")
     ax.set_title("Winner rule: smallest gap among the most accurate")
     ax.grid(alpha=0.3)
@@ -83,13 +85,13 @@ def lr_by_size_inner(records: list[TrialRecord], path: Path) -> Path:
     return _save(fig, path)
 
 
-def study_plots(
-    study: optuna.Study, records: list[TrialRecord], tolerance: float, winner: TrialRecord | None, folder: Path
-) -> list[Path]:
-    """All study-level plots into `folder`; Optuna's own where they fit, ours for the rest."""
+def study_plots(study: optuna.Study, ranking, folder: Path) -> list[Path]:
+    """All study-level plots of `ranking` (a sweep.ranking.Ranking) into `folder`; Optuna's own (of
+    the stage-1 `study`) where they fit, ours for the rest."""
     folder.mkdir(parents=True, exist_ok=True)
+    records = ranking.records
     paths = [
-        winner_rule(records, tolerance, winner, folder / "winner_rule.png"),
+        winner_rule(ranking, folder / "winner_rule.png"),
         lr_by_size_inner(records, folder / "lr_by_size_inner.png"),
     ]
     optuna_plots = {

@@ -2,31 +2,37 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import optuna
 
 from clothing.model import MAX_FINETUNE_BLOCKS
-from sweep.config import FinetuneConfig, SweepConfig, TrainConfig
+from sweep.config import (
+    AVERAGES,
+    FINETUNE_LR_RANGE,
+    FINETUNE_SEARCH_LR,
+    MAX_EPOCHS,
+    MAX_LABEL_SMOOTHING,
+    OPTIONAL_DIMENSIONS,
+    SCHEDULES,
+    FinetuneConfig,
+    SweepConfig,
+    TrainConfig,
+)
 from sweep.select import TrialRecord
 
 LR_RANGE = (1e-4, 1e-1)
 SIZE_INNER_CHOICES = (10, 100, 1000)  # the seed's grid; 0 (no inner layer) can be added here
-# Opt-in dimensions (`run --search NAME`); off, each keeps the value that changes nothing.
-OPTIONAL_DIMENSIONS = ("dropout", "weight_decay", "label_smoothing")
+# Opt-in dimensions (`run --search NAME`, config.OPTIONAL_DIMENSIONS); off, each keeps the value that
+# changes nothing.
 DROPOUT_CHOICES = (0.0, 0.2, 0.5)
 WEIGHT_DECAY_RANGE = (1e-6, 1e-2)
 LABEL_SMOOTHING_CHOICES = (0.0, 0.1, 0.2)
 
 # Stage 2's dimensions. A fixed recipe (the default) pins every one of them with Optuna's
-# PartialFixedSampler, so its trial's params are exactly what it trained with; the ranges are what
-# the values may be, and what a stage-2 search would sample from.
-FINETUNE_LR_RANGE = (1e-7, 1e-2)
-FINETUNE_SEARCH_LR = (1e-5, 3e-4)  # a stage-2 search's lr range (README, "Accuracy")
-MAX_LABEL_SMOOTHING = 0.5
-AVERAGES = ("none", "ema")
-SCHEDULES = ("constant", "cosine")
-MAX_EPOCHS = 1000
+# PartialFixedSampler, so its trial's params are exactly what it trained with; the ranges
+# (config.FINETUNE_LR_RANGE, ...) are what the values may be, and what a stage-2 search samples from.
 MAX_TRIAL_NUMBER = 2**31 - 1
 
 
@@ -72,9 +78,10 @@ DEFAULT_DIMENSIONS = {
 ALWAYS_SEARCHED = ("lr", "size_inner")
 
 
+@functools.cache  # a config's space has one answer: resolved once, read by every trial
 def resolved_space(sweep: SweepConfig) -> dict[str, Dimension]:
     """Stage 1's space: lr and size_inner, the `--search` dimensions with their default grids, and a
-    sweep file's dimensions over either (a dimension in the file is searched)."""
+    sweep file's dimensions over either (a dimension in the file is searched). Read it, never change it."""
     names = [*ALWAYS_SEARCHED, *sweep.search, *(d.name for d in sweep.space)]
     space = {name: DEFAULT_DIMENSIONS[name] for name in dict.fromkeys(names)}
     return space | {d.name: d for d in sweep.space}

@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import optuna
@@ -25,11 +26,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from clothing.data import shown
 from sweep.config import SweepConfig
-from sweep.locks import holding, study_lock
+from sweep.locks import StudyLock, holding, study_lock
 from sweep.select import DEFAULT_TOLERANCE, FINETUNE_STAGE, HEAD_STAGE, TrialRecord, rule_text, trial_name
 from sweep.space import describe_finetune_space, describe_space, space_signature
 from sweep.stores import StorageError, engine_kwargs, mask_url, not_utf8, storage_error
-from sweep.tracking import Tracker
+from sweep.table import format_params
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # A trial whose process died stops sending heartbeats; after the grace period the next worker to
@@ -101,20 +102,14 @@ class TrialSeededSampler(BaseSampler):
         self._per_trial.pop(trial.number, None)
 
 
-def _mark_stale_run_failed(tracker_uri: str) -> Callable[[optuna.Study, FrozenTrial], None]:
-    """Heartbeat callback: a trial whose worker died gets its MLflow run closed as FAILED."""
-
-    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id:
-            Tracker(tracker_uri).end_trial(run_id, "FAIL", "worker stopped (no heartbeat)")
-
-    return callback
+StaleTrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 
 
-def make_storage(url: str, tracking_uri: str | None = None) -> optuna.storages.BaseStorage:
-    """An Optuna storage with heartbeats, so that a crashed trial does not stay RUNNING forever.
-    A storage that cannot be opened raises StorageError, which names it (password masked) and the fix."""
+def make_storage(url: str, on_stale_trial: StaleTrialCallback | None = None) -> optuna.storages.BaseStorage:
+    """An Optuna storage with heartbeats, so that a crashed trial does not stay RUNNING forever
+    (`on_stale_trial` runs for each one failed that way). Built once per process: every study of a
+    sweep is opened on it. A storage that cannot be opened raises StorageError, which names it
+    (password masked) and the fix."""
     if not_utf8(url):
         raise StorageError(f"the Optuna storage {shown(url)} is not valid UTF-8; put it in a folder whose name is")
     if url.startswith("sqlite:///"):
@@ -130,64 +125,78 @@ def make_storage(url: str, tracking_uri: str | None = None) -> optuna.storages.B
                 engine_kwargs=engine_kwargs(url),
                 heartbeat_interval=HEARTBEAT_SECONDS,
                 grace_period=GRACE_SECONDS,
-                heartbeat_stale_trial_callback=_mark_stale_run_failed(tracking_uri) if tracking_uri else None,
+                heartbeat_stale_trial_callback=on_stale_trial,
             )
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise storage_error(url, exc) from exc
 
 
 def open_study(
-    name: str,
-    storage: str,
-    *,
-    tracking_uri: str | None = None,
-    seed: int = 42,
-    pruner: str = "median",
-    fixed_params: dict | None = None,
-    startup_trials: int = 5,
-) -> optuna.Study:
-    """Create or resume a study for running trials; `fixed_params` pins those params (stage 2). The
-    median pruner starts pruning once `startup_trials` trials have finished."""
-    sampler: BaseSampler = TrialSeededSampler(seed)
-    if fixed_params:
-        sampler = PartialFixedSampler(fixed_params, sampler)
+    storage: optuna.storages.BaseStorage, name: str, cfg: SweepConfig, *, startup_trials: int = 5, create: bool = True
+) -> optuna.Study | None:
+    """The study `name` on `storage`, set up for running trials: created when `create` (resumed when it
+    exists), else loaded, or None when there is none. The median pruner starts pruning once
+    `startup_trials` trials have finished."""
+    sampler = TrialSeededSampler(cfg.seed)
+    pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=2)
+        if cfg.pruner == "median"
+        else optuna.pruners.NopPruner()
+    )
+    if not create:
+        try:
+            return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+        except KeyError:
+            return None
     study = optuna.create_study(
-        study_name=name,
-        storage=make_storage(storage, tracking_uri),
-        direction="maximize",
-        sampler=sampler,
-        pruner=(
-            optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=2)
-            if pruner == "median"
-            else optuna.pruners.NopPruner()
-        ),
-        load_if_exists=True,
+        study_name=name, storage=storage, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True
     )
     study.set_metric_names(["val_acc"])
     return study
 
 
-def load_studies(name: str, storage: str) -> tuple[optuna.Study, optuna.Study | None]:
-    """A finished or running study for reading: stage 1, and stage 2 when there is one.
-    Reading never creates a store: a SQLite file that is not there is an error."""
-    database = storage.removeprefix("sqlite:///") if storage.startswith("sqlite:///") else None
+def pin_params(study: optuna.Study, fixed_params: dict) -> None:
+    """From now on, the study's trials take `fixed_params` as they are (stage 2's recipe)."""
+    study.sampler = PartialFixedSampler(fixed_params, study.sampler)
+
+
+@dataclass
+class Studies:
+    """Both stages' studies of one sweep, each loaded once: stage 1, and stage 2 when there is one."""
+
+    stage1: optuna.Study
+    stage2: optuna.Study | None = None
+
+    def records(self) -> list[TrialRecord]:
+        """Both stages' trials as the winner rule sees them, as the database holds them now."""
+        return trial_records(self.stage1, self.stage2)
+
+    def __iter__(self):
+        """(stage 1, stage 2), for `stage1, stage2 = studies`."""
+        return iter((self.stage1, self.stage2))
+
+
+def read_studies(url: str, name: str) -> Studies:
+    """A finished or running sweep's studies, for reading (`trials`, `best`): one storage, each study
+    loaded once. Reading never creates a store: a SQLite file that is not there is an error."""
+    database = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
     if database is not None and not os.path.isfile(database):
         raise SweepError(
             f"no Optuna storage at {shown(database)}; run `python -m sweep run --study {name}` first, "
             "or pass the --storage of an existing sweep"
         )
-    store = make_storage(storage)
+    store = make_storage(url)
     try:
         study = optuna.load_study(study_name=name, storage=store)
     except KeyError as exc:
         raise SweepError(
-            f"no study named {name!r} in {mask_url(storage)}; run `python -m sweep run --study {name}` first"
+            f"no study named {name!r} in {mask_url(url)}; run `python -m sweep run --study {name}` first"
         ) from exc
     try:
         finetune = optuna.load_study(study_name=finetune_study_name(name), storage=store)
     except KeyError:
         finetune = None
-    return study, finetune
+    return Studies(study, finetune)
 
 
 def study_tolerance(study: optuna.Study, tolerance: float | None = None) -> float:
@@ -195,11 +204,9 @@ def study_tolerance(study: optuna.Study, tolerance: float | None = None) -> floa
     return tolerance if tolerance is not None else study.user_attrs.get("tolerance", DEFAULT_TOLERANCE)
 
 
-def refuse_changed_space(cfg: SweepConfig, storage: optuna.storages.BaseStorage) -> None:
+def refuse_changed_space(cfg: SweepConfig, study: optuna.Study | None) -> None:
     """A study resumes only with the space it sampled from: stop before any work if it differs."""
-    try:
-        study = optuna.load_study(study_name=cfg.study, storage=storage)
-    except KeyError:
+    if study is None:
         return  # a new study
     recorded, wanted = study.user_attrs.get("space"), space_signature(cfg)
     if recorded is not None and recorded != wanted:
@@ -246,15 +253,8 @@ def trial_records(study: optuna.Study, finetune: optuna.Study | None = None) -> 
             stage=stage,
         )
         for s, stage in studies
-        for t in s.get_trials(deepcopy=False)
+        for t in latest_trials(s)
     ]
-
-
-def format_params(params: dict) -> str:
-    def value(v) -> str:
-        return f"{v:.2e}" if isinstance(v, float) and v != 0 and abs(v) < 1e-2 else str(v)
-
-    return "  ".join(f"{k} {value(v)}" for k, v in params.items())
 
 
 def describe_trial(trial: FrozenTrial, stage: str, seconds: float) -> str:
@@ -282,27 +282,38 @@ def count_finished(study: optuna.Study, counts: Callable[[FrozenTrial], bool] = 
     return sum(t.state in FINISHED and counts(t) for t in latest_trials(study))
 
 
+def has_heartbeat(study: optuna.Study) -> bool:
+    """Whether the study's storage sends heartbeats (every RDB storage here: sweep.study.make_storage)."""
+    backend = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001 - see latest_trials
+    return getattr(backend, "get_heartbeat_interval", lambda: None)() is not None
+
+
 def run_trials(
     study: optuna.Study,
     objective,
     target: int,
-    storage: str,
+    lock: StudyLock,
     report: Report,
-    stage: str = HEAD_STAGE,
     counts: Callable[[FrozenTrial], bool] = lambda _: True,
 ) -> tuple[int, list[str]]:
-    """Run trials of `objective` until `study` has `target` finished ones that `counts`.
+    """Run trials of `objective` (a TrackedObjective) until `study` has `target` finished ones that
+    `counts`.
 
     With heartbeats, trials RUNNING elsewhere are waited for rather than counted as done: another
     worker's usually finish, and a crashed worker's go stale when their heartbeat stops and are then
-    failed and replaced. Counting and creating a trial happen under the study's lock, so no worker on
-    any machine overshoots the target. A failing trial is replaced, up to as many failures as
-    trials were missing. Returns (trials finished by this process, error messages).
+    failed and replaced. Counting and creating a trial happen under `lock`, so no worker on any
+    machine overshoots the target; the lock is released here as soon as the trial exists in the
+    storage, where others count it. A failing trial is replaced, up to as many failures as trials
+    were missing. Returns (trials finished by this process, error messages).
     """
-    heartbeat = storage.startswith(RDB_SCHEMES)
-    lock = study_lock(storage, study.study_name)
+    heartbeat = has_heartbeat(study)
     allowed_failures = max(target - count_finished(study, counts), 1)
     done, errors = 0, []
+
+    def released_then_run(trial: optuna.Trial) -> float:
+        lock.release()  # the trial exists in the storage now: others may count it
+        return objective(trial)
+
     while len(errors) < allowed_failures:
         ran: list[FrozenTrial] = []
         lock.acquire()
@@ -318,15 +329,15 @@ def run_trials(
                 time.sleep(HEARTBEAT_SECONDS / 2)
                 continue
             started = time.perf_counter()
-            objective.on_start = lock.release  # the trial exists in the storage: others may count it
-            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[lambda _, t, ran=ran: ran.append(t)])
+            study.optimize(
+                released_then_run, n_trials=1, catch=(Exception,), callbacks=[lambda _, t, ran=ran: ran.append(t)]
+            )
         finally:
             lock.release()
-            objective.on_start = None
         trial = ran[0]
-        report(describe_trial(trial, stage, time.perf_counter() - started))
+        report(describe_trial(trial, objective.stage, time.perf_counter() - started))
         if trial.state in FINISHED:
             done += 1
         else:
-            errors.append(f"{trial_name(stage, trial.number)}: {trial.user_attrs.get('error', 'failed')}")
+            errors.append(f"{trial_name(objective.stage, trial.number)}: {trial.user_attrs.get('error', 'failed')}")
     return done, errors

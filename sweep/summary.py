@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 
 from sweep.select import FINETUNE_STAGE, HEAD_STAGE, TrialRecord, rule_text
-from sweep.tracking import VersionInfo
 
 TEST_METRIC = "best/test_acc"  # the winner's checkpoint scored on test/ (by `best`), on its own run
 PARENT_TEST_METRIC = "winner/test_acc"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """What a registered model version says about itself in the registry."""
+
+    description: str
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 def experiment_description(study: str, data_dir: str) -> str:

@@ -1,8 +1,9 @@
 """A sweep described in a YAML file (`run --config sweeps/default.yaml`): settings and search space.
 
 The file's settings become the defaults of `run`'s options, so an option on the command line wins
-over the file. Everything is checked before any work, and a mistake is one message naming the key
-and what it may be.
+over the file. Each value is checked by its setting's own type (`sweep.settings`), so a file and the
+command line refuse the same values with the same words; everything is checked before any work, and
+a mistake is one message naming the key and what it may be.
 """
 
 from __future__ import annotations
@@ -13,19 +14,9 @@ from pathlib import Path
 import yaml
 
 from clothing.data import shown
-from clothing.engines import ENGINES
-from clothing.extract import PRECISIONS
-from clothing.model import MAX_FINETUNE_BLOCKS
-from sweep.space import (
-    AVERAGES,
-    DEFAULT_DIMENSIONS,
-    FINETUNE_LR_RANGE,
-    MAX_EPOCHS,
-    MAX_LABEL_SMOOTHING,
-    OPTIONAL_DIMENSIONS,
-    SCHEDULES,
-    Dimension,
-)
+from sweep.config import OPTIONAL_DIMENSIONS, SweepConfig
+from sweep.settings import SettingError, check_file_value, settings_of
+from sweep.space import DEFAULT_DIMENSIONS, Dimension
 
 
 class SweepFileError(ValueError):
@@ -40,37 +31,6 @@ def _number(value) -> bool:
     return (_integer(value) or isinstance(value, float)) and math.isfinite(value)
 
 
-def _int_in(low: int, high: int):
-    return lambda v: _integer(v) and low <= v <= high, f"an integer in [{low}, {high}]"
-
-
-def _number_in(low: float, high: float):
-    return lambda v: _number(v) and low <= v <= high, f"a number in [{low:g}, {high:g}]"
-
-
-def _one_of(*choices):
-    return lambda v: v in choices, f"one of {', '.join(map(str, choices))}"
-
-
-# Settings a file may hold: name -> (check, what it may be). The names are `run`'s options.
-SETTINGS = {
-    "trials": _int_in(1, 1_000_000),
-    "epochs": _int_in(1, MAX_EPOCHS),
-    "batch_size": _int_in(1, 65_536),
-    "seed": _int_in(0, 2**32 - 1),
-    "pruner": _one_of("median", "none"),
-    "precision": _one_of(*PRECISIONS),
-    "engine": _one_of(*ENGINES),
-    "views": _int_in(1, 16),
-    "tolerance": _number_in(0, 1),
-    "finetune_blocks": _int_in(0, MAX_FINETUNE_BLOCKS),
-    "finetune_epochs": _int_in(1, MAX_EPOCHS),
-    "finetune_lr": _number_in(*FINETUNE_LR_RANGE),
-    "finetune_trials": _int_in(1, 100),
-    "finetune_average": _one_of(*AVERAGES),
-    "finetune_schedule": _one_of(*SCHEDULES),
-    "finetune_label_smoothing": _number_in(0, MAX_LABEL_SMOOTHING),
-}
 KINDS = ("float", "log-float", "int", "categorical")
 # What each parameter's values may be, whatever range a file gives.
 VALUE_BOUNDS = {
@@ -90,35 +50,46 @@ def _dimension(name: str, spec) -> Dimension:
     kind = spec.get("type")
     if kind not in KINDS:
         raise SweepFileError(f"{where}.type is {kind!r}; it must be one of {', '.join(KINDS)}")
-    allowed = {"type", "choices"} if kind == "categorical" else {"type", "low", "high"}
-    for key in spec:
-        if key not in allowed:
-            raise SweepFileError(f"unknown key {where}.{key}; a {kind} dimension has {', '.join(sorted(allowed))}")
-    low_bound, high_bound = VALUE_BOUNDS[name]
+    _refuse_unknown_keys(where, kind, spec)
     integer = name in INTEGER_PARAMETERS or kind == "int"
-    kind_of_value = "integers" if integer else "numbers"
-
-    def in_bounds(value) -> bool:
-        return (_integer(value) if integer else _number(value)) and low_bound <= value <= high_bound
-
+    if integer and kind in ("float", "log-float"):
+        raise SweepFileError(f"{where}.type is {kind}; {name} takes integers: int or categorical")
+    values = _Values(name, integer)
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise SweepFileError(f"{where}.choices must be a non-empty list")
-        if not all(in_bounds(c) for c in choices):
-            raise SweepFileError(f"{where}.choices must be {kind_of_value} in [{low_bound:g}, {high_bound:g}]")
+        if not all(values.fits(c) for c in choices):
+            raise SweepFileError(f"{where}.choices must be {values.what}")
         return Dimension(name, kind, choices=tuple(choices))
-    if integer and kind in ("float", "log-float"):
-        raise SweepFileError(f"{where}.type is {kind}; {name} takes integers: int or categorical")
     for key in ("low", "high"):
-        if not in_bounds(spec.get(key)):
-            raise SweepFileError(f"{where}.{key} must be one of the {kind_of_value} in [{low_bound:g}, {high_bound:g}]")
+        if not values.fits(spec.get(key)):
+            raise SweepFileError(f"{where}.{key} must be one of the {values.what}")
     low, high = spec["low"], spec["high"]
     if not low < high:
         raise SweepFileError(f"{where} is an empty range: low ({low:g}) must be below high ({high:g})")
     if kind == "log-float" and low <= 0:
         raise SweepFileError(f"{where} is a log range, so low must be above 0 (it is {low:g})")
     return Dimension(name, kind, float(low) if not integer else low, float(high) if not integer else high)
+
+
+def _refuse_unknown_keys(where: str, kind: str, spec: dict) -> None:
+    allowed = {"type", "choices"} if kind == "categorical" else {"type", "low", "high"}
+    for key in spec:
+        if key not in allowed:
+            raise SweepFileError(f"unknown key {where}.{key}; a {kind} dimension has {', '.join(sorted(allowed))}")
+
+
+class _Values:
+    """What a parameter's values may be: integers or numbers within its VALUE_BOUNDS."""
+
+    def __init__(self, name: str, integer: bool) -> None:
+        self.low, self.high = VALUE_BOUNDS[name]
+        self.integer = integer
+        self.what = f"{'integers' if integer else 'numbers'} in [{self.low:g}, {self.high:g}]"
+
+    def fits(self, value) -> bool:
+        return (_integer(value) if self.integer else _number(value)) and self.low <= value <= self.high
 
 
 def read_sweep_file(path: Path) -> tuple[dict, tuple[Dimension, ...]]:
@@ -137,12 +108,10 @@ def read_sweep_file(path: Path) -> tuple[dict, tuple[Dimension, ...]]:
     for key, value in data.items():
         if key == "space":
             continue
-        if key not in SETTINGS:
-            raise SweepFileError(f"unknown key {key!r}; a sweep file has: space, {', '.join(SETTINGS)}")
-        check, allowed = SETTINGS[key]
-        if not check(value):
-            raise SweepFileError(f"{key} is {value!r}; it must be {allowed}")
-        settings[key] = value
+        try:
+            settings[key] = check_file_value(SweepConfig, key, value)
+        except SettingError as exc:
+            raise SweepFileError(str(exc)) from exc
     space = data.get("space") or {}
     if not isinstance(space, dict):
         raise SweepFileError("space must be a mapping of parameter names to dimensions")
@@ -153,7 +122,12 @@ def read_sweep_file(path: Path) -> tuple[dict, tuple[Dimension, ...]]:
     return settings, tuple(_dimension(name, spec) for name, spec in space.items())
 
 
-def resolved_file(settings: dict, space: dict[str, Dimension]) -> str:
-    """The resolved sweep (every setting, the whole space) as a sweep file: what the run used."""
-    document = {**settings, "space": {name: dim.as_dict() for name, dim in space.items()}}
+def file_settings(cfg: SweepConfig) -> dict:
+    """The settings a sweep file may hold, as `cfg` resolved them (file, then command line)."""
+    return {name: getattr(cfg, name) for name, (_, how) in settings_of(SweepConfig).items() if how.in_file}
+
+
+def resolved_file(cfg: SweepConfig, space: dict[str, Dimension]) -> str:
+    """The resolved sweep (every setting a file holds, the whole space) as a sweep file: what the run used."""
+    document = {**file_settings(cfg), "space": {name: dim.as_dict() for name, dim in space.items()}}
     return yaml.safe_dump(document, sort_keys=False)

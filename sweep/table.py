@@ -10,6 +10,13 @@ from sweep.select import TrialRecord
 LEADING_PARAMS = ("lr", "size_inner")  # the seed's dimensions first; the rest in name order
 
 
+def format_params(params: dict) -> str:
+    def value(v) -> str:
+        return f"{v:.2e}" if isinstance(v, float) and v != 0 and abs(v) < 1e-2 else str(v)
+
+    return "  ".join(f"{k} {value(v)}" for k, v in params.items())
+
+
 def param_columns(records: list[TrialRecord]) -> list[str]:
     """Every parameter any trial has: searched dimensions and stage 2's own show up by themselves."""
     names = {name for r in records for name in r.params}

@@ -1,4 +1,4 @@
-"""MLflow tracking: the only module that imports mlflow.
+"""MLflow tracking: with `sweep.registry` beside it, the only module that imports mlflow.
 
 Layout: one experiment per study; one parent run per study, found again by tag so a resumed or
 parallel study never gets a second parent; one nested child run per trial named trial-NNN. It uses
@@ -8,15 +8,13 @@ processes can log side by side.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -26,8 +24,10 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from clothing.checkpoint import HEAD, CheckpointError, load_checkpoint
 from clothing.data import shown
 from sweep.config import default_tracking_uri
+from sweep.select import TrialRecord, rule_text
 from sweep.stores import mask_url, not_utf8
 
 ROLE_TAG = "sweep.role"
@@ -39,30 +39,19 @@ NOTE_TAG = "mlflow.note.content"  # the markdown description MLflow's UI shows f
 # MLflow 3's UI shows an experiment of this kind as model training, not GenAI (unless the UI's own
 # GenAI/model-training switch overrides it: see browse_hint).
 KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
-CHAMPION_ALIAS = "champion"  # `models:/NAME@champion` always loads the latest registered winner
 PARENT_ROLE, TRIAL_ROLE = "study", "trial"
-REGISTRY_FORMATS = ("pickle", "pt2")  # mlflow.pytorch serialization formats `best --register` offers
 # Optuna's final state -> the MLflow run status that says the same thing.
+CHECKPOINT_ARTIFACT = "checkpoint/head.pt"  # a trial run's checkpoint, as `fetch_checkpoint` reads it
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
 @dataclass(frozen=True)
-class LoggedModel:
-    """How a model is logged: an example input (its signature comes from it), metadata for its users,
-    the serialization format, and the code a pickled model needs to load."""
+class ParentRun:
+    """The study's parent run, with its experiment: where every trial's run nests."""
 
-    input_example: object  # a numpy array
-    metadata: dict
-    serialization_format: str = "pickle"
-    code_paths: list[str] | None = None
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    """What a registered model version says about itself in the registry."""
-
-    description: str
-    tags: dict[str, str] = field(default_factory=dict)
+    experiment_id: str
+    run_id: str
+    study: str
 
 
 class TrackingError(RuntimeError):
@@ -183,19 +172,17 @@ class Tracker:
     def close_parent(self, parent_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(parent_id, status=status)
 
-    def start_trial(
-        self, experiment_id: str, parent_id: str, study: str, name: str, number: int, params: dict, stage: str
-    ) -> str:
+    def start_trial(self, parent: ParentRun, name: str, number: int, params: dict, stage: str) -> str:
         """A nested run for one trial, named as the trial is everywhere else (trial-007, finetune-000)."""
         tags = {
-            "mlflow.parentRunId": parent_id,
+            "mlflow.parentRunId": parent.run_id,
             ROLE_TAG: TRIAL_ROLE,
-            STUDY_TAG: study,
+            STUDY_TAG: parent.study,
             STAGE_TAG: stage,
             "optuna.trial_number": str(number),
             STATE_TAG: "RUNNING",
         }
-        run = self.client.create_run(experiment_id, run_name=name, tags=tags)
+        run = self.client.create_run(parent.experiment_id, run_name=name, tags=tags)
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
@@ -260,19 +247,19 @@ class Tracker:
     def set_tags(self, run_id: str, tags: dict[str, object]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
-    def mark_winner(
-        self, experiment_id: str, run_id: str, parent_id: str | None, name: str, rule: str, tolerance: float
-    ) -> None:
+    def mark_winner(self, parent: ParentRun, winner: TrialRecord | None, tolerance: float) -> None:
         """Tag the winner's run (and only it: a `best` under another tolerance moves the tag), and the
         parent run with which trial won under which rule."""
-        earlier = self.client.search_runs([experiment_id], filter_string=f"tags.`{WINNER_TAG}` = 'true'")
+        winner_id = winner.run_id if winner is not None else None
+        earlier = self.client.search_runs([parent.experiment_id], filter_string=f"tags.`{WINNER_TAG}` = 'true'")
         for run in earlier:
-            if run.info.run_id != run_id:
+            if run.info.run_id != winner_id:
                 self.client.delete_tag(run.info.run_id, WINNER_TAG)
-        self.set_tags(run_id, {WINNER_TAG: "true"})
-        if parent_id:
-            tags = {"sweep.winner_trial": name, "sweep.winner_run_id": run_id, "sweep.rule": rule}
-            self.set_tags(parent_id, {**tags, "sweep.tolerance": tolerance})
+        if winner_id is None:
+            return
+        self.set_tags(winner_id, {WINNER_TAG: "true"})
+        tags = {"sweep.winner_trial": winner.name, "sweep.winner_run_id": winner_id, "sweep.rule": rule_text(tolerance)}
+        self.set_tags(parent.run_id, {**tags, "sweep.tolerance": tolerance})
 
     def end_trial(self, run_id: str, state: str, reason: str = "") -> None:
         """Close a trial's run with the status that matches its Optuna state (after its epochs landed),
@@ -297,62 +284,15 @@ class Tracker:
     def latest_metrics(self, run_id: str) -> dict[str, float]:
         return self.client.get_run(run_id).data.metrics
 
-    def register_model(self, run_id: str, model, name: str, version: VersionInfo, logged: LoggedModel) -> str:
-        """Log `model` on the trial's run as an MLflow PyTorch model and register a new version of
-        `name`, with `version`'s description and tags, as the `champion`; returns the version.
-
-        "pickle" loads as the nn.Module users expect (code_paths ships the model's classes with it),
-        and like any pickle it runs code when loaded. "pt2" is torch.export's graph: nothing is
-        unpickled, the batch size stays dynamic, but it loads as a GraphModule.
-
-        The model is logged with an explicit run id, not by reopening the run with the fluent API:
-        that would end the run again and rewrite its end time (a 3 s trial would show the minutes
-        until `best --register`)."""
-        import mlflow.pytorch
-        import torch
-        from mlflow.models import infer_signature
-
-        with torch.no_grad():
-            output = model(torch.from_numpy(logged.input_example)).numpy()
-        mlflow.set_tracking_uri(self.tracking_uri)  # log_model and register_model read the global URI
-        pytorch_logger = logging.getLogger("mlflow.pytorch")
-        saved_level = pytorch_logger.level
-        if logged.serialization_format == "pickle":
-            # Pickle is the user's explicit choice here (--register-format; pt2 is the other): MLflow's
-            # warning about unpickling is in our --help and README already, not news on every register.
-            pytorch_logger.setLevel(logging.ERROR)
-        try:
-            # Created here, in the run's experiment: left to itself, log_model without an active run
-            # files the model under the "Default" experiment.
-            experiment_id = self.client.get_run(run_id).info.experiment_id
-            logged_model = mlflow.initialize_logged_model("model", source_run_id=run_id, experiment_id=experiment_id)
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                run_id=run_id,
-                model_id=logged_model.model_id,
-                signature=infer_signature(logged.input_example, output),
-                input_example=logged.input_example,
-                metadata=logged.metadata,
-                serialization_format=logged.serialization_format,
-                code_paths=logged.code_paths,
+    def fetch_checkpoint(self, record: TrialRecord) -> dict:
+        """The trial's checkpoint (its head, and for stage 2 its fine-tuned blocks), from its run."""
+        if not record.run_id:
+            raise CheckpointError(f"{record.name} has no MLflow run to take its checkpoint from")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=record.run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=tmp, tracking_uri=self.tracking_uri
             )
-            # register_model prints "Successfully registered ..." / "Created version ..." to stderr;
-            # `best` says the same in one line of its own.
-            with contextlib.redirect_stderr(io.StringIO()):
-                registered = mlflow.register_model(info.model_uri, name, tags=version.tags)
-        finally:
-            pytorch_logger.setLevel(saved_level)
-        self.client.update_model_version(name, registered.version, description=version.description)
-        self.client.set_registered_model_alias(name, CHAMPION_ALIAS, registered.version)
-        return str(registered.version)
-
-    def download(self, run_id: str, artifact_path: str, dst: str | Path) -> Path:
-        return Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=self.tracking_uri
-            )
-        )
+            return load_checkpoint(path, kind=HEAD)
 
 
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` (and `make ui`) serves by default

@@ -17,31 +17,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import optuna
-import torch
 from torch import nn
 
 from clothing.checkpoint import HEAD, checkpoint, save_checkpoint
 from clothing.model import ModelSpec, build_model, count_parameters
 from clothing.train import TrainingDiverged
-from sweep.config import SweepConfig, TrainConfig
+from sweep.config import TrainConfig
 from sweep.data import SweepData
 from sweep.plots import learning_curves
 from sweep.select import trial_name
-from sweep.tracking import Tracker
+from sweep.session import Session
+from sweep.tracking import CHECKPOINT_ARTIFACT, Tracker
 
 EpochCallback = Callable[[int, dict, nn.Module], None]
-
-
-@dataclass
-class TrialContext:
-    """What every trial of a sweep shares, built once by the main process (and again by each worker)."""
-
-    cfg: SweepConfig
-    data: SweepData
-    tracker: Tracker
-    experiment_id: str
-    parent_id: str
-    device: torch.device
 
 
 @dataclass
@@ -113,26 +101,22 @@ def best_attrs(metrics: dict) -> dict:
 class TrackedObjective:
     """An Optuna objective that runs `task`'s trials, each tracked as one nested MLflow run."""
 
-    def __init__(self, ctx: TrialContext, task: TrialTask) -> None:
-        self.ctx, self.task = ctx, task
-        self.on_start: Callable[[], None] | None = None  # called once the trial exists in the storage
+    def __init__(self, session: Session, task: TrialTask) -> None:
+        self.session, self.task = session, task
+        self.stage = task.stage
 
     def __call__(self, trial: optuna.Trial) -> float:
-        if self.on_start is not None:
-            self.on_start()
-        ctx, stage = self.ctx, self.task.stage
+        session, stage = self.session, self.stage
         name = trial_name(stage, trial.number)
         trial.set_user_attr("stage", stage)
         config = self.task.suggest(trial)
-        run_id = ctx.tracker.start_trial(
-            ctx.experiment_id, ctx.parent_id, ctx.cfg.study, name, trial.number, self.task.params(config), stage
-        )
+        run_id = session.tracker.start_trial(session.parent, name, trial.number, self.task.params(config), stage)
         trial.set_user_attr("mlflow_run_id", run_id)
-        ctx.tracker.log_lineage(run_id, ctx.data.lineage.splits, ctx.data.lineage.tags)
+        session.tracker.log_lineage(run_id, session.data.lineage.splits, session.data.lineage.tags)
         best = BestEpoch()
 
         def on_epoch(epoch: int, metrics: dict, model: nn.Module) -> None:
-            ctx.tracker.log_epoch(run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            session.tracker.log_epoch(run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             best.update(metrics, model)
             trial.report(metrics["val_acc"], epoch)
             if trial.should_prune():
@@ -141,7 +125,7 @@ class TrackedObjective:
         try:
             # "N trainable of M parameters", as Lightning's fine-tuning example reports it.
             trainable, total = parameter_counts(self.task.spec(config))
-            ctx.tracker.log_params(run_id, {"trainable_parameters": trainable, "total_parameters": total})
+            session.tracker.log_params(run_id, {"trainable_parameters": trainable, "total_parameters": total})
             self.task.train(config, on_epoch)
         except optuna.TrialPruned as exc:
             self._close(trial, run_id, config, best, "PRUNED", str(exc) or "pruned")
@@ -168,14 +152,14 @@ class TrackedObjective:
         """The one way a trial's run ends: with at least one epoch, its scores at the best epoch go to
         the Optuna trial (what the winner rule reads) and the run gets the summary, the checkpoint and
         the curves; then the run is closed with the status that matches `state`, and why."""
-        tracker = self.ctx.tracker
+        tracker = self.session.tracker
         if best is not None and best.metrics is not None:
             for key, value in best_attrs(best.metrics).items():
                 trial.set_user_attr(key, value)
             provenance = {
-                "study": self.ctx.cfg.study,
-                "trial": trial_name(self.task.stage, trial.number),
-                "stage": self.task.stage,
+                "study": self.session.cfg.study,
+                "trial": trial_name(self.stage, trial.number),
+                "stage": self.stage,
                 "mlflow_run_id": run_id,
             }
             _log_best(tracker, run_id, best, self.task.checkpoint(config, best, **provenance))
@@ -198,6 +182,7 @@ def _log_best(tracker: Tracker, run_id: str, best: BestEpoch, payload: dict) -> 
     m = best.metrics
     tracker.log_metrics(run_id, summary_metrics(m))
     with tempfile.TemporaryDirectory() as tmp:
-        tracker.log_file(run_id, save_checkpoint(payload, Path(tmp) / "head.pt"), "checkpoint")
+        checkpoint_file = save_checkpoint(payload, Path(tmp) / Path(CHECKPOINT_ARTIFACT).name)
+        tracker.log_file(run_id, checkpoint_file, str(Path(CHECKPOINT_ARTIFACT).parent))
         curves = learning_curves(best.history, m["epoch"], Path(tmp) / "curves.png")
         tracker.log_file(run_id, curves, "plots")

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import Result
 from hypothesis import HealthCheck, settings
 from images import ALL_CLASSES, calibrated_backbone, make_split
-from sweep_helpers import data_args, load_study, stores_in, sweep
+from mlflow import MlflowClient
+from sweep_helpers import data_args, load_study, output_of, run_options, stores_in, sweep
 
+from clothing.checkpoint import load_model
+from clothing.data import ClothingDataset, build_transforms
 from sweep.select import select_winner
 from sweep.study import trial_records
 
@@ -33,9 +38,22 @@ def tiny_weights(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def empty_tracking_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables made: creating them takes MLflow 2-3 s of migrations,
+    so each test's `stores` starts from a copy of this one instead."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def stores(tmp_path: Path) -> dict[str, str]:
-    return stores_in(tmp_path / "runs")
+def stores(tmp_path: Path, empty_tracking_store: Path) -> dict[str, str]:
+    """Every piece of this test's run state in tmp_path/runs: a new Optuna storage, an empty MLflow store."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copyfile(empty_tracking_store, runs / "mlflow.db")
+    return stores_in(runs)
 
 
 @dataclass(frozen=True)
@@ -70,6 +88,49 @@ def swept(tmp_path_factory, tiny_weights) -> Swept:
     assert any(r.state == "PRUNED" for r in records), "the median pruner should prune some trial"
     assert select_winner(records).number != 0, "the winner should not be trial 0 by the tie-break"
     return Swept(stores_in(root), data, tiny_weights, trials=10, epochs=6)
+
+
+@pytest.fixture
+def train_set(data_dir) -> ClothingDataset:
+    """The `data_dir` fixture's train/ split, with the evaluation transform."""
+    return ClothingDataset(data_dir / "train", build_transforms())
+
+
+@pytest.fixture
+def three_trials(stores, data_dir, tiny_weights):
+    """A small sweep of this test's own (3 trials x 2 epochs), which the test may add to."""
+    result = sweep("run", *run_options(data_dir, tiny_weights, 3, 2), stores=stores)
+    assert result.exit_code == 0, output_of(result)
+    return result
+
+
+@dataclass(frozen=True)
+class Exported:
+    result: Result  # what `best --tta --export` printed
+    path: Path
+    model: torch.nn.Module
+    payload: dict
+
+
+@pytest.fixture(scope="module")
+def exported(swept, tmp_path_factory) -> Exported:
+    """`best --tta --export` on the shared sweep, and the exported model (in eval mode). Once per
+    module, so that the module starts from the rule's winner, tagged and scored."""
+    path = tmp_path_factory.mktemp("export") / "model.pt"
+    result = sweep("best", "--tta", "--export", path, *data_args(swept.data_dir, swept.weights), stores=swept.stores)
+    assert result.exit_code == 0, output_of(result)
+    model, payload = load_model(path)
+    return Exported(result, path, model.eval(), payload)
+
+
+@pytest.fixture
+def winner_restored(swept):
+    """For a test that runs `best` on the shared sweep under another tolerance (which moves the winner's
+    tag and the parent's summary): afterwards `best` under the study's own tolerance marks the rule's
+    winner again, as the other readers of `swept` expect, whatever order the tests run in."""
+    yield
+    result = sweep("best", stores=swept.stores)
+    assert result.exit_code == 0, output_of(result)
 
 
 # Hypothesis: a modest number of examples in `make test`; `pytest --hypothesis-profile long` for a

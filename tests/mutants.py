@@ -82,13 +82,13 @@ MUTANTS = (
     Mutant(
         "best computes test_acc on validation/",
         "sweep/winner.py",
-        'test_dir = Path(options.data_dir) / "test"\n',
-        'test_dir = Path(options.data_dir) / "validation"\n',
+        'return Path(self.data_dir) / "test"\n',
+        'return Path(self.data_dir) / "validation"\n',
         ("tests/test_winner.py::test_test_acc_is_the_exported_models_accuracy_on_the_test_split",),
     ),
     Mutant(
         "best --tta without the mirror",
-        "sweep/export.py",
+        "clothing/scoring.py",
         "build_transforms(spec.image_size, mirror=mirror,",
         "build_transforms(spec.image_size, mirror=False,",
         ("tests/test_winner.py::test_tta_averages_each_image_with_its_mirror",),
@@ -96,7 +96,7 @@ MUTANTS = (
     Mutant(
         "the median pruner replaced by no pruning",
         "sweep/study.py",
-        'if pruner == "median"',
+        'if cfg.pruner == "median"',
         "if False",
         (f"{OBJECTIVE_VALUES}::test_the_median_pruner_stops_trials_early",),
     ),
@@ -181,9 +181,9 @@ MUTANTS = (
     ),
     Mutant(
         "the storage URL logged as a param of the parent run",
-        "sweep/pipeline.py",
-        '        "data_dir": shown(cfg.data_dir),\n',
-        '        "data_dir": shown(cfg.data_dir),\n        "storage": cfg.storage,\n',
+        "sweep/config.py",
+        "    return {\n        name: shown_value(getattr(cfg, name))",
+        '    return {"storage": cfg.storage} | {\n        name: shown_value(getattr(cfg, name))',
         ("tests/test_cluster.py::test_no_password_reaches_the_record_or_the_terminal",),
     ),
     Mutant(
@@ -202,18 +202,17 @@ MUTANTS = (
     ),
     Mutant(
         "registering reopens the winner's run (rewrites its end time)",
-        "sweep/tracking.py",
-        "            info = mlflow.pytorch.log_model(\n",
-        "            with mlflow.start_run(run_id=run_id):\n                pass\n"
-        "            info = mlflow.pytorch.log_model(\n",
+        "sweep/registry.py",
+        "        info = mlflow.pytorch.log_model(\n",
+        "        with mlflow.start_run(run_id=run_id):\n            pass\n        info = mlflow.pytorch.log_model(\n",
         (f"{VIEW}::test_registering_keeps_run_timing_describes_the_version_and_moves_the_champion_alias",),
     ),
     Mutant(
         "the champion alias not moved",
-        "sweep/tracking.py",
-        "        self.client.set_registered_model_alias(name, CHAMPION_ALIAS, registered.version)\n",
-        "        if registered.version == 1:\n"
-        "            self.client.set_registered_model_alias(name, CHAMPION_ALIAS, registered.version)\n",
+        "sweep/registry.py",
+        "    tracker.client.set_registered_model_alias(name, CHAMPION_ALIAS, registered.version)\n",
+        "    if registered.version == 1:\n"
+        "        tracker.client.set_registered_model_alias(name, CHAMPION_ALIAS, registered.version)\n",
         (f"{VIEW}::test_registering_keeps_run_timing_describes_the_version_and_moves_the_champion_alias",),
     ),
     Mutant(
@@ -239,7 +238,7 @@ MUTANTS = (
     ),
     Mutant(
         "a missing data folder checked after the stores are created",
-        "sweep/pipeline.py",
+        "sweep/session.py",
         "    splits = load_splits(cfg.data_dir)\n    backbone = load_backbone(cfg.backbone_weights)\n",
         "    make_storage(cfg.storage)\n    splits = load_splits(cfg.data_dir)\n"
         "    backbone = load_backbone(cfg.backbone_weights)\n",
@@ -268,7 +267,7 @@ MUTANTS = (
     ),
     Mutant(
         "a float option lets nan through",
-        "sweep/cli.py",
+        "sweep/settings.py",
         "if not math.isfinite(number):",
         "if math.isinf(number):",
         ("tests/test_hostile.py::test_numbers_that_parse_but_make_no_sense_are_usage_errors",),

@@ -29,14 +29,14 @@ class RunsCode:
 SPEC = ModelSpec(classes=("a", "b", "c"), size_inner=10, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
 
 
-def exported(tmp_path):
+def saved_model(tmp_path):
     model = build_model(SPEC, calibrated_backbone()).eval()
     payload = checkpoint(MODEL, SPEC, model.state_dict(), metrics={}, provenance={"trial": "trial-000"})
     return model, save_checkpoint(payload, tmp_path / "model.pt")
 
 
 def test_saved_model_loads_safely_and_predicts_the_same(tmp_path):
-    model, path = exported(tmp_path)
+    model, path = saved_model(tmp_path)
     assert torch.load(path, weights_only=True)["spec"]["classes"] == ("a", "b", "c")
     loaded, payload = load_model(path)
     assert spec_of(payload) == SPEC

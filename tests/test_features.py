@@ -7,16 +7,11 @@ from images import calibrated_backbone, write_image
 
 import clothing.engines as engines
 import clothing.features as features_module
-from clothing.data import ClothingDataset, build_transforms
+from clothing.data import build_transforms
 from clothing.engines import EngineError, resolve_engine
 from clothing.features import BadImagesError, cached_features
 from clothing.model import load_backbone
 from clothing.train import FeatureBatches
-
-
-@pytest.fixture
-def train_set(data_dir):
-    return ClothingDataset(data_dir / "train", build_transforms())
 
 
 def test_second_call_reads_the_cache_without_running_the_backbone(train_set, tmp_path, monkeypatch):

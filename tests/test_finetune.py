@@ -19,17 +19,12 @@ from clothing.model import (
     trainable_parameters,
     weights_fingerprint,
 )
-from clothing.train import FeatureBatches, WeightAverage, train_and_evaluate
-from sweep.export import export_model, fetch_head, split_logits
+from clothing.scoring import export_model, split_logits
+from clothing.train import FeatureBatches, TrainHooks, WeightAverage, train_and_evaluate
 from sweep.select import select_winner
 from sweep.space import FINETUNE_SEARCH_LR
-from sweep.study import load_studies, trial_records
+from sweep.study import read_studies, trial_records
 from sweep.tracking import Tracker
-
-
-@pytest.fixture
-def train_set(data_dir):
-    return ClothingDataset(data_dir / "train", build_transforms())
 
 
 def test_the_cache_holds_the_requested_views_each_different(train_set, tmp_path):
@@ -149,7 +144,7 @@ def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_di
     assert result.exit_code == 0, result.output
 
     # Stage 2 is a study of its own: the stage-1 sampler's history holds no stage-2 trial.
-    study, finetune = load_studies("clothing", stores["--storage"])
+    study, finetune = read_studies(stores["--storage"], "clothing")
     assert len(study.trials) == 3 and all(set(t.params) == {"lr", "size_inner"} for t in study.trials)
     assert [t.state.name for t in finetune.trials] == ["COMPLETE"]
     records = trial_records(study, finetune)
@@ -179,7 +174,7 @@ def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_di
     assert run.data.params["views"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
     assert sorted(finetune.trials[0].intermediate_values) == [1, 2]  # reported every epoch, like stage 1
-    head = fetch_head(Tracker(stores["--tracking-uri"]), tuned)
+    head = Tracker(stores["--tracking-uri"]).fetch_checkpoint(tuned)
     assert head["train_config"]["lr"] == 3e-5 and head["train_config"]["epochs"] == 2
     assert spec_of(head).finetune_blocks == 1 and head["provenance"]["trial"] == "finetune-000"
     assert run.data.params["trainable_parameters"] != run.data.params["total_parameters"]
@@ -206,7 +201,7 @@ def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_di
     # Resuming neither adds sweep trials nor repeats stage 2.
     again = sweep("run", *run_options(data_dir, tiny_weights, 3, 2), *extra, stores=stores)
     assert again.exit_code == 0, again.output
-    assert [len(s.trials) for s in load_studies("clothing", stores["--storage"])] == [3, 1]
+    assert [len(s.trials) for s in read_studies(stores["--storage"], "clothing")] == [3, 1]
     best = sweep("best", "--tolerance", "1", stores=stores)
     assert best.exit_code == 0, best.output
     shown = f"[stage 2 of trial-{source.number:03d}]" in best.output
@@ -217,7 +212,7 @@ def test_a_stage2_search_tries_two_depths_and_records_each_truthfully(stores, da
     extra = ("--finetune-blocks", "2", "--finetune-trials", "2", "--finetune-epochs", "2", "--precision", "fp32")
     result = sweep("run", *run_options(data_dir, tiny_weights, 2, 1), *extra, stores=stores)
     assert result.exit_code == 0, result.output
-    study, finetune = load_studies("clothing", stores["--storage"])
+    study, finetune = read_studies(stores["--storage"], "clothing")
     assert [t.state.name for t in finetune.trials] == ["COMPLETE", "COMPLETE"]  # the pruner let both finish
     # Deepest first: one cache at the cut for 2 blocks serves the 1-block trial too.
     assert [t.params["finetune_blocks"] for t in finetune.trials] == [2, 1]
@@ -230,17 +225,21 @@ def test_a_stage2_search_tries_two_depths_and_records_each_truthfully(stores, da
         assert run.info.run_name == f"finetune-{trial.number:03d}" and run.info.run_name in result.output
         assert float(run.data.params["lr"]) == trial.params["lr"]
         assert int(run.data.params["finetune_blocks"]) == trial.params["finetune_blocks"]
-        head = fetch_head(tracker, record)  # the checkpoint is the model it says it is
+        head = tracker.fetch_checkpoint(record)  # the checkpoint is the model it says it is
         assert spec_of(head).finetune_blocks == trial.params["finetune_blocks"]
         assert head["train_config"]["lr"] == trial.params["lr"]
         blocks = {int(k.split(".")[1]) for k in head["state_dict"] if k.startswith("blocks.")}
         assert len(blocks) == trial.params["finetune_blocks"] + 1  # the blocks and the closing 1x1 conv
     # Resuming the search adds nothing; asking for a third trial adds the next depth of the cycle.
     again = sweep("run", *run_options(data_dir, tiny_weights, 2, 1), *extra, stores=stores)
-    assert again.exit_code == 0 and len(load_studies("clothing", stores["--storage"])[1].trials) == 2
+    assert again.exit_code == 0 and len(read_studies(stores["--storage"], "clothing").stage2.trials) == 2
     more = sweep("run", *run_options(data_dir, tiny_weights, 2, 1), *extra, "--finetune-trials", "3", stores=stores)
     assert more.exit_code == 0, more.output
-    assert [t.params["finetune_blocks"] for t in load_studies("clothing", stores["--storage"])[1].trials] == [2, 1, 2]
+    assert [t.params["finetune_blocks"] for t in read_studies(stores["--storage"], "clothing").stage2.trials] == [
+        2,
+        1,
+        2,
+    ]
 
 
 def test_activations_are_cached_in_half_precision_except_in_exact(train_set, tmp_path):
@@ -287,8 +286,7 @@ def test_the_weight_average_is_the_exponential_average_of_every_step(train_set):
     batches = FeatureBatches(x, y, 6)
     train_and_evaluate(
         model, optimizer, batches, batches, nn.CrossEntropyLoss(), 2, "cpu",
-        on_epoch=lambda epoch, metrics, evaluated: seen.append(evaluated),
-        after_step=after_step, evaluated=average.averaged,
+        TrainHooks(lambda epoch, metrics, evaluated: seen.append(evaluated), after_step, average.averaged),
     )  # fmt: skip
     assert seen == [average.averaged, average.averaged]  # validated and checkpointed: the average
     for name, value in average.averaged.state_dict().items():

@@ -11,7 +11,7 @@ from clothing.model import load_backbone
 from sweep.config import SweepConfig
 from sweep.data import HOLDOUT_TAG, load_splits, prepare_data
 from sweep.holdout import holdout_rows
-from sweep.study import load_studies
+from sweep.study import read_studies
 
 
 def test_the_held_out_rows_are_stratified_and_fixed_by_the_seed():
@@ -32,7 +32,7 @@ def test_no_trial_trains_on_a_held_out_image(tmp_path, tiny_weights):
     make_split(data / "train", per_class=10)
     make_split(data / "validation", per_class=2, seed=1000)
     cfg = SweepConfig(data_dir=data, backbone_weights=str(tiny_weights), cache_dir=tmp_path / "cache", holdout=0.2)
-    cfg = SweepConfig(**{**cfg.__dict__, "precision": "fp32", "progress": False, "finetune_blocks": 1})
+    cfg = SweepConfig(**{**cfg.__dict__, "precision": "fp32", "quiet": True, "finetune_blocks": 1})
     prepared = prepare_data(cfg, "cpu", load_splits(data), load_backbone(str(tiny_weights)))
 
     # The cache holds every training image; the trials get all but the held-out ones.
@@ -65,10 +65,10 @@ def test_a_sweep_with_a_held_out_part_records_it_and_refuses_another(tmp_path, t
     trials = [r for r in runs if r.data.tags.get("sweep.role") == "trial"]
     assert len(trials) == 2 and {r.data.params["num_train"] for r in trials} == {"24"}  # 30 - 6 held out
     parent = next(r for r in runs if r.data.tags.get("sweep.role") == "study")
-    assert parent.data.params["holdout"] == "0.2 of train/, seed 0"
+    assert (parent.data.params["holdout"], parent.data.params["holdout_seed"]) == ("0.2", "0")
     assert all(r.data.tags[HOLDOUT_TAG].startswith("6 of 30") for r in [parent, *trials])
 
     # Resuming with other held-out images would mix trials trained on different data: refused.
     again = sweep("run", *options, "--holdout-seed", "1", "--trials", "3", stores=stores)
     assert again.exit_code == 1 and "held-out split" in again.output and "holdout" in again.output
-    assert len(load_studies("clothing", stores["--storage"])[0].trials) == 2
+    assert len(read_studies(stores["--storage"], "clothing").stage1.trials) == 2

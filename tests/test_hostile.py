@@ -38,14 +38,6 @@ def fresh_folder(tmp_path: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=tmp_path))
 
 
-@pytest.fixture(scope="module")
-def exported(swept, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("exported") / "model.pt"
-    result = sweep("best", "--export", path, "--backbone-weights", swept.weights, stores=swept.stores)
-    assert result.exit_code == 0, result.output
-    return path
-
-
 # The listed cases ---------------------------------------------------------------------------------
 
 
@@ -64,7 +56,7 @@ def test_a_decompression_bomb_is_an_unreadable_image_everywhere(data_dir, tiny_w
     assert Path(listed).read_text().splitlines() == [str(bomb)]
 
     good = next((data_dir / "validation" / "hat").iterdir())
-    predicted = CliRunner().invoke(cli, ["predict", str(exported), str(good), str(bomb)])
+    predicted = CliRunner().invoke(cli, ["predict", str(exported.path), str(good), str(bomb)])
     assert_one_error(predicted, f"cannot read image {bomb}", "DecompressionBombError")
     assert predicted.output.splitlines()[0] == str(good)  # the readable image is still predicted
     classified = CliRunner().invoke(clothing_cli, ["classify", str(bomb), "--backbone-weights", str(tiny_weights)])
@@ -88,7 +80,7 @@ def test_names_that_are_not_utf8_work_end_to_end(tmp_path, tiny_weights, exporte
     assert sweep("trials", stores=stores).exit_code == 0
 
     image = data / "train" / "hat" / f"{NOT_UTF8}.jpg"
-    predicted = CliRunner().invoke(cli, ["predict", str(exported), str(image)])
+    predicted = CliRunner().invoke(cli, ["predict", str(exported.path), str(image)])
     assert predicted.exit_code == 0, predicted.output
     assert predicted.output.splitlines()[0] == shown(image)
 
@@ -164,7 +156,7 @@ def test_any_number_given_to_trials_and_predict_is_accepted_or_refused_in_one_li
     before = recorded(swept.stores)
     assert_clean_outcome(sweep("trials", "--tolerance", tolerance, stores=swept.stores))
     image = next((swept.data_dir / "validation" / "hat").iterdir())
-    assert_clean_outcome(CliRunner().invoke(cli, ["predict", str(exported), str(image), "--top-k", top_k]))
+    assert_clean_outcome(CliRunner().invoke(cli, ["predict", str(exported.path), str(image), "--top-k", top_k]))
     assert recorded(swept.stores) == before
 
 
@@ -250,7 +242,7 @@ def test_any_file_in_an_image_folder_is_an_image_or_unreadable(kinds, names, ski
         assert [name for name, _ in studies] == ["clothing"]
 
     good = next((data / "validation" / "pants").iterdir())
-    predicted = CliRunner().invoke(cli, ["predict", str(exported), str(good), *map(str, files)])
+    predicted = CliRunner().invoke(cli, ["predict", str(exported.path), str(good), *map(str, files)])
     assert_clean_outcome(predicted)
     assert predicted.exit_code == (1 if unreadable else 0)
     assert predicted.output.splitlines()[0] == str(good)

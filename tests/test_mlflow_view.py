@@ -112,7 +112,8 @@ def two_tolerances_with_different_winners(swept):
     return (first, winners[first]), (second, winners[second])
 
 
-def test_registering_keeps_run_timing_describes_the_version_and_moves_the_champion_alias(swept):
+@pytest.mark.slow  # registers twice in processes of its own
+def test_registering_keeps_run_timing_describes_the_version_and_moves_the_champion_alias(swept, winner_restored):
     client, _ = mlflow_runs(swept.stores)
     name = "clothing-champion"
     versions = []

@@ -16,8 +16,8 @@ from sweep_helpers import load_study, mlflow_runs
 from clothing.data import ClothingDataset, build_transforms
 from clothing.features import cached_features
 from clothing.model import build_head, load_backbone
+from clothing.scoring import model_from_checkpoint
 from clothing.train import set_seed
-from sweep.export import fetch_head, model_from_checkpoint
 from sweep.study import trial_records
 from sweep.tracking import Tracker
 
@@ -92,7 +92,7 @@ def test_the_best_epoch_is_the_argmax_and_its_checkpoint_reproduces_the_record(s
         record = records[run.info.run_id]
         assert record.best_epoch == best_epoch == run.data.metrics["best/epoch"]
         assert record.val_acc == max(history) == run.data.metrics["best/val_acc"]
-        head = fetch_head(tracker, record)
+        head = tracker.fetch_checkpoint(record)
         assert head["metrics"]["epoch"] == best_epoch
         head_module = model_from_checkpoint(head, load_backbone(swept.weights)).head
         assert accuracy(head_module, val_x, val_y) == record.val_acc  # exactly: same features, same weights
@@ -112,7 +112,7 @@ def test_the_checkpoint_holds_the_best_epochs_weights(swept, features):
     for run in later_best:
         record = records[run.info.run_id]
         models = retrain(run.data.params, record.best_epoch, train_x, train_y, classes=4)
-        saved = fetch_head(tracker, record)["state_dict"]
+        saved = tracker.fetch_checkpoint(record)["state_dict"]
         for name, value in models[-1].state_dict().items():
             torch.testing.assert_close(saved[f"head.{name}"], value)
 

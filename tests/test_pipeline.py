@@ -9,14 +9,6 @@ from sweep.study import trial_records
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 
 
-@pytest.fixture
-def three_trials(stores, data_dir, tiny_weights):
-    """A small sweep of this test's own, which the test may add to."""
-    result = sweep("run", *run_options(data_dir, tiny_weights, 3, 2), stores=stores)
-    assert result.exit_code == 0, result.output
-    return result
-
-
 def test_a_sweep_logs_one_parent_and_a_nested_run_per_trial(three_trials, stores):
     client, runs = mlflow_runs(stores)
     parents = [r for r in runs if r.data.tags.get("sweep.role") == "study"]

@@ -50,6 +50,7 @@ def test_the_trials_command_agrees_with_the_study_in_every_format(swept):
     assert [float(line.split()[-3]) for line in table[1:]] == pytest.approx(val_accs, abs=1e-3)  # val_acc column
 
 
+@pytest.mark.slow  # registers, then loads the model in a fresh process
 @pytest.mark.parametrize("fmt", ["pickle", "pt2"])
 def test_a_registered_winner_loads_in_a_fresh_process_and_agrees_with_the_export(fmt, swept, tmp_path):
     out, name = tmp_path / "model.pt", f"clothing-head-{fmt}"

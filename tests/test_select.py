@@ -53,7 +53,7 @@ def rule_by_hand(rows: list[dict], tolerance: float) -> str:
     return min(band, key=lambda r: (r["train_acc"] - r["val_acc"], -r["val_acc"], r["number"]))["name"]
 
 
-def test_the_winner_is_the_rule_applied_to_what_mlflow_recorded(swept):
+def test_the_winner_is_the_rule_applied_to_what_mlflow_recorded(swept, winner_restored):
     """Records rebuilt from MLflow alone, ranked by a rule written here, give the winner `best` names."""
     _, runs = mlflow_runs(swept.stores)
     rows = [

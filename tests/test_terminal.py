@@ -73,6 +73,7 @@ def make_sweep(tmp_path, tiny_weights, data_url):
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow  # a real `make sweep`
 @pytest.mark.skipif(shutil.which("git") is None or shutil.which("make") is None, reason="needs git and make")
 def test_make_sweep_downloads_the_dataset_when_it_is_missing(tmp_path, tiny_weights, dataset_repo):
     result = make_sweep(tmp_path, tiny_weights, dataset_repo.as_uri())
@@ -86,6 +87,7 @@ def test_make_sweep_downloads_the_dataset_when_it_is_missing(tmp_path, tiny_weig
     assert (tmp_path / "model.pt").is_file() and "Winner: " in result.stdout
 
 
+@pytest.mark.slow  # a real `make sweep`
 @pytest.mark.skipif(shutil.which("git") is None or shutil.which("make") is None, reason="needs git and make")
 def test_make_sweep_offline_fails_with_the_missing_data_error(tmp_path, tiny_weights):
     result = make_sweep(tmp_path, tiny_weights, (tmp_path / "unreachable").as_uri())

@@ -46,7 +46,7 @@ def test_train_acc_is_the_eval_mode_accuracy_on_the_plain_training_data():
         nn.CrossEntropyLoss(),
         num_epochs=4,
         device="cpu",
-        on_epoch=lambda epoch, metrics, model: snapshots.append(copy.deepcopy(model)),
+        hooks=lambda epoch, metrics, model: snapshots.append(copy.deepcopy(model)),
         train_eval_loader=FeatureBatches(x, y, 50),
     )
     for h, model in zip(history, snapshots):
@@ -72,7 +72,7 @@ def test_history_has_one_entry_per_epoch_and_learns_a_separable_problem():
         nn.CrossEntropyLoss(),
         num_epochs=3,
         device="cpu",
-        on_epoch=lambda epoch, metrics, model: calls.append(epoch),
+        hooks=lambda epoch, metrics, model: calls.append(epoch),
     )
     assert [h["epoch"] for h in history] == [1, 2, 3] == calls
     assert all(set(h) == KEYS for h in history)
@@ -95,7 +95,7 @@ def test_a_non_finite_loss_stops_training_at_once():
             nn.CrossEntropyLoss(),
             5,
             "cpu",
-            on_epoch=lambda e, m, model: epochs.append(e),
+            hooks=lambda e, m, model: epochs.append(e),
         )
     assert epochs == []
 

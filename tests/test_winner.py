@@ -9,13 +9,13 @@ import optuna
 import pytest
 import torch
 from click.testing import CliRunner
-from sweep_helpers import data_args, load_study, mlflow_runs, output_of, run_options, sweep
+from sweep_helpers import load_study, mlflow_runs, sweep
 
 from clothing.checkpoint import load_model, spec_of
 from clothing.data import ClothingDataset, build_transforms
 from clothing.model import load_backbone
+from clothing.scoring import model_from_checkpoint
 from sweep.cli import cli
-from sweep.export import fetch_head, model_from_checkpoint
 from sweep.study import trial_records
 from sweep.tracking import Tracker
 
@@ -31,22 +31,12 @@ def winner_run(swept):
     return run
 
 
-@pytest.fixture(scope="module")
-def exported(swept, tmp_path_factory):
-    """`best --tta --export` on the shared sweep, and the exported model."""
-    path = tmp_path_factory.mktemp("export") / "model.pt"
-    result = sweep("best", "--tta", "--export", path, *data_args(swept.data_dir, swept.weights), stores=swept.stores)
-    assert result.exit_code == 0, output_of(result)
-    model, payload = load_model(path)
-    return result, model.eval(), payload
-
-
 def accuracy(logits, labels) -> float:
     return (logits.argmax(1) == labels).sum().item() / len(labels)
 
 
 def test_test_acc_is_the_exported_models_accuracy_on_the_test_split(swept, exported):
-    result, model, payload = exported
+    result, model, payload = exported.result, exported.model, exported.payload
     test_x, test_y = images_and_labels(swept.data_dir / "test", spec_of(payload).classes)
     val_x, val_y = images_and_labels(swept.data_dir / "validation", spec_of(payload).classes)
     with torch.no_grad():
@@ -58,7 +48,7 @@ def test_test_acc_is_the_exported_models_accuracy_on_the_test_split(swept, expor
 
 
 def test_tta_averages_each_image_with_its_mirror(swept, exported):
-    result, model, payload = exported
+    result, model, payload = exported.result, exported.model, exported.payload
     x, y = images_and_labels(swept.data_dir / "validation", spec_of(payload).classes)
     with torch.no_grad():
         plain = accuracy(model(x), y)
@@ -70,17 +60,10 @@ def test_tta_averages_each_image_with_its_mirror(swept, exported):
 
 
 def test_the_export_predicts_what_the_sweep_recorded(swept, exported):
-    _, model, payload = exported
+    model, payload = exported.model, exported.payload
     x, y = images_and_labels(swept.data_dir / "validation", spec_of(payload).classes)
     with torch.no_grad():
         assert accuracy(model(x), y) == pytest.approx(winner_run(swept).data.metrics["best/val_acc"], abs=1 / len(y))
-
-
-@pytest.fixture
-def three_trials(stores, data_dir, tiny_weights):
-    result = sweep("run", *run_options(data_dir, tiny_weights, 3, 2), stores=stores)
-    assert result.exit_code == 0, output_of(result)
-    return result
 
 
 def test_best_names_the_winner_tags_it_and_exports_an_equivalent_model(
@@ -108,7 +91,7 @@ def test_best_names_the_winner_tags_it_and_exports_an_equivalent_model(
 
     exported, _ = load_model(out)
     record = next(r for r in trial_records(load_study(stores)) if r.name == winner_name)
-    head = fetch_head(Tracker(stores["--tracking-uri"]), record)
+    head = Tracker(stores["--tracking-uri"]).fetch_checkpoint(record)
     in_memory = model_from_checkpoint(head, load_backbone(tiny_weights))
     x = torch.randn(3, 3, 224, 224)
     with torch.no_grad():
@@ -136,7 +119,7 @@ def test_best_on_a_missing_study_or_one_without_complete_trials_is_an_error(stor
     assert nothing.exit_code == 1 and nothing.output.startswith("Error: no Optuna storage at ")
     database = stores["--storage"].removeprefix("sqlite:///")
     assert not os.path.exists(database)  # reading created nothing
-    os.makedirs(os.path.dirname(database))
+    os.makedirs(os.path.dirname(database), exist_ok=True)
     study = optuna.create_study(study_name="empty", storage=stores["--storage"])
     missing = sweep("best", "--study", "nope", stores=stores)
     assert missing.exit_code == 1 and missing.output.startswith("Error: no study named 'nope'")

@@ -3,6 +3,8 @@
 import pickle
 from pathlib import Path
 
+import pytest
+
 from sweep.config import SweepConfig
 from sweep.workers import start_workers
 
@@ -11,6 +13,7 @@ def write_config(cfg: SweepConfig, out: str, threads: int) -> None:
     Path(out).write_bytes(pickle.dumps((cfg, threads)))
 
 
+@pytest.mark.slow  # a spawned process
 def test_a_worker_receives_the_main_process_config_unchanged(tmp_path):
     cfg = SweepConfig(
         data_dir=tmp_path / "data",
@@ -22,7 +25,7 @@ def test_a_worker_receives_the_main_process_config_unchanged(tmp_path):
         finetune_blocks=2,
         finetune_lr=1e-5,
         skip_bad_images=True,
-        progress=False,
+        quiet=True,
     )
     out = tmp_path / "seen.pkl"
     (worker,) = start_workers(write_config, (cfg, str(out)), 1)

@@ -1,33 +1,23 @@
-"""A trial's checkpoint (an MLflow artifact) + the backbone -> the full model: a self-contained
-model.pt, a registered MLflow model, or logits over a split (scores, TTA)."""
+"""A trial's checkpoint + the backbone -> the full model, and that model scored on a split.
+
+Library work, like pytorch/examples' `validate`: `validate` returns a dict of metrics and knows
+nothing of Optuna or MLflow. Scores come from cached features (or, for a fine-tuned checkpoint, from
+the activations cached at its cut), so the frozen trunk runs at most once per split.
+"""
 
 from __future__ import annotations
 
 import copy
-import tempfile
 from pathlib import Path
 
 import torch
 
-import clothing
-from clothing.checkpoint import HEAD, MODEL, CheckpointError, checkpoint, load_checkpoint, save_checkpoint, spec_of
+from clothing.checkpoint import MODEL, CheckpointError, checkpoint, save_checkpoint, spec_of
 from clothing.data import ClothingDataset, build_transforms
 from clothing.engines import engine_runs
 from clothing.extract import ExtractionOptions
 from clothing.features import FeatureSet, cached_features
 from clothing.model import LAST_CONV, ClothingClassifierMobileNet, build_model, weights_fingerprint
-from sweep.select import TrialRecord
-from sweep.tracking import LoggedModel, Tracker, VersionInfo
-
-CHECKPOINT_ARTIFACT = "checkpoint/head.pt"
-
-
-def fetch_head(tracker: Tracker, record: TrialRecord) -> dict:
-    """The trial's checkpoint (its head, and for stage 2 its fine-tuned blocks), from its MLflow run."""
-    if not record.run_id:
-        raise CheckpointError(f"{record.name} has no MLflow run to take its checkpoint from")
-    with tempfile.TemporaryDirectory() as tmp:
-        return load_checkpoint(tracker.download(record.run_id, CHECKPOINT_ARTIFACT, tmp), kind=HEAD)
 
 
 def check_backbone(head: dict, backbone: torch.nn.Module) -> None:
@@ -65,35 +55,12 @@ def export_model(head: dict, backbone: torch.nn.Module, path: str | Path, metric
     return save_checkpoint(payload, path)
 
 
-def register_winner(
-    tracker: Tracker, head: dict, backbone: torch.nn.Module, name: str, version: VersionInfo, fmt: str = "pickle"
-) -> str:
-    """Log the winner's full model on its run as an MLflow PyTorch model and register a version of `name`."""
-    model, spec = model_from_checkpoint(head, backbone), spec_of(head)
-    size = spec.image_size
-    # Two normalised images, NCHW float32: pt2 keeps the batch dimension dynamic only when the
-    # example's batch is larger than 1.
-    example = torch.zeros(2, 3, size, size).numpy()
-    metadata = {
-        "classes": list(spec.classes),
-        "preprocessing": f"RGB, Resize(({size}, {size})), ToTensor, Normalize(mean, std); input NCHW float32",
-        "image_size": size,
-        "mean": list(spec.mean),
-        "std": list(spec.std),
-        "output": "logits, one per class in `classes` order",
-    }
-    code = [str(Path(clothing.__file__).parent)] if fmt == "pickle" else None
-    logged = LoggedModel(example, metadata, fmt, code)
-    return tracker.register_model(head["provenance"]["mlflow_run_id"], model, name, version, logged)
-
-
 def split_logits(
     head: dict, backbone: torch.nn.Module, split: ClothingDataset, cache_dir: Path, device, precision: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of the checkpoint over a split, from cached features, or for a fine-tuned
-    checkpoint from the activations cached at its cut: the frozen trunk runs at most once per split.
-    The features are extracted as the trial's were (precision and engine), unless `precision` says
-    otherwise."""
+    checkpoint from the activations cached at its cut. The features are extracted as the trial's
+    were (precision and engine), unless `precision` says otherwise."""
     precision = precision or head["provenance"].get("feature_precision", "auto")
     engine = head["provenance"].get("feature_engine", "torch")  # checkpoints from before engines: torch
     if not engine_runs(engine, torch.device(device)):  # e.g. scored on a GPU: the same features up to rounding
@@ -117,25 +84,19 @@ def cached_logits(model: ClothingClassifierMobileNet, features: FeatureSet) -> t
         return torch.cat([module(batch.float()) for batch in inputs.split(256)])
 
 
-def split_accuracy(head: dict, backbone: torch.nn.Module, folder: Path, cache_dir: Path, device) -> float:
-    """The checkpoint's accuracy on the images of one split folder (e.g. test/)."""
-    spec = spec_of(head)
-    split = ClothingDataset(folder, spec.transform(), {c: i for i, c in enumerate(spec.classes)})
-    logits, labels = split_logits(head, backbone, split, cache_dir, device)
-    return (logits.argmax(dim=1) == labels).float().mean().item()
-
-
-def mirror_val_acc(head: dict, backbone: torch.nn.Module, data_dir: Path, cache_dir: Path, device) -> float:
-    """Validation accuracy of the winner with test-time augmentation (image + mirror logits).
-
-    Both views come from the cache, so this costs one extra backbone pass over validation/ the
-    first time."""
+def validate(
+    head: dict, backbone: torch.nn.Module, folder: Path, cache_dir: Path, device, tta: bool = False
+) -> dict[str, float]:
+    """The checkpoint's accuracy on the images of one split folder: {"acc", "images"}. With `tta` the
+    logits of each image and of its mirror image are averaged (both views come from the cache, so the
+    mirror costs one extra backbone pass over the folder the first time)."""
     spec = spec_of(head)
     class_to_idx = {name: i for i, name in enumerate(spec.classes)}
     logits, labels = 0, None
-    for mirror in (False, True):
+    for mirror in (False, True) if tta else (False,):
         transform = build_transforms(spec.image_size, mirror=mirror, mean=spec.mean, std=spec.std)
-        split = ClothingDataset(data_dir / "validation", transform, class_to_idx)
-        view_logits, labels = split_logits(head, backbone, split, cache_dir, device)
+        view_logits, labels = split_logits(
+            head, backbone, ClothingDataset(folder, transform, class_to_idx), cache_dir, device
+        )
         logits = logits + view_logits
-    return (logits.argmax(dim=1) == labels).float().mean().item()
+    return {"acc": (logits.argmax(dim=1) == labels).float().mean().item(), "images": len(labels)}
