@@ -115,6 +115,11 @@ class SettingError(ValueError):
     """A value for a setting is refused; the message says which and what it may be (click's words)."""
 
 
+def is_integer(value: Any) -> bool:
+    """An integer, and not a bool (YAML's `true` is not 1 here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _in(click_type: Any) -> str:
     low, high = getattr(click_type, "min", None), getattr(click_type, "max", None)
     return "" if low is None or high is None else f" in [{low:g}, {high:g}]"
@@ -122,7 +127,7 @@ def _in(click_type: Any) -> str:
 
 def _right_kind(click_type: Any, value: Any) -> str | None:
     """What a file value must be, when it is not: YAML's `true` is not 1, and "5" is not 5."""
-    integer = isinstance(value, int) and not isinstance(value, bool)
+    integer = is_integer(value)
     if isinstance(click_type, click.types.IntParamType) and not integer:
         return f"an integer{_in(click_type)}"
     if isinstance(click_type, click.types.FloatParamType) and not (integer or isinstance(value, float)):

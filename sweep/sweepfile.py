@@ -15,7 +15,7 @@ import yaml
 
 from clothing.data import shown
 from sweep.config import OPTIONAL_DIMENSIONS, SweepConfig
-from sweep.settings import SettingError, check_file_value, settings_of
+from sweep.settings import SettingError, check_file_value, is_integer, settings_of
 from sweep.space import DEFAULT_DIMENSIONS, Dimension
 
 
@@ -23,12 +23,8 @@ class SweepFileError(ValueError):
     """The sweep file cannot be used; the message names the key and what it may be."""
 
 
-def _integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # YAML's true is not 1 here
-
-
 def _number(value) -> bool:
-    return (_integer(value) or isinstance(value, float)) and math.isfinite(value)
+    return (is_integer(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 KINDS = ("float", "log-float", "int", "categorical")
@@ -89,7 +85,7 @@ class _Values:
         self.what = f"{'integers' if integer else 'numbers'} in [{self.low:g}, {self.high:g}]"
 
     def fits(self, value) -> bool:
-        return (_integer(value) if self.integer else _number(value)) and self.low <= value <= self.high
+        return (is_integer(value) if self.integer else _number(value)) and self.low <= value <= self.high
 
 
 def read_sweep_file(path: Path) -> tuple[dict, tuple[Dimension, ...]]:
