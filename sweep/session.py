@@ -1,15 +1,15 @@
 """A sweep session: the state of one sweep in one process, opened once and passed down.
 
-`prepare` resolves what has one answer for the whole sweep (device, precision, engine, search space)
-and opens one Optuna storage, both studies, one `Tracker`, the parent run and the cached data;
-everything below it receives the `Session`, never a (study name, storage URL, tolerance) to reopen.
+`prepare` checks every input, resolves the device, and opens one Optuna storage (both studies are
+opened on it), one `Tracker`, the parent run and the cached data; everything below it receives the
+`Session`, never a (study name, storage URL, tolerance) to reopen.
 A `--jobs` worker opens its own from the frozen config and the parent run (`open_worker_session`),
 as pytorch/examples' `main_worker` builds its state once from its arguments.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import optuna
 import torch
@@ -47,13 +47,12 @@ class Session:
     """What every step of a sweep shares in this process."""
 
     cfg: SweepConfig
-    storage: optuna.storages.BaseStorage
-    studies: Studies
+    studies: Studies  # both opened on the one storage of this process
     tracker: Tracker
     parent: ParentRun
     data: SweepData
     device: torch.device
-    report: Report = field(default=lambda _: None)
+    report: Report
 
     def lock(self, study: optuna.Study) -> StudyLock:
         """The lock that guards `study`'s trial count, shared by every worker on any machine."""
@@ -114,7 +113,7 @@ def prepare(cfg: SweepConfig, report: Report) -> Session:
         skipped = "\n".join(map(shown, data.train.bad_paths + data.val.bad_paths))
         tracker.log_text(parent.run_id, skipped, "skipped_images.txt")
     studies = Studies(stage1, _stage2_study(cfg, storage))
-    return Session(cfg, storage, studies, tracker, parent, data, device, report)
+    return Session(cfg, studies, tracker, parent, data, device, report)
 
 
 def open_worker_session(cfg: SweepConfig, parent: ParentRun, report: Report) -> Session:
@@ -124,4 +123,4 @@ def open_worker_session(cfg: SweepConfig, parent: ParentRun, report: Report) -> 
     storage = _storage(cfg, tracker)
     data = prepare_data(cfg, device, load_splits(cfg.data_dir), progress=False)  # the main process cached it
     stage1 = open_study(storage, cfg.study, cfg)
-    return Session(cfg, storage, Studies(stage1), tracker, parent, data, device, report)
+    return Session(cfg, Studies(stage1), tracker, parent, data, device, report)

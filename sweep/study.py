@@ -171,10 +171,6 @@ class Studies:
         """Both stages' trials as the winner rule sees them, as the database holds them now."""
         return trial_records(self.stage1, self.stage2)
 
-    def __iter__(self):
-        """(stage 1, stage 2), for `stage1, stage2 = studies`."""
-        return iter((self.stage1, self.stage2))
-
 
 def read_studies(url: str, name: str) -> Studies:
     """A finished or running sweep's studies, for reading (`trials`, `best`): one storage, each study

@@ -103,7 +103,10 @@ class TrackedObjective:
 
     def __init__(self, session: Session, task: TrialTask) -> None:
         self.session, self.task = session, task
-        self.stage = task.stage
+
+    @property
+    def stage(self) -> str:
+        return self.task.stage
 
     def __call__(self, trial: optuna.Trial) -> float:
         session, stage = self.session, self.stage

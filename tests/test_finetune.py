@@ -144,7 +144,8 @@ def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_di
     assert result.exit_code == 0, result.output
 
     # Stage 2 is a study of its own: the stage-1 sampler's history holds no stage-2 trial.
-    study, finetune = read_studies(stores["--storage"], "clothing")
+    studies = read_studies(stores["--storage"], "clothing")
+    study, finetune = studies.stage1, studies.stage2
     assert len(study.trials) == 3 and all(set(t.params) == {"lr", "size_inner"} for t in study.trials)
     assert [t.state.name for t in finetune.trials] == ["COMPLETE"]
     records = trial_records(study, finetune)
@@ -201,7 +202,8 @@ def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_di
     # Resuming neither adds sweep trials nor repeats stage 2.
     again = sweep("run", *run_options(data_dir, tiny_weights, 3, 2), *extra, stores=stores)
     assert again.exit_code == 0, again.output
-    assert [len(s.trials) for s in read_studies(stores["--storage"], "clothing")] == [3, 1]
+    studies = read_studies(stores["--storage"], "clothing")
+    assert [len(studies.stage1.trials), len(studies.stage2.trials)] == [3, 1]
     best = sweep("best", "--tolerance", "1", stores=stores)
     assert best.exit_code == 0, best.output
     shown = f"[stage 2 of trial-{source.number:03d}]" in best.output
@@ -212,7 +214,8 @@ def test_a_stage2_search_tries_two_depths_and_records_each_truthfully(stores, da
     extra = ("--finetune-blocks", "2", "--finetune-trials", "2", "--finetune-epochs", "2", "--precision", "fp32")
     result = sweep("run", *run_options(data_dir, tiny_weights, 2, 1), *extra, stores=stores)
     assert result.exit_code == 0, result.output
-    study, finetune = read_studies(stores["--storage"], "clothing")
+    studies = read_studies(stores["--storage"], "clothing")
+    study, finetune = studies.stage1, studies.stage2
     assert [t.state.name for t in finetune.trials] == ["COMPLETE", "COMPLETE"]  # the pruner let both finish
     # Deepest first: one cache at the cut for 2 blocks serves the 1-block trial too.
     assert [t.params["finetune_blocks"] for t in finetune.trials] == [2, 1]
