@@ -23,6 +23,7 @@ from torch import nn
 from bench.cluster import CallTimer, server_rows
 from bench.extraction import extraction_rows
 from bench.notebook import notebook_epoch, notebook_features
+from bench.predict import predict_rows
 from clothing.data import ClothingDataset, build_transforms
 from clothing.extract import resolve_precision
 from clothing.features import cached_features
@@ -239,6 +240,9 @@ def main(limit: int | None) -> None:
 
     # 5. The extraction engines and the decoding steps, one by one.
     rows += extraction_rows(data_dir, backbone)
+
+    # 6. Predictions over a folder: `sweep predict --output` against the notebook's per-image loop.
+    rows += predict_rows(data_dir, weights)
 
     print(
         f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

@@ -1,4 +1,5 @@
-"""Transfer learning for the clothing dataset: images -> frozen MobileNetV2 features -> a small head.
+"""Transfer learning on image folders (the clothing dataset by default): images -> frozen MobileNetV2
+features -> a small head.
 
 This package knows nothing of Optuna or MLflow; the sweep tool in `sweep/` builds on it.
 """

@@ -12,7 +12,7 @@ from clothing.predict import classify_imagenet, prediction_lines, read_images, u
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version=clothing.__version__, prog_name="clothing")
 def cli() -> None:
-    """Transfer-learning helpers for the clothing dataset."""
+    """Transfer-learning helpers for image folders (the clothing dataset by default)."""
 
 
 @cli.command()

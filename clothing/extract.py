@@ -140,14 +140,14 @@ def activation_dtype(precision: str) -> type:
 
 def default_num_workers(device: torch.device) -> int:
     # A GPU can use several loader processes to keep itself fed. On a small CPU two loader processes
-    # decode while the engine runs, at the lowest priority (_yield_to_engine).
+    # decode while the engine runs, at the lowest priority (yield_to_engine).
     cores = os.cpu_count() or 1
     if device.type == "cuda":
         return min(8, cores)
     return 2 if cores >= 2 else 0
 
 
-def _yield_to_engine(_worker_id: int) -> None:
+def yield_to_engine(_worker_id: int) -> None:
     # The engine's threads wait for each other at every layer: a decoder that takes a core from one of
     # them stalls all. At nice 19 the loaders decode on what the engine leaves idle (measured on 2
     # cores: about 7 % faster than one loader at normal priority, more than decoding in between batches).
@@ -176,7 +176,7 @@ def extract_features(
         shuffle=False,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        worker_init_fn=_yield_to_engine if device.type == "cpu" else None,
+        worker_init_fn=yield_to_engine if device.type == "cpu" else None,
     )
     engine = resolve_engine(options.engine, device, precision, len(dataset) * views)
     extractor = TrunkOutputs(trunk_layers, options.cut, images_in.mean, images_in.std)

@@ -49,6 +49,11 @@ def top_k(
     model.eval()
     with torch.inference_mode():
         probs = torch.softmax(mirror_averaged_logits(model, batch) if tta else model(batch), dim=1)
+    return ranked(probs, classes, k)
+
+
+def ranked(probs: torch.Tensor, classes: Sequence[str], k: int) -> list[Prediction]:
+    """Each row of class probabilities (N, C) as its k most likely (class, probability) pairs."""
     values, indices = probs.topk(min(k, len(classes)), dim=1)
     return [
         [(classes[i], float(v)) for v, i in zip(row_v.tolist(), row_i.tolist())]

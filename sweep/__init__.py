@@ -1,1 +1,1 @@
-"""The experiment tool: an Optuna study over the clothing head, tracked in MLflow."""
+"""The experiment tool: an Optuna study over a classifier head on your image folders, tracked in MLflow."""

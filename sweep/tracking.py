@@ -1,4 +1,4 @@
-"""MLflow tracking: with `sweep.registry` beside it, the only module that imports mlflow.
+"""MLflow tracking: with `sweep.registry` and `sweep.serving` beside it, the only modules that import mlflow.
 
 Layout: one experiment per study; one parent run per study, found again by tag so a resumed or
 parallel study never gets a second parent; one nested child run per trial named trial-NNN. It uses

@@ -8,6 +8,7 @@ export and register.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ class BestOptions:
     export_path: Path | None = None
     tta: bool = False
     register_name: str | None = None
-    register_format: str = "pickle"
+    register_format: str = "pyfunc"
 
     @property
     def test_dir(self) -> Path:
@@ -111,6 +112,9 @@ def run_best(options: BestOptions, say: Report) -> None:
     if options.register_name is not None:
         info = version_info(winner, options.study, ranking.tolerance, metrics)
         name = options.register_name
-        version = register_winner(tracker, head, backbone, name, info, options.register_format)
+        with tempfile.TemporaryDirectory() as scratch:
+            # The registered model is the export, byte for byte: the file just written, or one made for it.
+            model_file = options.export_path or export_model(head, backbone, Path(scratch) / "model.pt", metrics)
+            version = register_winner(tracker, model_file, name, info, options.register_format)
         say(f"Registered {winner.name} as models:/{name}/{version}, now models:/{name}@{CHAMPION_ALIAS}")
     say(f"Browse the runs: {browse_hint(tracker, options.study)}")

@@ -203,9 +203,31 @@ MUTANTS = (
     Mutant(
         "registering reopens the winner's run (rewrites its end time)",
         "sweep/registry.py",
-        "        info = mlflow.pytorch.log_model(\n",
-        "        with mlflow.start_run(run_id=run_id):\n            pass\n        info = mlflow.pytorch.log_model(\n",
+        "        info = log_pyfunc(model_file, run_id, logged_model.model_id)\n",
+        "        with mlflow.start_run(run_id=run_id):\n            pass\n"
+        "        info = log_pyfunc(model_file, run_id, logged_model.model_id)\n",
         (f"{VIEW}::test_registering_keeps_run_timing_describes_the_version_and_moves_the_champion_alias",),
+    ),
+    Mutant(
+        "the served model fails the whole request on one non-image",
+        "sweep/serving.py",
+        '        return None, f"row {row}: not an image Pillow can read ({type(exc.__cause__).__name__})"',
+        "        raise",
+        ("tests/test_serving.py::test_the_served_champion_answers_images_with_the_labels_predict_gives",),
+    ),
+    Mutant(
+        "predict lists a folder's images unsorted",
+        "clothing/inference.py",
+        "        images = sorted(\n",
+        "        images = list(\n",
+        ("tests/test_predict_files.py::test_predict_over_a_folder_writes_one_sorted_row_per_image",),
+    ),
+    Mutant(
+        "predict --tta averages the image with itself, not its mirror",
+        "clothing/inference.py",
+        "torch.cat([pixels, pixels.flip(-1)])",
+        "torch.cat([pixels, pixels])",
+        ("tests/test_predict_files.py::test_batches_engines_and_mirror_views_change_no_label",),
     ),
     Mutant(
         "the champion alias not moved",

@@ -154,21 +154,50 @@ def mlflow_server(
         command += ["--app-name", "basic-auth"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     command += ["--backend-store-uri", backend_uri, "--artifacts-destination", str(root / "artifacts")]
-    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed below, after the server stops
-    server = subprocess.Popen(command, env=server_env, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
+    with serving(command, server_env, root / "server.log", f"{uri}/health", "mlflow server"):
+        yield MlflowServer(uri, admin_password, root / "artifacts")
 
-    def healthy() -> bool:
+
+@contextmanager
+def model_server(root: Path, model_uri: str, tracking_uri: str) -> Iterator[str]:
+    """`mlflow models serve -m MODEL_URI --env-manager local` on a free loopback port, as a user runs
+    it: the venv's bin on PATH (it execs uvicorn), pickle deserialisation switched off. Yields the
+    /invocations URL once /ping answers."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    bin_dir = os.path.dirname(sys.executable)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+    }
+    command = [os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    url = f"http://127.0.0.1:{port}"
+    with serving(command, env, root / f"serve-{port}.log", f"{url}/ping", "mlflow models serve"):
+        yield f"{url}/invocations"
+
+
+@contextmanager
+def serving(command: list[str], env: dict[str, str], log_path: Path, probe_url: str, what: str) -> Iterator[None]:
+    """Run a server `command` until the block ends; enter the block once GET `probe_url` answers 200.
+    A server that exits before that fails the test with the end of its log."""
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below, after the server stops
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def up() -> bool:
         if server.poll() is not None:
-            raise AssertionError(f"mlflow server exited:\n{(root / 'server.log').read_text()[-3000:]}")
+            raise AssertionError(f"{what} exited:\n{log_path.read_text()[-3000:]}")
         try:
-            return requests.get(f"{uri}/health", timeout=2).status_code == 200
+            return requests.get(probe_url, timeout=2).status_code == 200
         except requests.RequestException:
             return False
 
     try:
-        wait_for(healthy, timeout=120, what="mlflow server /health")
-        yield MlflowServer(uri, admin_password, root / "artifacts")
+        wait_for(up, timeout=180, what=f"{what} at {probe_url}")
+        yield
     finally:
         server.terminate()
         try:

@@ -17,6 +17,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Options of the other programs the docs show (mlflow, initdb, pytest), which are not ours to check.
 OTHER_TOOLS_OPTIONS = {
     "--app-name", "--host", "--port", "--backend-store-uri", "--artifacts-destination",  # mlflow server / ui
+    "--env-manager",  # mlflow models serve
     "--auth", "--pwfile",  # initdb
     "--hypothesis-profile",  # pytest with Hypothesis
 }  # fmt: skip

@@ -51,7 +51,7 @@ def test_the_trials_command_agrees_with_the_study_in_every_format(swept):
 
 
 @pytest.mark.slow  # registers, then loads the model in a fresh process
-@pytest.mark.parametrize("fmt", ["pickle", "pt2"])
+@pytest.mark.parametrize("fmt", ["pytorch", "pt2"])
 def test_a_registered_winner_loads_in_a_fresh_process_and_agrees_with_the_export(fmt, swept, tmp_path):
     out, name = tmp_path / "model.pt", f"clothing-head-{fmt}"
     result = sweep(
@@ -80,7 +80,7 @@ from clothing.data import load_image
 mlflow.set_tracking_uri({swept.stores["--tracking-uri"]!r})
 model = mlflow.pytorch.load_model("models:/{name}/1")
 print(type(model).__name__)
-if {fmt!r} == "pickle":
+if {fmt!r} == "pytorch":
     model.eval()  # an exported graph was traced in eval mode already
 _, payload = load_model({str(out)!r})
 transform = spec_of(payload).transform()
@@ -92,5 +92,5 @@ with torch.no_grad():
     fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     kind, labels, first = fresh.stdout.splitlines()[-3:]
-    assert kind == {"pickle": "ClothingClassifierMobileNet", "pt2": "GraphModule"}[fmt]
+    assert kind == {"pytorch": "ClothingClassifierMobileNet", "pt2": "GraphModule"}[fmt]
     assert labels.split() == exported_labels and first == exported_labels[0]
