@@ -8,7 +8,7 @@ DATA_DIR ?= data/clothing-dataset-small
 export CLOTHING_DATA_DIR ?= $(DATA_DIR)
 MODEL   ?= model.pt
 
-.PHONY: install test test-fast lint mutants sweep best ui data bench bench-scale bench-accuracy clean
+.PHONY: install test test-fast lint mutants sweep best ui data bench bench-scale bench-accuracy bench-soak clean
 
 install: $(STAMP)
 
@@ -71,6 +71,11 @@ bench-scale: install
 
 bench-accuracy: install
 	$(PY) -m bench.accuracy
+
+# Many workers on one PostgreSQL study through SIGKILLs, a database restart and a tracking outage, at 1, 4,
+# 8 and 16 processes (bench/soak.py; tests/test_soak.py runs it small).
+bench-soak: install
+	$(PY) -m bench.soak
 
 clean:
 	rm -rf mlruns model.pt

@@ -102,10 +102,13 @@ def predict_files(
     device = torch.device(options.device)
     files = _DecodedFiles(paths, spec)
     views = 2 if options.tta else 1  # the mirror is view 0 flipped, as in extraction (bit for bit)
-    engine = resolve_engine(options.engine, device, PRECISION, len(paths) * views)
-    trunk = build_trunk(
-        TrunkOutputs(model.features, None, files.mean, files.std), engine, device, PRECISION, files.shape
-    )
+    # One batch or less, and no engine asked for by name: eager fp32 ("exact"), since tracing torch's
+    # fused graph (about 2 s) costs more than it saves there.
+    small = len(paths) <= options.batch_size and options.engine != "openvino"
+    precision = "exact" if small else PRECISION
+    engine = resolve_engine(options.engine, device, precision, len(paths) * views)
+    extractor = TrunkOutputs(model.features, None, files.mean, files.std)
+    trunk = build_trunk(extractor, engine, device, precision, files.shape)
     head = model.head.to(device).eval()
     workers = default_num_workers(device) if len(paths) > options.batch_size else 0  # one batch: decode here
     loader = DataLoader(

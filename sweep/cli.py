@@ -17,6 +17,7 @@ from clothing.inference import BatchOptions, find_images, predict_files, write_p
 from clothing.model import BackboneError
 from clothing.predict import prediction_lines, unreadable_summary
 from sweep.config import SweepConfig
+from sweep.outages import StoreOutage
 from sweep.pipeline import quiet_libraries, run_sweep
 from sweep.ranking import rank
 from sweep.registry import REGISTRY_FORMATS
@@ -29,7 +30,16 @@ from sweep.table import format_table, rows_to_csv
 from sweep.tracking import TrackingError
 from sweep.winner import BestOptions, run_best
 
-USER_ERRORS = (DatasetError, BackboneError, EngineError, CheckpointError, TrackingError, SweepError, StorageError)
+USER_ERRORS = (
+    DatasetError,
+    BackboneError,
+    EngineError,
+    CheckpointError,
+    TrackingError,
+    SweepError,
+    StorageError,
+    StoreOutage,
+)
 STORES = ("study", "storage", "tracking_uri")  # the settings that name a study and its stores
 DATA = ("data_dir", "backbone_weights", "cache_dir", "device")  # ... the data, the backbone, where to compute
 # `best` and `trials` apply the rule the study was run with, unless told otherwise.

@@ -16,6 +16,7 @@ from clothing.data import shown
 from clothing.engines import ENGINES
 from clothing.extract import PRECISIONS
 from clothing.model import MAX_FINETUNE_BLOCKS, TORCHVISION_WEIGHTS
+from sweep.outages import DEFAULT_OUTAGE_SECONDS
 from sweep.select import DEFAULT_TOLERANCE
 from sweep.settings import FiniteFloat, Jobs, setting, settings_of
 from sweep.stores import STORAGE_ENV
@@ -92,6 +93,13 @@ class SweepConfig:
         envvar="MLFLOW_TRACKING_URI",
         secret=True,
         show_default="$MLFLOW_TRACKING_URI, else sqlite:///<abs>/mlruns/mlflow.db",
+    )
+    outage_seconds: int = setting(
+        DEFAULT_OUTAGE_SECONDS,
+        click.IntRange(0, 24 * 3600),
+        "How long a worker that has reached its stores waits out a lost database connection or an "
+        "unreachable tracking server (retrying with backoff) before the trial fails; 0: fail at once. "
+        "At start-up an unreachable store is an error at once.",
     )
     backbone_weights: str | None = setting(
         TORCHVISION_WEIGHTS,

@@ -24,7 +24,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from sweep.config import RUNS_DIR
-from sweep.stores import engine_kwargs, storage_error
+from sweep.outages import lost_connection, retrying
+from sweep.stores import engine_kwargs, mask_url, storage_error
 
 
 class StudyLock(Protocol):
@@ -34,6 +35,10 @@ class StudyLock(Protocol):
     def acquire(self) -> None: ...
 
     def release(self) -> None: ...
+
+    def held(self) -> bool: ...
+
+    def ride_out_outages(self, seconds: float) -> None: ...
 
 
 def study_lock(storage: str, study_name: str) -> StudyLock:
@@ -54,23 +59,47 @@ def lock_key(storage: str, study_name: str) -> int | str:
 
 
 class DatabaseLock:
-    """A lock held by a connection of its own to the storage's database server."""
+    """A lock held by a connection of its own to the storage's database server.
+
+    A database restart drops that connection, and the server forgets the lock with it: `held()` says
+    whether this holder may still rely on it (sweep.study.run_trials re-checks its trial otherwise).
+    Once `ride_out_outages` has given it a budget, acquiring waits out a database that is down."""
 
     def __init__(self, storage: str, lock_sql: str, unlock_sql: str, study_name: str) -> None:
         self._storage = storage
         # NullPool: closing the connection really disconnects, so nothing is left holding the lock.
-        self._engine = create_engine(storage, poolclass=NullPool, **(engine_kwargs(storage) or {}))
+        connect_args = (engine_kwargs(storage) or {}).get("connect_args", {})
+        self._engine = create_engine(storage, poolclass=NullPool, connect_args=connect_args)
         self._lock, self._unlock = text(lock_sql), text(unlock_sql)
         self._key = {"key": lock_key(storage, study_name)}
         self._connection = None
+        self.outage_seconds = 0.0
+
+    def ride_out_outages(self, seconds: float) -> None:
+        self.outage_seconds = seconds
+
+    def _lock_once(self) -> None:
+        self.release()  # a connection left from a failed attempt
+        self._connection = self._engine.connect()
+        self._connection.execute(self._lock, self._key)
 
     def acquire(self) -> None:
+        what = f"the Optuna storage {mask_url(self._storage)} (study lock)"
         try:
-            self._connection = self._engine.connect()
-            self._connection.execute(self._lock, self._key)
+            retrying(self._lock_once, what, self.outage_seconds, lost_connection)
         except SQLAlchemyError as exc:
             self.release()
             raise storage_error(self._storage, exc) from exc
+
+    def held(self) -> bool:
+        """Whether the lock's connection is still alive, and so the lock still ours."""
+        if self._connection is None:
+            return False
+        try:
+            self._connection.execute(text("SELECT 1"))
+            return True
+        except SQLAlchemyError:
+            return False
 
     def release(self) -> None:
         connection, self._connection = self._connection, None
@@ -97,6 +126,12 @@ class FileLock:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._handle = None
+
+    def ride_out_outages(self, seconds: float) -> None:
+        """A file lock has no server to lose."""
+
+    def held(self) -> bool:
+        return self._handle is not None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

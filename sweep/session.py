@@ -21,6 +21,7 @@ from clothing.model import load_backbone
 from sweep.config import SweepConfig, parent_params
 from sweep.data import SweepData, load_splits, prepare_data
 from sweep.locks import StudyLock, holding, study_lock
+from sweep.outages import STALE_REASON, OutageTolerantStorage, ride_out_tracking_outages
 from sweep.select import FINETUNE_STAGE, HEAD_STAGE
 from sweep.space import resolved_space
 from sweep.study import (
@@ -56,17 +57,26 @@ class Session:
 
     def lock(self, study: optuna.Study) -> StudyLock:
         """The lock that guards `study`'s trial count, shared by every worker on any machine."""
-        return study_lock(self.cfg.storage, study.study_name)
+        lock = study_lock(self.cfg.storage, study.study_name)
+        lock.ride_out_outages(self.cfg.outage_seconds)
+        return lock
 
 
 def _storage(cfg: SweepConfig, tracker: Tracker) -> optuna.storages.BaseStorage:
     def close_stale_run(_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """A trial whose worker died (no heartbeat) gets its MLflow run closed as FAILED."""
-        run_id = trial.user_attrs.get("mlflow_run_id")
+        """A trial whose worker died (no heartbeat) gets its MLflow run closed as FAILED: the run its
+        id names, or one the worker created and died before naming."""
+        stage = trial.user_attrs.get("stage", HEAD_STAGE)
+        run_id = trial.user_attrs.get("mlflow_run_id") or tracker.find_running_trial(cfg.study, stage, trial.number)
         if run_id:
-            tracker.end_trial(run_id, "FAIL", "worker stopped (no heartbeat)")
+            tracker.end_trial(run_id, "FAIL", STALE_REASON)
 
-    return make_storage(cfg.storage, close_stale_run)
+    storage = make_storage(cfg.storage, close_stale_run)
+    # Reached: from now on a lost connection is waited out (sweep.outages), and so is the tracking server.
+    if isinstance(storage, OutageTolerantStorage):
+        storage.ride_out_outages(cfg.outage_seconds)
+    ride_out_tracking_outages(cfg.outage_seconds)
+    return storage
 
 
 def _stage2_study(cfg: SweepConfig, storage: optuna.storages.BaseStorage) -> optuna.Study | None:

@@ -41,16 +41,32 @@ def not_utf8(url: str) -> bool:
     return False
 
 
+# The connection budget of one process on a database server: its storage's pool (the main thread and
+# Optuna's heartbeat thread each hold one connection at a time; one more may open for a moment) plus
+# the study lock's own connection while it counts and creates a trial. A PostgreSQL with its default
+# max_connections = 100 (3 of them reserved) holds 97 // CONNECTIONS_PER_PROCESS processes, less what
+# else connects (an MLflow server on the same database, psql).
+POOL_SIZE, POOL_OVERFLOW = 2, 1
+CONNECTIONS_PER_PROCESS = POOL_SIZE + POOL_OVERFLOW + 1
+
+
 def engine_kwargs(url: str) -> dict | None:
     """SQLAlchemy engine options for an Optuna storage URL.
 
     SQLite: wait up to 60 s for another writer (workers queue rather than fail "database is locked").
-    PostgreSQL and MySQL: give up connecting after CONNECT_TIMEOUT_SECONDS.
+    PostgreSQL and MySQL: give up connecting after CONNECT_TIMEOUT_SECONDS; test a pooled connection
+    before using it (`pool_pre_ping`: after a database restart the dead ones are replaced, not used);
+    and a pool of POOL_SIZE + POOL_OVERFLOW connections.
     """
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": 60}}
     if url.startswith(("postgresql", "mysql")):
-        return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_SECONDS}}
+        return {
+            "connect_args": {"connect_timeout": CONNECT_TIMEOUT_SECONDS},
+            "pool_pre_ping": True,
+            "pool_size": POOL_SIZE,
+            "max_overflow": POOL_OVERFLOW,
+        }
     return None
 
 
@@ -60,6 +76,11 @@ def _hint(reason: str) -> str:
         return (
             "check the user name and password; keep the password out of the URL with PGPASSWORD or a "
             "~/.pgpass line (PostgreSQL reads both itself)"
+        )
+    if "too many clients" in lowered or "connection slots" in lowered or "too many connections" in lowered:
+        return (
+            f"the database server has no connection left (max_connections); each process uses up to "
+            f"{CONNECTIONS_PER_PROCESS}: run fewer processes or raise max_connections on the server"
         )
     if "does not exist" in lowered or "unknown database" in lowered:
         return "create the database first (e.g. `createdb -h HOST -p PORT -U USER NAME`) or fix its name in the URL"

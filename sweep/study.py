@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from clothing.data import shown
 from sweep.config import SweepConfig
 from sweep.locks import StudyLock, holding, study_lock
+from sweep.outages import OutageTolerantStorage
 from sweep.select import DEFAULT_TOLERANCE, FINETUNE_STAGE, HEAD_STAGE, TrialRecord, rule_text, trial_name
 from sweep.space import describe_finetune_space, describe_space, space_signature
 from sweep.stores import StorageError, engine_kwargs, mask_url, not_utf8, storage_error
@@ -120,7 +121,7 @@ def make_storage(url: str, on_stale_trial: StaleTrialCallback | None = None) -> 
         # Optuna creates its tables on first use; machines that start together on an empty database
         # would race to create them, so they take turns (a lock that needs no table).
         with holding(study_lock(url, "optuna-schema")):
-            return optuna.storages.RDBStorage(
+            return OutageTolerantStorage(
                 url,
                 engine_kwargs=engine_kwargs(url),
                 heartbeat_interval=HEARTBEAT_SECONDS,
@@ -284,6 +285,25 @@ def has_heartbeat(study: optuna.Study) -> bool:
     return getattr(backend, "get_heartbeat_interval", lambda: None)() is not None
 
 
+class SurplusTrial(SweepError):
+    """A trial created while the study's lock was lost, after others had already reached the target."""
+
+
+def refuse_surplus(study: optuna.Study, number: int, target: int, lock: StudyLock, counts) -> None:
+    """The check-and-create made safe when its lock was lost on the way (a database restart drops the
+    lock's connection, and with it the lock): the trial re-counts the others under the lock taken
+    again, and steps aside, failed with the reason, if they already make the target. Two such trials
+    re-count one after the other, so exactly one of them stays."""
+    with holding(lock):
+        others = [t for t in latest_trials(study) if t.number != number]
+        taken = sum((t.state in FINISHED and counts(t)) or t.state == TrialState.RUNNING for t in others)
+    if taken >= target:
+        raise SurplusTrial(
+            f"not run: created while the study's lock was lost (database restart), and {taken} other trials "
+            f"already finish or run toward the target of {target}"
+        )
+
+
 def run_trials(
     study: optuna.Study,
     objective,
@@ -307,7 +327,15 @@ def run_trials(
     done, errors = 0, []
 
     def released_then_run(trial: optuna.Trial) -> float:
+        guarded = lock.held()  # held from the count to here: the count was exact
         lock.release()  # the trial exists in the storage now: others may count it
+        if not guarded:
+            try:
+                refuse_surplus(study, trial.number, target, lock, counts)
+            except SurplusTrial as exc:
+                trial.set_user_attr("error", str(exc))
+                trial.set_user_attr("surplus", True)
+                raise
         return objective(trial)
 
     while len(errors) < allowed_failures:
@@ -334,6 +362,6 @@ def run_trials(
         report(describe_trial(trial, objective.stage, time.perf_counter() - started))
         if trial.state in FINISHED:
             done += 1
-        else:
+        elif not trial.user_attrs.get("surplus"):  # a surplus trial is no failure: others reached the target
             errors.append(f"{trial_name(objective.stage, trial.number)}: {trial.user_attrs.get('error', 'failed')}")
     return done, errors

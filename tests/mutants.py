@@ -230,6 +230,20 @@ MUTANTS = (
         ("tests/test_predict_files.py::test_batches_engines_and_mirror_views_change_no_label",),
     ),
     Mutant(
+        "a RUNNING trial that never got a heartbeat stays RUNNING forever",
+        "sweep/outages.py",
+        "if not trial.heartbeats and started is not None and now - started > grace:",
+        "if False:",
+        ("tests/test_outages.py::test_a_trial_that_never_got_a_heartbeat_is_failed_as_stale_with_the_reason",),
+    ),
+    Mutant(
+        "a trial created without the lock counts only finished trials, not running ones",
+        "sweep/study.py",
+        "taken = sum((t.state in FINISHED and counts(t)) or t.state == TrialState.RUNNING for t in others)",
+        "taken = sum(t.state in FINISHED and counts(t) for t in others)",
+        ("tests/test_outages.py::test_a_trial_created_without_the_lock_steps_aside_when_others_reached_the_target",),
+    ),
+    Mutant(
         "the champion alias not moved",
         "sweep/registry.py",
         "    tracker.client.set_registered_model_alias(name, CHAMPION_ALIAS, registered.version)\n",

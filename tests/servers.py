@@ -61,6 +61,12 @@ class Postgres:
     user: str
     password: str
     bin_dir: Path
+    pg_ctl: tuple[str, ...] = ()  # pg_ctl -D DATA -l LOG, run as the postgres user where we are root
+
+    def restart(self) -> None:
+        """`pg_ctl restart -m fast`: every connection is dropped (a failover, a maintenance window)."""
+        restart = [*self.pg_ctl, "-m", "fast", "-w", "restart"]
+        subprocess.run(restart, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
 
     def dump(self, database: str) -> str:
         """Everything in `database`, as SQL (pg_dump)."""
@@ -84,8 +90,9 @@ class Postgres:
 
 
 @contextmanager
-def postgres_cluster(password: str) -> Iterator[Postgres]:
-    """A new cluster on a free port, with password (scram-sha-256) authentication; removed afterwards."""
+def postgres_cluster(password: str, settings: str = "") -> Iterator[Postgres]:
+    """A new cluster on a free port, with password (scram-sha-256) authentication and `settings`
+    (server options, e.g. "-c max_connections=4"); removed afterwards."""
     bin_dir = postgres_bin()
     root = Path(tempfile.mkdtemp(prefix="sweep-pg-"))
     as_postgres: list[str] = []
@@ -102,10 +109,10 @@ def postgres_cluster(password: str) -> Iterator[Postgres]:
         check=True,
         capture_output=True,
     )
-    options = f"-h 127.0.0.1 -p {port} -k {data}"
+    options = f"-h 127.0.0.1 -p {port} -k {data} {settings}".strip()
     subprocess.run([*pg_ctl, "-o", options, "-l", str(root / "log"), "-w", "start"], check=True, capture_output=True)
     try:
-        yield Postgres("127.0.0.1", port, "sweep", password, bin_dir)
+        yield Postgres("127.0.0.1", port, "sweep", password, bin_dir, (*pg_ctl, "-l", str(root / "log")))
     finally:
         subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
@@ -124,13 +131,17 @@ class MlflowServer:
 
 @contextmanager
 def mlflow_server(
-    root: Path, backend_uri: str, env: dict[str, str] | None = None, admin_password: str | None = None
+    root: Path,
+    backend_uri: str,
+    env: dict[str, str] | None = None,
+    admin_password: str | None = None,
+    port: int | None = None,
 ) -> Iterator[MlflowServer]:
-    """`mlflow server` on a free port: `backend_uri` holds the runs, artifacts are served from a folder
-    of their own. With `admin_password`, the basic-auth app guards it. Waits for /health before
-    handing out the URL."""
+    """`mlflow server` on `port` (default: a free one): `backend_uri` holds the runs, artifacts are
+    served from a folder of their own. With `admin_password`, the basic-auth app guards it. Waits for
+    /health before handing out the URL. The same arguments again start it again, after an outage."""
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     # The sweep needs none of the server's background jobs (GenAI evaluation, trace roll-ups); off, they
     # leave the 2 CPU cores to the workers instead of four idle consumer processes.
     server_env = {**(env or os.environ), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -184,7 +195,7 @@ def model_server(root: Path, model_uri: str, tracking_uri: str) -> Iterator[str]
 def serving(command: list[str], env: dict[str, str], log_path: Path, probe_url: str, what: str) -> Iterator[None]:
     """Run a server `command` until the block ends; enter the block once GET `probe_url` answers 200.
     A server that exits before that fails the test with the end of its log."""
-    log = open(log_path, "wb")  # noqa: SIM115 - closed below, after the server stops
+    log = open(log_path, "ab")  # noqa: SIM115 - closed below; appended to when a server starts again
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def up() -> bool:

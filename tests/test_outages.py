@@ -1,0 +1,143 @@
+"""Riding out outages: the retry budget, heartbeat-less trials, and the count when the lock was lost."""
+
+import time
+from datetime import datetime, timedelta
+
+import optuna
+import psycopg
+import pytest
+from optuna.trial import TrialState
+from servers import postgres_cluster
+from sqlalchemy.exc import OperationalError, ProgrammingError
+from sweep_helpers import assert_one_error, run_options, sweep
+
+from sweep.locks import FileLock, study_lock
+from sweep.outages import STALE_REASON, OutageTolerantStorage, StoreOutage, http_retries_for, retrying
+from sweep.study import SurplusTrial, refuse_surplus
+
+
+def flaky(failures: int, error: Exception):
+    calls = []
+
+    def call():
+        calls.append(time.monotonic())
+        if len(calls) <= failures:
+            raise error
+        return "answer"
+
+    return call, calls
+
+
+LOST = OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+
+
+def test_a_lost_connection_is_retried_within_the_budget_and_a_mistake_is_not(capsys):
+    call, calls = flaky(2, LOST)
+    assert retrying(call, "the store", 30, lambda e: isinstance(e, OperationalError)) == "answer"
+    assert len(calls) == 3
+    err = capsys.readouterr().err
+    assert "the store unreachable (server closed the connection unexpectedly); retrying for up to 30 s" in err
+    assert "the store reachable again after" in err
+
+    mistake = ProgrammingError("SELECT nope", {}, Exception("syntax error"))
+    call, calls = flaky(1, mistake)
+    with pytest.raises(ProgrammingError):
+        retrying(call, "the store", 30, lambda e: isinstance(e, OperationalError))
+    assert len(calls) == 1
+
+
+def test_an_outage_longer_than_the_budget_fails_naming_the_store_and_a_zero_budget_fails_at_once():
+    call, calls = flaky(1000, LOST)
+    start = time.monotonic()
+    with pytest.raises(StoreOutage, match=r"the store stayed unreachable for 2 s \(--outage-seconds\)"):
+        retrying(call, "the store", 2, lambda e: True)
+    assert 1.0 <= time.monotonic() - start <= 4 and len(calls) >= 2
+    call, calls = flaky(1000, LOST)
+    with pytest.raises(OperationalError):
+        retrying(call, "the store", 0, lambda e: True)
+    assert len(calls) == 1
+
+
+def test_mlflow_http_retries_cover_the_budget():
+    for budget in (10, 30, 120, 600):
+        retries = http_retries_for(budget)
+        waits = [2 * 2**i for i in range(retries)]  # MLflow's backoff, factor 2
+        assert sum(waits) >= budget > sum(waits[:-1])
+    assert http_retries_for(0) == 0
+
+
+def sqlite_storage(tmp_path, grace=2) -> OutageTolerantStorage:
+    return OutageTolerantStorage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1, grace_period=grace)
+
+
+def test_a_trial_that_never_got_a_heartbeat_is_failed_as_stale_with_the_reason(tmp_path):
+    """A worker killed between creating its trial and its first heartbeat leaves a RUNNING trial that
+    Optuna's own stale check skips forever."""
+    storage = sqlite_storage(tmp_path)
+    study = optuna.create_study(study_name="s", storage=storage)
+    orphan = study.ask()  # created, never beaten for, owner gone
+    study.ask()  # another trial, started just now: not stale
+    with storage.engine.begin() as connection:  # the orphan started long ago; `young` just now
+        connection.exec_driver_sql(
+            "UPDATE trials SET datetime_start = ? WHERE trial_id = ?",
+            (datetime.now() - timedelta(seconds=30), orphan._trial_id),
+        )
+    optuna.storages.fail_stale_trials(study)
+    states = {t.number: (t.state, t.user_attrs.get("error")) for t in study.get_trials()}
+    assert states == {0: (TrialState.FAIL, STALE_REASON), 1: (TrialState.RUNNING, None)}
+
+
+def test_a_trial_created_without_the_lock_steps_aside_when_others_reached_the_target(tmp_path):
+    study = optuna.create_study(study_name="s", storage=sqlite_storage(tmp_path, grace=60))
+    for _ in range(2):
+        study.tell(study.ask(), 1.0)
+    other = study.ask()  # another worker's trial, RUNNING: it counts toward the target
+    mine = study.ask()
+    lock = FileLock(tmp_path / "lock")
+    with pytest.raises(SurplusTrial, match="3 other trials already finish or run toward the target of 3"):
+        refuse_surplus(study, mine.number, 3, lock, lambda _: True)
+    study.tell(other, state=TrialState.FAIL)  # that worker died: the target needs this trial after all
+    refuse_surplus(study, mine.number, 3, lock, lambda _: True)
+    assert not lock.held()  # taken for the count only
+
+
+@pytest.mark.slow  # a PostgreSQL cluster of its own
+def test_the_study_lock_knows_when_a_restart_took_it(tmp_path):
+    password = "outage-Secret-3"
+    with postgres_cluster(password) as pg:
+        url = pg.url(pg.create_database("optuna"), password=password)
+        lock = study_lock(url, "s")
+        lock.acquire()
+        assert lock.held()
+        with psycopg.connect(
+            host=pg.host, port=pg.port, user=pg.user, password=password, dbname="postgres", autocommit=True
+        ) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'")
+        assert not lock.held()  # the server dropped it with its connection
+        other = study_lock(url, "s")
+        other.acquire()  # and another worker can take it
+        assert other.held()
+        other.release()
+        lock.release()  # on a dead connection: a no-op, no error
+        pg.restart()
+        lock.ride_out_outages(30)
+        lock.acquire()  # after a restart, on a fresh connection
+        assert lock.held()
+        lock.release()
+
+
+@pytest.mark.slow  # a PostgreSQL cluster of its own
+def test_a_database_out_of_connections_is_one_error_naming_max_connections(tmp_path, data_dir, tiny_weights):
+    password = "outage-Secret-4"
+    with postgres_cluster(password, "-c max_connections=3 -c superuser_reserved_connections=0") as pg:
+        url = pg.url(pg.create_database("optuna"), password=password)
+        login = {"host": pg.host, "port": pg.port, "user": pg.user, "password": password, "dbname": "postgres"}
+        held = [psycopg.connect(**login) for _ in range(3)]  # every slot taken by other clients
+        try:
+            stores = {"--storage": url, "--tracking-uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+            result = sweep("run", *run_options(data_dir, tiny_weights, 1, 1), stores=stores)
+        finally:
+            for connection in held:
+                connection.close()
+    assert_one_error(result, "max_connections", "run fewer processes or raise max_connections")
+    assert password not in result.output
