@@ -102,15 +102,15 @@ def predict_files(
     device = torch.device(options.device)
     files = _DecodedFiles(paths, spec)
     views = 2 if options.tta else 1  # the mirror is view 0 flipped, as in extraction (bit for bit)
+    one_batch = len(paths) <= options.batch_size
     # One batch or less, and no engine asked for by name: eager fp32 ("exact"), since tracing torch's
     # fused graph (about 2 s) costs more than it saves there.
-    small = len(paths) <= options.batch_size and options.engine != "openvino"
-    precision = "exact" if small else PRECISION
+    precision = "exact" if one_batch and options.engine != "openvino" else PRECISION
     engine = resolve_engine(options.engine, device, precision, len(paths) * views)
     extractor = TrunkOutputs(model.features, None, files.mean, files.std)
     trunk = build_trunk(extractor, engine, device, precision, files.shape)
     head = model.head.to(device).eval()
-    workers = default_num_workers(device) if len(paths) > options.batch_size else 0  # one batch: decode here
+    workers = 0 if one_batch else default_num_workers(device)  # one batch: decode here
     loader = DataLoader(
         files,
         batch_size=options.batch_size,
