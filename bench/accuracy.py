@@ -46,13 +46,16 @@ from sweep.tracking import Tracker
 
 SWEEP_FILE = "sweeps/default.yaml"  # stage 1's settings and space; BASELINE pins the rest
 # What every recipe starts from, whatever the sweep file says (a recipe's own options come after
-# these and win): the rule's default band for choosing stage 2's source, no stabilisers.
+# these and win): the rule's default band for choosing stage 2's source, no stabilisers, fp32 stage 2
+# without early stopping (what the rows measured before bf16 and patience existed).
 BASELINE = (
     *("--tolerance", "0.02", "--finetune-schedule", "constant", "--finetune-average", "none"),
     *("--finetune-label-smoothing", "0", "--finetune-trials", "1"),
+    *("--finetune-precision", "fp32", "--finetune-patience", "0"),
 )
 TOLERANCES = (0.02, 0.01)  # the rule's default band, and a narrower one
 STAGE1_ONLY = ("--finetune-blocks", "0")
+THREE_BLOCKS = ("--finetune-blocks", "3", "--finetune-lr", "1e-4", "--finetune-epochs", "6")
 # Stage-2 recipes on top of the sweep file's stage 1: each option list replaces the file's stage 2.
 # `make sweep`'s is "3 blocks, lr 1e-4, 6 epochs" with --views 2 (docs/benchmarks.md, "Accuracy").
 RECIPES = {
@@ -83,6 +86,24 @@ RECIPES = {
     "+ cosine + EMA, 10 epochs": (
         *("--finetune-blocks", "3", "--finetune-lr", "1e-4", "--finetune-epochs", "10"),
         *("--finetune-schedule", "cosine", "--finetune-average", "ema"),
+    ),
+    # Stage 2 at the CPU's native precision, and stopped once val_acc stalls (issue 30): the same
+    # recipe in fp32 and in bf16 in one run, then bf16 with patience 1 and 2.
+    "3 blocks, lr 1e-4, 6 epochs, fp32": (*THREE_BLOCKS, "--finetune-precision", "fp32"),
+    "3 blocks, lr 1e-4, 6 epochs, bf16": (*THREE_BLOCKS, "--finetune-precision", "bf16"),
+    "3 blocks, lr 1e-4, 6 epochs, bf16, patience 1": (
+        *THREE_BLOCKS,
+        "--finetune-precision",
+        "bf16",
+        "--finetune-patience",
+        "1",
+    ),
+    "3 blocks, lr 1e-4, 6 epochs, bf16, patience 2": (
+        *THREE_BLOCKS,
+        "--finetune-precision",
+        "bf16",
+        "--finetune-patience",
+        "2",
     ),
     "search: 3 trials, blocks 3/2/1, cosine + EMA": (
         *("--finetune-blocks", "3", "--finetune-trials", "3", "--finetune-epochs", "6"),

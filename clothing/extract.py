@@ -9,14 +9,12 @@ could pass for a result. The cache around it is clothing.features.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from clothing.data import (
     IMAGE_SIZE,
@@ -26,10 +24,12 @@ from clothing.data import (
     DatasetError,
     load_image,
     pixel_transform,
+    shown,
     view_transforms,
 )
 from clothing.engines import build_trunk, resolve_engine
 from clothing.model import GlobalPool
+from clothing.progress import progress
 
 # "exact": eager PyTorch in fp32, the reference. "fp32": the engine's fastest fp32 path (clothing.engines).
 # "bf16": bf16 where the engine and hardware run it. "auto": bf16 where the hardware runs it natively,
@@ -89,6 +89,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def resolve_training_precision(setting: str, feature_precision: str, device: torch.device) -> str:
+    """What stage 2 trains in, "fp32" or "bf16": "auto" is bf16 only where the features are bf16 on
+    hardware that runs it natively (AMX or AVX-512 bf16, a bf16 GPU), so exact and fp32 runs and AVX2
+    CPUs (where bf16 is emulated, and slower than fp32) train in fp32."""
+    if setting != "auto":
+        return setting
+    native = resolve_precision("auto", device) == "bf16"
+    return "bf16" if native and resolve_precision(feature_precision, device) == "bf16" else "fp32"
 
 
 class _TolerantImages(Dataset):
@@ -192,9 +202,12 @@ def extract_features(
     ]
     bad: list[int] = []
     start = 0
-    bar = tqdm(total=len(dataset), unit="img", desc="features", disable=not options.progress, file=sys.stderr)
     try:
-        with torch.inference_mode(), _autocast(device, precision):
+        with (
+            progress(len(dataset), f"features {shown(dataset.root.name)}", options.progress) as bar,
+            torch.inference_mode(),
+            _autocast(device, precision),
+        ):
             for images, ok in loader:
                 count = len(images)
                 for rows, result in zip(outputs, trunk(images.flatten(0, 1))):
@@ -208,7 +221,6 @@ def extract_features(
         for tmp, out in zip(tmp_files, out_files):
             os.replace(tmp, out)
     finally:
-        bar.close()
         for tmp in tmp_files:
             tmp.unlink(missing_ok=True)
     return bad

@@ -11,20 +11,19 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from clothing.data import IMAGE_EXTENSIONS, DatasetError, load_image, pixel_transform, shown
 from clothing.engines import build_trunk, resolve_engine
 from clothing.extract import TrunkOutputs, default_num_workers, yield_to_engine
 from clothing.model import ClothingClassifierMobileNet, ModelSpec
 from clothing.predict import Prediction, ranked
+from clothing.progress import progress
 
 PRECISION = "fp32"  # the exported model's own precision, on every CPU
 
@@ -118,7 +117,7 @@ def predict_files(
         worker_init_fn=yield_to_engine if device.type == "cpu" else None,
     )
     done = 0
-    with tqdm(total=len(paths), unit="img", desc="predict", disable=not options.progress, file=sys.stderr) as bar:
+    with progress(len(paths), "predict", options.progress) as bar:
         for pixels, errors in loader:
             batch = torch.cat([pixels, pixels.flip(-1)]) if options.tta else pixels
             with torch.inference_mode():

@@ -5,6 +5,7 @@ history and never prints or logs: side effects (tracking, checkpoints, pruning) 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 EpochCallback = Callable[[int, dict, nn.Module], None]
+GATHER_BATCHES = 64  # FeatureBatches copies the rows of this many shuffled batches at once
 
 
 class TrainingDiverged(FloatingPointError):
@@ -29,13 +31,14 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _run_epoch(
+def _run_epoch(  # noqa: PLR0913 - the loop's pass, with its step hook and autocast
     model: nn.Module,
     loader: Iterable,
     criterion: nn.Module,
     device: torch.device,
     optimizer: torch.optim.Optimizer | None,
     after_step: Callable[[], None] | None = None,
+    autocast: torch.dtype | None = None,
 ) -> tuple[float, float]:
     """One pass over `loader`; trains when an optimizer is given, calling `after_step` after each
     step. Returns (loss per sample, accuracy)."""
@@ -45,7 +48,8 @@ def _run_epoch(
         labels = labels.to(device, non_blocking=True)
         if optimizer is not None:
             optimizer.zero_grad()
-        outputs = model(inputs)
+        with torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext():
+            outputs = model(inputs).float()  # the loss, its gradient's start and the argmax in fp32
         loss = criterion(outputs, labels)
         batch_loss = loss.item()
         if not math.isfinite(batch_loss):
@@ -63,16 +67,36 @@ def _run_epoch(
     return total_loss / seen, correct / seen
 
 
+class EarlyStopping:
+    """Stop once val_acc has not beaten its best for `patience` epochs in a row, as Keras's and
+    Lightning's EarlyStopping do ("beaten": strictly higher, the rule that picks the checkpointed
+    epoch, so the stop never loses the checkpoint's epoch). `patience` 0 never stops."""
+
+    def __init__(self, patience: int) -> None:
+        if patience < 0:
+            raise ValueError(f"patience must be 0 (off) or more, got {patience}")
+        self.patience, self.best, self.stale = patience, -math.inf, 0
+
+    def __call__(self, metrics: dict) -> bool:
+        if metrics["val_acc"] > self.best:
+            self.best, self.stale = metrics["val_acc"], 0
+        else:
+            self.stale += 1
+        return self.patience > 0 and self.stale >= self.patience
+
+
 @dataclass
 class TrainHooks:
     """What the loop calls besides its own work, as Lightning's callbacks do: `on_epoch(epoch, metrics,
     model)` after each epoch (it may raise to stop early, e.g. optuna.TrialPruned), `after_step()` after
-    every optimizer step (a per-step lr schedule, a weight average), and `evaluated`, the model that is
-    validated, scored and handed to `on_epoch` instead of the trained one (a weight average of it)."""
+    every optimizer step (a per-step lr schedule, a weight average), `evaluated`, the model that is
+    validated, scored and handed to `on_epoch` instead of the trained one (a weight average of it), and
+    `early_stop(metrics)`, asked after each epoch whether to end the run there (EarlyStopping)."""
 
     on_epoch: EpochCallback | None = None
     after_step: Callable[[], None] | None = None
     evaluated: nn.Module | None = None
+    early_stop: Callable[[dict], bool] | None = None
 
 
 def train_and_evaluate(  # noqa: PLR0913 - the loop's own inputs (DESIGN.md's interface), hooks in one object
@@ -86,6 +110,7 @@ def train_and_evaluate(  # noqa: PLR0913 - the loop's own inputs (DESIGN.md's in
     hooks: TrainHooks | EpochCallback | None = None,
     *,
     train_eval_loader: Iterable | None = None,
+    autocast: torch.dtype | None = None,
 ) -> list[dict]:
     """Train for `num_epochs`, validating after each; returns one metrics dict per epoch.
 
@@ -96,7 +121,9 @@ def train_and_evaluate(  # noqa: PLR0913 - the loop's own inputs (DESIGN.md's in
     eval mode after the epoch, like validation, so train minus val is a real generalisation gap;
     without it they equal the running ones.
     `hooks` is a TrainHooks, or just its `on_epoch` callback; raises TrainingDiverged as soon as a
-    loss is not finite.
+    loss is not finite. `autocast` (torch.bfloat16) runs the forward passes, training and evaluation,
+    under autocast to that dtype: the weights, their gradients and the optimizer's state stay fp32
+    (mixed precision; no loss scaling, which bf16's fp32-sized exponent does not need).
     """
     hooks = hooks if isinstance(hooks, TrainHooks) else TrainHooks(on_epoch=hooks)
     device = torch.device(device)
@@ -105,12 +132,16 @@ def train_and_evaluate(  # noqa: PLR0913 - the loop's own inputs (DESIGN.md's in
     history = []
     for epoch in range(1, num_epochs + 1):
         model.train()
-        running_loss, running_acc = _run_epoch(model, train_loader, criterion, device, optimizer, hooks.after_step)
+        running_loss, running_acc = _run_epoch(
+            model, train_loader, criterion, device, optimizer, hooks.after_step, autocast
+        )
         evaluated.eval()
         with torch.no_grad():
-            val_loss, val_acc = _run_epoch(evaluated, val_loader, criterion, device, None)
+            val_loss, val_acc = _run_epoch(evaluated, val_loader, criterion, device, None, autocast=autocast)
             if train_eval_loader is not None:
-                train_loss, train_acc = _run_epoch(evaluated, train_eval_loader, criterion, device, None)
+                train_loss, train_acc = _run_epoch(
+                    evaluated, train_eval_loader, criterion, device, None, autocast=autocast
+                )
             else:
                 train_loss, train_acc = running_loss, running_acc
         metrics = {
@@ -125,6 +156,8 @@ def train_and_evaluate(  # noqa: PLR0913 - the loop's own inputs (DESIGN.md's in
         history.append(metrics)
         if hooks.on_epoch is not None:
             hooks.on_epoch(epoch, metrics, evaluated)
+        if hooks.early_stop is not None and hooks.early_stop(metrics):
+            break
     return history
 
 
@@ -159,19 +192,30 @@ class FeatureBatches:
         return -(-len(self.labels) // self.batch_size)
 
     def __iter__(self):
+        for rows, labels in self._chunks():
+            for first in range(0, len(labels), self.batch_size):
+                batch = rows[first : first + self.batch_size].float()  # activations may be cached in fp16
+                if self.channels_last:
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                yield batch, labels[first : first + self.batch_size]
+
+    def _chunks(self):
+        """(rows, labels) in the epoch's order, a chunk at a time: the whole tensors when nothing is
+        drawn (slices then copy nothing), else one gather per GATHER_BATCHES batches: a few large
+        copies instead of one small indexed copy per batch, with the same rows in the same order."""
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        if self.views:
-            view = torch.randint(self.features.shape[1], (n,), generator=self.generator)
-        for start in range(0, n, self.batch_size):
-            if not self.shuffle and not self.views:  # plain slices: no copy
-                batch = slice(start, start + self.batch_size)
-                rows, labels = self.features[batch], self.labels[batch]
-            else:
-                idx = order[start : start + self.batch_size]
-                rows, labels = self.features[idx, view[idx]] if self.views else self.features[idx], self.labels[idx]
-            rows = rows.float()  # activations may be cached in fp16; training and evaluation run in fp32
-            yield (rows.contiguous(memory_format=torch.channels_last) if self.channels_last else rows), labels
+        view = torch.randint(self.features.shape[1], (n,), generator=self.generator) if self.views else None
+        if view is None and not self.shuffle:
+            yield self.features, self.labels
+            return
+        step = self.batch_size * GATHER_BATCHES
+        for start in range(0, n, step):
+            idx = order[start : start + step]
+            yield self._rows(idx, view), self.labels[idx]
+
+    def _rows(self, idx: torch.Tensor, view: torch.Tensor | None) -> torch.Tensor:
+        return self.features[idx, view[idx]] if view is not None else self.features[idx]
 
 
 class WeightAverage:

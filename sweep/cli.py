@@ -96,6 +96,14 @@ def cli() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+WIDE = click.option(
+    "--wide",
+    is_flag=True,
+    help="Show every column of the trials table, the MLflow run ids too (by default it fits 120 columns, the "
+    "settings its rows share said once above it).",
+)
+
+
 @cli.command()
 @options(SweepConfig)
 @click.option(
@@ -107,8 +115,9 @@ def cli() -> None:
     help="A sweep file (YAML: settings and search space, see sweeps/default.yaml); options given on the "
     "command line win over it.",
 )
+@WIDE
 @user_errors
-def run(**settings) -> None:
+def run(wide: bool, **settings) -> None:
     """Run or resume a study.
 
     Checks every input, caches the backbone's features once, then trains a head per trial (and with
@@ -117,7 +126,7 @@ def run(**settings) -> None:
     cfg = SweepConfig(**settings)
     say = (lambda _: None) if cfg.quiet else click.echo
     result = run_sweep(cfg, say)
-    click.echo(format_table(result.ranking.rows()))
+    click.echo(format_table(result.ranking.rows(), wide))
     click.echo(f"\nBrowse the runs: {result.browse}")
     if result.errors and result.finished_here == 0:
         raise SweepError(f"every trial of this run failed; first error: {result.errors[0]}")
@@ -150,6 +159,7 @@ def run(**settings) -> None:
     "serve` serves; nothing unpickled); pytorch is the nn.Module, a pickle that runs code when loaded; pt2 "
     "(torch.export) is a graph with a dynamic batch size; both take normalised tensors.",
 )
+@WIDE
 @user_errors
 def best(**given) -> None:
     """Show the winner; export, register, score it.
@@ -185,11 +195,13 @@ SORT_KEYS = {
     show_default=True,
     help="Aligned table for a terminal, or CSV / JSON for programs.",
 )
+@WIDE
 @user_errors
-def trials(study, storage, tracking_uri, sort_by, fmt, tolerance) -> None:
+def trials(study, storage, tracking_uri, sort_by, fmt, tolerance, wide) -> None:  # noqa: PLR0913 - its options
     """List a study's trials (table, CSV or JSON).
 
-    Every trial of both stages with its state, parameters, scores and MLflow run id; the winner starred.
+    Every trial of both stages with its state, parameters and scores, the winner starred; the MLflow run
+    ids with --wide and in CSV and JSON.
     """
     ranking = rank(read_studies(storage, study), tolerance)
     rows = ranking.rows(sorted(ranking.records, key=SORT_KEYS[sort_by]))
@@ -198,7 +210,7 @@ def trials(study, storage, tracking_uri, sort_by, fmt, tolerance) -> None:
     elif fmt == "csv":
         click.echo(rows_to_csv(rows), nl=False)
     else:
-        click.echo(format_table(rows, with_run_id=True))
+        click.echo(format_table(rows, wide))
 
 
 PREDICT_ENGINE = {

@@ -32,6 +32,7 @@ FINETUNE_SEARCH_LR = (1e-5, 3e-4)  # a stage-2 search's lr range (docs/benchmark
 MAX_LABEL_SMOOTHING = 0.5
 OPTIONAL_DIMENSIONS = ("dropout", "weight_decay", "label_smoothing")  # `run --search NAME`
 AVERAGES = ("none", "ema")
+TRAINING_PRECISIONS = ("fp32", "bf16")  # what a stage-2 trial trains in (its `train_precision` param)
 SCHEDULES = ("constant", "cosine")
 # About two epochs' worth of steps at the default batch size on the clothing data (87 steps an epoch).
 EMA_DECAY = 0.995
@@ -221,6 +222,20 @@ class SweepConfig:
         "Stage 2's lr: constant, or cosine (annealed to 0 over the trial's steps).",
         in_file=True,
     )
+    finetune_precision: str = setting(
+        "auto",
+        click.Choice(("auto", *TRAINING_PRECISIONS)),
+        "Stage 2's training: bf16 (autocast, fp32 master weights) or fp32; auto trains in bf16 where "
+        "--precision auto or bf16 resolves to bf16 on hardware that runs it natively, else fp32.",
+        in_file=True,
+    )
+    finetune_patience: int = setting(
+        0,
+        click.IntRange(0, MAX_EPOCHS),
+        "Stage 2 stops after this many epochs in a row without a better val_acc (the checkpoint is the "
+        "best epoch's); 0: all --finetune-epochs.",
+        in_file=True,
+    )
     finetune_label_smoothing: float = setting(
         0.0,
         FiniteFloat(0, MAX_LABEL_SMOOTHING),
@@ -268,10 +283,13 @@ def parent_params(cfg: SweepConfig) -> dict[str, str]:
 class FinetuneConfig:
     """What one stage-2 trial trains with: the source trial's head, its last `blocks` blocks unfrozen,
     and `train` (the source's head configuration with stage 2's own lr, epochs and label smoothing),
-    with `average` ("none" or "ema") and `schedule` ("constant" or "cosine")."""
+    with `average` ("none" or "ema"), `schedule` ("constant" or "cosine"), `train_precision` (one of
+    TRAINING_PRECISIONS) and `patience` (EarlyStopping's; 0: off)."""
 
     source_trial: int
     blocks: int
     train: TrainConfig
     average: str = "none"
     schedule: str = "constant"
+    train_precision: str = "fp32"
+    patience: int = 0

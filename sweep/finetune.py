@@ -10,6 +10,10 @@ stage-1 sampler never sees it; its params are what it trained with (see space.su
 The activations are cached once, at the deepest cut the run may train from; a trial that trains
 fewer blocks runs the frozen blocks in between forward once, in memory (FeatureSet.activations_at).
 
+On hardware with native bf16 (AMX, AVX-512 bf16, a bf16 GPU) the blocks train under bf16 autocast
+with fp32 master weights (`--finetune-precision auto`), and `--finetune-patience` ends a trial whose
+val_acc has stalled; both are params of the trial.
+
 Two stabilisers, each a recipe setting chosen by `make bench-accuracy`'s held-out estimate
 (docs/benchmarks.md, "Accuracy"): `average="ema"` validates and keeps an exponential moving average of the weights,
 `schedule="cosine"` anneals the lr to 0 over the trial's steps.
@@ -26,13 +30,16 @@ from torch import nn
 
 from clothing.checkpoint import spec_of
 from clothing.model import ModelSpec, build_model, head_only, load_backbone, trainable_parameters
-from clothing.train import FeatureBatches, TrainHooks, WeightAverage, set_seed, train_and_evaluate
+from clothing.train import EarlyStopping, FeatureBatches, TrainHooks, WeightAverage, set_seed, train_and_evaluate
 from sweep.config import EMA_DECAY, FinetuneConfig
 from sweep.objective import EVAL_BATCH
 from sweep.select import FINETUNE_STAGE, TrialRecord
 from sweep.session import Session
 from sweep.space import suggest_finetune
 from sweep.trial import BestEpoch, EpochCallback, trial_checkpoint
+
+# A stage-2 trial's `train_precision` param -> the loop's autocast dtype (None: plain fp32).
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
 
 class FinetuneTrial:
@@ -63,6 +70,8 @@ class FinetuneTrial:
             "finetune_blocks": config.blocks,
             "average": config.average,
             "schedule": config.schedule,
+            "train_precision": config.train_precision,
+            "patience": config.patience,
             "views": self.session.data.train.views,
             "backbone": self.session.data.backbone_id,
         }
@@ -102,6 +111,7 @@ class FinetuneTrial:
             on_epoch,
             after_step=after_step if steps else None,
             evaluated=average.averaged if average is not None else None,
+            early_stop=EarlyStopping(config.patience),
         )
         train_and_evaluate(
             tail,
@@ -113,6 +123,7 @@ class FinetuneTrial:
             session.device,
             hooks,
             train_eval_loader=train_eval,
+            autocast=AUTOCAST[config.train_precision],
         )
 
     def checkpoint(self, config: FinetuneConfig, best: BestEpoch, **provenance) -> dict:

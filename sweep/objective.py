@@ -53,32 +53,44 @@ class HeadTrial:
         }
 
     def train(self, config: TrainConfig, on_epoch: EpochCallback) -> None:
-        set_seed(config.seed)
-        device = self.session.device
-        # Named as in the full model's tail, so the checkpoint's keys are the same for both stages.
-        head = head_only(build_head(len(self.session.data.classes), config.size_inner, config.dropout)).to(device)
-        # AdamW with weight_decay=0 is exactly Adam; with decay it is the decoupled form that works.
-        # fused=True: one kernel per step instead of several passes over the weights, which halves a
-        # size_inner=1000 epoch on a small CPU (bench/ measured 0.67 s against 1.30 s).
-        optimizer = torch.optim.AdamW(
-            trainable_parameters(head), lr=config.lr, weight_decay=config.weight_decay, fused=True
-        )
-        generator = torch.Generator().manual_seed(config.seed)
-        train_batches = FeatureBatches(*self.train_xy, config.batch_size, shuffle=True, generator=generator, views=True)
-        val_batches = FeatureBatches(*self.val_xy, EVAL_BATCH)
-        train_eval = FeatureBatches(self.train_plain, self.train_xy[1], EVAL_BATCH)
-        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-        train_and_evaluate(
-            head,
-            optimizer,
-            train_batches,
-            val_batches,
-            criterion,
-            config.epochs,
-            device,
-            on_epoch,
-            train_eval_loader=train_eval,
-        )
+        classes = len(self.session.data.classes)
+        train_head(config, classes, self.train_xy, self.train_plain, self.val_xy, self.session.device, on_epoch)
 
     def checkpoint(self, config: TrainConfig, best: BestEpoch, **provenance) -> dict:
         return trial_checkpoint(self.session.data, config, best, **provenance)
+
+
+def train_head(  # noqa: PLR0913 - the trial's data, device and callback
+    config: TrainConfig,
+    num_classes: int,
+    train_xy: tuple[torch.Tensor, torch.Tensor],
+    train_plain: torch.Tensor,
+    val_xy: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device,
+    on_epoch: EpochCallback | None = None,
+) -> list[dict]:
+    """One stage-1 trial's training: a head on cached features (`train_xy` with every view, the plain
+    training rows for the honest train_acc, the validation rows), as `bench` times it too."""
+    set_seed(config.seed)
+    # Named as in the full model's tail, so the checkpoint's keys are the same for both stages.
+    head = head_only(build_head(num_classes, config.size_inner, config.dropout)).to(device)
+    # AdamW with weight_decay=0 is exactly Adam; with decay it is the decoupled form that works.
+    # fused=True: one kernel per step instead of several passes over the weights, which halves a
+    # size_inner=1000 epoch on a small CPU (bench/ measured 0.67 s against 1.30 s).
+    optimizer = torch.optim.AdamW(
+        trainable_parameters(head), lr=config.lr, weight_decay=config.weight_decay, fused=True
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    train_batches = FeatureBatches(*train_xy, config.batch_size, shuffle=True, generator=generator, views=True)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    return train_and_evaluate(
+        head,
+        optimizer,
+        train_batches,
+        FeatureBatches(*val_xy, EVAL_BATCH),
+        criterion,
+        config.epochs,
+        device,
+        on_epoch,
+        train_eval_loader=FeatureBatches(train_plain, train_xy[1], EVAL_BATCH),
+    )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import optuna
 import torch
 
+from clothing.extract import resolve_training_precision
 from sweep.config import SweepConfig
 from sweep.finetune import FinetuneTrial
 from sweep.objective import HeadTrial
@@ -26,6 +27,7 @@ from sweep.ranking import Ranking, rank
 from sweep.session import Session, open_worker_session, prepare
 from sweep.space import finetune_recipe
 from sweep.study import Report, Studies, count_finished, latest_trials, pin_params, run_trials
+from sweep.table import format_number
 from sweep.tracking import ParentRun, browse_hint
 from sweep.trial import TrackedObjective
 from sweep.workers import start_workers
@@ -96,7 +98,8 @@ def run_stage2(session: Session) -> tuple[int, list[str]]:
     if source is None:
         report("stage 2 skipped: no COMPLETE stage-1 trial to fine-tune")
         return 0, []
-    recipe = finetune_recipe(cfg, source)
+    precision = resolve_training_precision(cfg.finetune_precision, cfg.precision, session.device)
+    recipe = finetune_recipe(cfg, source, precision)
     pin_params(study, recipe)
 
     def of_this_recipe(trial: optuna.trial.FrozenTrial) -> bool:
@@ -106,7 +109,10 @@ def run_stage2(session: Session) -> tuple[int, list[str]]:
         report(f"stage 2: {source.name} was already fine-tuned with this recipe")
         return 0, []
     if cfg.finetune_trials == 1:
-        report(f"stage 2: fine-tuning {source.name}'s last {cfg.finetune_blocks} block(s), lr {cfg.finetune_lr:.1e}")
+        report(
+            f"stage 2: fine-tuning {source.name}'s last {cfg.finetune_blocks} block(s), "
+            f"lr {format_number(cfg.finetune_lr)}, {precision}"
+        )
     else:
         enqueue_block_counts(study, cfg, recipe)
         blocks = f"1-{cfg.finetune_blocks}"

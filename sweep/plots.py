@@ -26,7 +26,10 @@ def learning_curves(history: list[dict], best_epoch: int, path: Path) -> Path:
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     acc_ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    # Fixed margins instead of tight_layout's extra drawing pass: every trial draws one of these,
+    # and the pass was a third of the 0.33 s a plot took.
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.96, wspace=0.22)
+    return _save(fig, path, tight=False)
 
 
 def winner_rule(ranking, path: Path) -> Path:
@@ -112,8 +115,9 @@ def study_plots(study: optuna.Study, ranking, folder: Path) -> list[Path]:
     return paths
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+def _save(fig, path: Path, tight: bool = True) -> Path:
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

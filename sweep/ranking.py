@@ -32,11 +32,11 @@ class Ranking:
         """Table rows of `records` (all of them by default), the winner's starred."""
         return record_rows(self.records if records is None else records, self.winner)
 
-    def lines(self) -> list[str]:
+    def lines(self, wide: bool = False) -> list[str]:
         """The leading trials and the rule, as `best` prints them above the winner line."""
         leading = sorted([r for r in self.records if r.state == "COMPLETE"], key=lambda r: -r.val_acc)[:LEADING]
         return [
-            format_table(self.rows(leading)),
+            format_table(self.rows(leading), wide),
             f"\nRule: {rule_text(self.tolerance)} ({len(self.band)} trial(s) in the band)",
         ]
 

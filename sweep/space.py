@@ -16,6 +16,7 @@ from sweep.config import (
     MAX_LABEL_SMOOTHING,
     OPTIONAL_DIMENSIONS,
     SCHEDULES,
+    TRAINING_PRECISIONS,
     FinetuneConfig,
     SweepConfig,
     TrainConfig,
@@ -120,14 +121,25 @@ def suggest_finetune(trial: optuna.Trial, sweep: SweepConfig) -> FinetuneConfig:
     head["label_smoothing"] = trial.suggest_float("label_smoothing", 0.0, MAX_LABEL_SMOOTHING)
     average = trial.suggest_categorical("average", list(AVERAGES))
     schedule = trial.suggest_categorical("schedule", list(SCHEDULES))
+    train_precision = trial.suggest_categorical("train_precision", list(TRAINING_PRECISIONS))
+    patience = trial.suggest_int("patience", 0, MAX_EPOCHS)
     train = TrainConfig(lr=lr, **head, epochs=epochs, batch_size=sweep.batch_size, seed=sweep.seed)
-    return FinetuneConfig(source_trial=source, blocks=blocks, train=train, average=average, schedule=schedule)
+    return FinetuneConfig(
+        source_trial=source,
+        blocks=blocks,
+        train=train,
+        average=average,
+        schedule=schedule,
+        train_precision=train_precision,
+        patience=patience,
+    )
 
 
-def finetune_recipe(sweep: SweepConfig, source: TrialRecord) -> dict:
+def finetune_recipe(sweep: SweepConfig, source: TrialRecord, precision: str) -> dict:
     """The values stage 2 pins: the source trial's head configuration (all of its params but its lr
-    and label smoothing) and the sweep's stage-2 settings; also the blocks and the lr when the recipe
-    is fixed (`finetune_trials` 1), as a search samples those."""
+    and label smoothing), the sweep's stage-2 settings and the training `precision` they resolve to
+    (resolve_training_precision); also the blocks and the lr when the recipe is fixed
+    (`finetune_trials` 1), as a search samples those."""
     head = {k: v for k, v in source.params.items() if k not in ("lr", "label_smoothing")}
     recipe = {
         **head,
@@ -136,6 +148,8 @@ def finetune_recipe(sweep: SweepConfig, source: TrialRecord) -> dict:
         "label_smoothing": sweep.finetune_label_smoothing,
         "average": sweep.finetune_average,
         "schedule": sweep.finetune_schedule,
+        "train_precision": precision,
+        "patience": sweep.finetune_patience,
     }
     if sweep.finetune_trials == 1:
         recipe |= {"finetune_blocks": sweep.finetune_blocks, "lr": sweep.finetune_lr}
@@ -180,4 +194,6 @@ def describe_finetune_space(sweep: SweepConfig) -> dict:
         "label_smoothing": sweep.finetune_label_smoothing,
         "average": sweep.finetune_average,
         "schedule": sweep.finetune_schedule,
+        "train_precision": sweep.finetune_precision,
+        "patience": sweep.finetune_patience,
     }

@@ -260,6 +260,9 @@ def describe_trial(trial: FrozenTrial, stage: str, seconds: float) -> str:
     scores = f"val_acc {val:.3f}  gap {train - val:+.3f}" if val is not None else "no epoch finished"
     line = f"{trial_name(stage, trial.number)}  {format_params(trial.params)}  {scores}  {trial.state.name:<8}"
     line += f"  {seconds:5.1f}s"
+    epochs_run, epochs = len(trial.intermediate_values), trial.params.get("epochs")
+    if trial.state == TrialState.COMPLETE and epochs is not None and epochs_run < epochs:
+        line += f"  (stopped after epoch {epochs_run} of {epochs}: patience {trial.params.get('patience')})"
     if trial.state == TrialState.FAIL:
         line += f"  ({trial.user_attrs.get('error', 'failed')})"
     return line

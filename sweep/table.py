@@ -1,20 +1,31 @@
-"""The trials table: rows for the terminal, trials.csv and JSON, every trial under its one name."""
+"""The trials table: rows for the terminal, trials.csv and JSON, every trial under its one name.
+
+What the terminal shows has one format per kind of number, whatever its size: a parameter in 3
+significant digits (lr 0.0483, 0.00222, 0.0001), a score (an accuracy, a gap) in 3 decimals. The
+table fits 120 columns: a setting every row that has it shares (stage 2's recipe, a fixed epoch count)
+is said once above it, and `wide` shows every column, the MLflow run ids too.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 
-from sweep.select import TrialRecord
+from sweep.select import HEAD_STAGE, TrialRecord
 
 LEADING_PARAMS = ("lr", "size_inner")  # the seed's dimensions first; the rest in name order
+SCORES = ("train_acc", "val_acc", "gap")
+ALWAYS_SHOWN = ("trial", "stage", "state", "best_epoch", *SCORES)
+TABLE_WIDTH = 120
+
+
+def format_number(value) -> str:
+    """A parameter as the terminal shows it: floats in 3 significant digits, the rest as they are."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def format_params(params: dict) -> str:
-    def value(v) -> str:
-        return f"{v:.2e}" if isinstance(v, float) and v != 0 and abs(v) < 1e-2 else str(v)
-
-    return "  ".join(f"{k} {value(v)}" for k, v in params.items())
+    return "  ".join(f"{k} {format_number(v)}" for k, v in params.items())
 
 
 def param_columns(records: list[TrialRecord]) -> list[str]:
@@ -43,23 +54,58 @@ def record_rows(records: list[TrialRecord], winner: TrialRecord | None = None) -
     ]
 
 
-def format_table(rows: list[dict], with_run_id: bool = False) -> str:
-    """Aligned columns; the winner's row is starred."""
+def shared_settings(rows: list[dict]) -> dict[str, dict]:
+    """The parameter columns whose value is the same in every row that has one, by the stages of
+    those rows ("stage 1", "stage 2" or "all trials"): what the table says once above itself."""
+    shared: dict[str, dict] = {}
+    for column in rows[0]:
+        if column in ALWAYS_SHOWN or column in ("winner", "mlflow_run_id"):
+            continue
+        having = [row for row in rows if row[column] is not None]
+        if len(rows) < 2 or not having or len({format_number(row[column]) for row in having}) > 1:
+            continue
+        stages = {row["stage"] for row in having}
+        if len(having) < len(rows):
+            where = "stage 1" if stages == {HEAD_STAGE} else "stage 2" if HEAD_STAGE not in stages else "some trials"
+        else:
+            where = "all trials"
+        shared.setdefault(where, {})[column] = having[0][column]
+    return shared
 
-    def cell(value) -> str:
+
+def _wrapped(label: str, settings: dict, width: int = TABLE_WIDTH) -> list[str]:
+    """`label` and the settings, as lines of at most `width` characters broken between settings."""
+    lines, line = [], label
+    for item in (format_params({name: value}) for name, value in settings.items()):
+        if len(line) + 2 + len(item) > width and line.strip() != label.strip():
+            lines.append(line)
+            line = " " * len(label)
+        line += "  " + item
+    return [*lines, line]
+
+
+def format_table(rows: list[dict], wide: bool = False) -> str:
+    """Aligned columns, the winner's row starred. Unless `wide`, the shared settings (shared_settings)
+    are lines above the table instead of columns, and the MLflow run ids are left out."""
+
+    def cell(column: str, value) -> str:
         if value is None:
             return "-"
-        if isinstance(value, float):
-            return f"{value:.2e}" if abs(value) < 1e-2 and value != 0 else f"{value:.3f}"
-        return str(value)
+        if column in SCORES:
+            return f"{value:+.3f}" if column == "gap" else f"{value:.3f}"
+        return format_number(value)
 
     if not rows:
         return "  (no trials)"
-    hidden = {"winner"} if with_run_id else {"winner", "mlflow_run_id"}
+    shared = {} if wide else shared_settings(rows)
+    hidden = {"winner", *(name for settings in shared.values() for name in settings)}
+    if not wide:
+        hidden.add("mlflow_run_id")
     columns = [c for c in rows[0] if c not in hidden]
-    cells = [[cell(row[c]) for c in columns] for row in rows]
+    cells = [[cell(c, row[c]) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  " + "  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines = [line for where, settings in sorted(shared.items()) for line in _wrapped(f"  {where}:", settings)]
+    lines.append("  " + "  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for row, rendered in zip(rows, cells):
         lines.append(("* " if row["winner"] else "  ") + "  ".join(v.rjust(w) for v, w in zip(rendered, widths)))
     return "\n".join(lines)

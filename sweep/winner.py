@@ -40,6 +40,7 @@ class BestOptions:
     tta: bool = False
     register_name: str | None = None
     register_format: str = "pyfunc"
+    wide: bool = False  # the table's every column (sweep.table)
 
     @property
     def test_dir(self) -> Path:
@@ -85,7 +86,7 @@ def run_best(options: BestOptions, say: Report) -> None:
         raise SweepError(
             f"study {options.study!r} has no COMPLETE trial yet; run `python -m sweep run --study {options.study}`"
         )
-    for line in ranking.lines():
+    for line in ranking.lines(options.wide):
         say(line)
     tracker = Tracker(options.tracking_uri)
     tracker.check_reachable()

@@ -343,6 +343,27 @@ MUTANTS = (
         "        return activations\n",
         ("tests/test_finetune.py::test_activations_from_a_deeper_cut_equal_the_ones_cached_at_the_cut",),
     ),
+    Mutant(
+        "early stopping counts a tie with the best epoch as an improvement",
+        "clothing/train.py",
+        'if metrics["val_acc"] > self.best:',
+        'if metrics["val_acc"] >= self.best:',
+        ("tests/test_train.py::test_early_stopping_ends_after_patience_epochs_without_a_better_val_acc",),
+    ),
+    Mutant(
+        "stage 2 records bf16 but trains in fp32",
+        "sweep/finetune.py",
+        "autocast=AUTOCAST[config.train_precision],",
+        "autocast=None,",
+        ("tests/test_finetune.py::test_bf16_stage2_records_its_precision_and_stays_within_2_percent_of_fp32",),
+    ),
+    Mutant(
+        "a second pass converts the trunk again",
+        "clothing/engines.py",
+        "    if key not in _LAST_BUILT:",
+        "    if True:",
+        ("tests/test_features.py::test_the_decode_and_engine_give_the_same_features_run_to_run_from_one_conversion",),
+    ),
 )
 
 

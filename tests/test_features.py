@@ -7,7 +7,7 @@ from images import calibrated_backbone, write_image
 
 import clothing.engines as engines
 import clothing.features as features_module
-from clothing.data import build_transforms
+from clothing.data import ClothingDataset, build_transforms
 from clothing.engines import EngineError, resolve_engine
 from clothing.features import BadImagesError, cached_features
 from clothing.model import load_backbone
@@ -153,3 +153,27 @@ def test_feature_batches_reshuffle_every_epoch_and_cover_every_sample():
     assert all(sorted(order) == list(range(10)) for order in epochs)
     assert epochs[0] != epochs[1]
     assert [labels.tolist() for _, labels in FeatureBatches(x, y, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_the_decode_and_engine_give_the_same_features_run_to_run_from_one_conversion(
+    data_dir, train_set, tmp_path, monkeypatch
+):
+    # The chosen path (uint8 views decoded once by PIL, normalised in the trunk, on OpenVINO): two
+    # passes into two fresh caches give the same numbers bit for bit, and the second pass and the
+    # validation split reuse the first pass's converted trunk.
+    conversions = []
+    convert = engines.openvino_trunk
+    monkeypatch.setattr(engines, "openvino_trunk", lambda *args: conversions.append(args[1]) or convert(*args))
+    monkeypatch.setattr(engines, "_LAST_BUILT", {})
+    backbone = load_backbone(None)
+    options = {"precision": "fp32", "engine": "openvino", "views": 2, "progress": False}
+    first = cached_features(train_set, backbone, tmp_path / "a", **options)
+    again = cached_features(train_set, backbone, tmp_path / "b", **options)
+    assert not again.cache_hit and torch.equal(first.features, again.features)
+    val_set = ClothingDataset(data_dir / "validation", build_transforms(), train_set.class_to_idx)
+    cached_features(val_set, backbone, tmp_path / "a", **options)
+    assert conversions == ["fp32"]
+    # Other weights, or another precision, are another trunk.
+    cached_features(train_set, backbone, tmp_path / "a", **{**options, "precision": "bf16"})
+    cached_features(train_set, load_backbone(None), tmp_path / "c", **options)
+    assert conversions == ["fp32", "bf16", "fp32"]

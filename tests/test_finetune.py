@@ -5,12 +5,14 @@ import copy
 import pytest
 import torch
 from images import calibrated_backbone
-from sweep_helpers import mlflow_runs, run_options, sweep
+from mlflow import MlflowClient
+from sweep_helpers import mlflow_runs, output_of, run_options, sweep
 from torch import nn
 from torch.utils.data import DataLoader
 
 from clothing.checkpoint import HEAD, checkpoint, load_model, spec_of
 from clothing.data import ClothingDataset, build_transforms
+from clothing.extract import resolve_precision, resolve_training_precision
 from clothing.features import cached_features
 from clothing.model import (
     ClothingClassifierMobileNet,
@@ -23,7 +25,7 @@ from clothing.scoring import export_model, split_logits
 from clothing.train import FeatureBatches, TrainHooks, WeightAverage, train_and_evaluate
 from sweep.select import select_winner
 from sweep.space import FINETUNE_SEARCH_LR
-from sweep.study import read_studies, trial_records
+from sweep.study import describe_trial, read_studies, trial_records
 from sweep.tracking import Tracker
 
 
@@ -163,6 +165,8 @@ def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_di
         "label_smoothing": 0.0,
         "average": "none",
         "schedule": "constant",
+        "train_precision": "fp32",  # --precision fp32: stage 2 trains in fp32 too
+        "patience": 0,
         "size_inner": source.params["size_inner"],
     }
     assert tuned.params == expected
@@ -296,3 +300,73 @@ def test_the_weight_average_is_the_exponential_average_of_every_step(train_set):
         torch.testing.assert_close(value, expected[name])
     assert not torch.allclose(average.averaged[0].weight, model[0].weight)  # not the last step's weights
     assert average.averaged.state_dict()["1.num_batches_tracked"] == 8  # 2 epochs x 4 steps, copied
+
+
+def stage2_runs(stores) -> dict[str, object]:
+    """The stage-2 MLflow runs by name."""
+    _, runs = mlflow_runs(stores)
+    return {r.info.run_name: r for r in runs if r.data.tags.get("stage") == "finetune"}
+
+
+def test_bf16_stage2_records_its_precision_and_stays_within_2_percent_of_fp32(stores, data_dir, tiny_weights):
+    # The same stage 2 of the same source twice, once per training precision: each is its own recipe,
+    # so the second run adds finetune-001 next to finetune-000.
+    options = (*run_options(data_dir, tiny_weights, 3, 2), "--finetune-blocks", "2", "--finetune-epochs", "3")
+    options += ("--finetune-lr", "1e-3")
+    for precision in ("fp32", "bf16"):
+        result = sweep("run", *options, "--finetune-precision", precision, stores=stores)
+        assert result.exit_code == 0, output_of(result)
+    finetune = read_studies(stores["--storage"], "clothing").stage2
+    assert [(t.params["train_precision"], t.state.name) for t in finetune.trials] == [
+        ("fp32", "COMPLETE"),
+        ("bf16", "COMPLETE"),
+    ]
+    assert finetune.trials[0].params["source_trial"] == finetune.trials[1].params["source_trial"]
+    runs = stage2_runs(stores)
+    assert {name: run.data.params["train_precision"] for name, run in runs.items()} == {
+        "finetune-000": "fp32",
+        "finetune-001": "bf16",
+    }
+    client = MlflowClient(stores["--tracking-uri"])
+
+    def curve(name: str, key: str) -> list[float]:
+        return [m.value for m in sorted(client.get_metric_history(runs[name].info.run_id, key), key=lambda m: m.step)]
+
+    for key in ("val_loss", "train_loss"):
+        fp32, bf16 = curve("finetune-000", key), curve("finetune-001", key)
+        assert len(fp32) == len(bf16) == 3
+        assert fp32 != bf16  # autocast really ran: bf16 rounds differently
+        assert bf16 == pytest.approx(fp32, rel=0.02)  # the stated tolerance: 2 % of each epoch's loss
+
+
+def test_auto_trains_stage2_in_bf16_only_where_the_features_are_native_bf16():
+    cpu = torch.device("cpu")
+    native = resolve_precision("auto", cpu) == "bf16"
+    assert resolve_training_precision("auto", "auto", cpu) == ("bf16" if native else "fp32")
+    assert resolve_training_precision("auto", "bf16", cpu) == ("bf16" if native else "fp32")
+    for features in ("exact", "fp32"):
+        assert resolve_training_precision("auto", features, cpu) == "fp32"
+    assert resolve_training_precision("bf16", "exact", cpu) == "bf16"  # asked for by name
+
+
+def test_patience_stops_a_stalled_stage2_and_keeps_the_best_epochs_checkpoint(stores, data_dir, tiny_weights):
+    # lr 1e-7: the blocks barely move, so val_acc stalls at once and patience 2 ends the trial early.
+    options = (*run_options(data_dir, tiny_weights, 3, 2), "--finetune-blocks", "1", "--finetune-epochs", "10")
+    result = sweep("run", *options, "--finetune-lr", "1e-7", "--finetune-patience", "2", stores=stores)
+    assert result.exit_code == 0, output_of(result)
+    (trial,) = read_studies(stores["--storage"], "clothing").stage2.trials
+    assert trial.state.name == "COMPLETE" and trial.params["patience"] == 2
+    best_epoch = trial.user_attrs["best_epoch"]
+    epochs_run = sorted(trial.intermediate_values)
+    assert epochs_run == list(range(1, best_epoch + 3)) and len(epochs_run) < 10  # 2 epochs past the best
+    line = describe_trial(trial, "finetune", 1.0)  # what the terminal says of it
+    assert f"(stopped after epoch {len(epochs_run)} of 10: patience 2)" in line
+    run = stage2_runs(stores)["finetune-000"]
+    client = MlflowClient(stores["--tracking-uri"])
+    history = client.get_metric_history(run.info.run_id, "val_acc")
+    assert sorted(m.step for m in history) == epochs_run
+    assert run.data.params["patience"] == "2" and run.data.metrics["best/epoch"] == best_epoch
+    tuned = next(r for r in read_studies(stores["--storage"], "clothing").records() if r.stage == "finetune")
+    head = Tracker(stores["--tracking-uri"]).fetch_checkpoint(tuned)
+    assert head["metrics"]["epoch"] == best_epoch
+    assert head["metrics"]["val_acc"] == max(m.value for m in history)

@@ -41,7 +41,7 @@ def test_the_trials_command_agrees_with_the_study_in_every_format(swept):
     assert {r["trial"]: (r["state"], float(r["lr"]), r["mlflow_run_id"]) for r in as_csv} == expected
     assert [r["winner"] for r in as_csv].count("True") == 1
 
-    table = sweep("trials", "--sort", "val_acc", stores=swept.stores).output.splitlines()
+    table = sweep("trials", "--sort", "val_acc", "--wide", stores=swept.stores).output.splitlines()  # with run ids
     assert len(table) == 1 + len(expected)
     starred = [line for line in table if line.startswith("* ")]
     winner = next(r for r in as_json if r["winner"])

@@ -15,7 +15,7 @@ from clothing.model import (
     load_backbone,
     trainable_parameters,
 )
-from clothing.train import FeatureBatches, TrainingDiverged, set_seed, train_and_evaluate
+from clothing.train import EarlyStopping, FeatureBatches, TrainHooks, TrainingDiverged, set_seed, train_and_evaluate
 
 KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "running_train_loss", "running_train_acc"}
 
@@ -98,6 +98,55 @@ def test_a_non_finite_loss_stops_training_at_once():
             hooks=lambda e, m, model: epochs.append(e),
         )
     assert epochs == []
+
+
+def test_early_stopping_ends_after_patience_epochs_without_a_better_val_acc():
+    stop = EarlyStopping(patience=2)
+    # a tie is not better: the checkpointed epoch (the first best) stays the one to beat
+    said = [stop({"val_acc": v}) for v in (0.5, 0.7, 0.6, 0.7)]
+    assert said == [False, False, False, True]
+    assert not any(EarlyStopping(patience=0)({"val_acc": 0.5}) for _ in range(20))  # 0: off
+    with pytest.raises(ValueError, match="patience"):
+        EarlyStopping(patience=-1)
+
+
+def test_the_loop_stops_when_validation_stalls():
+    x, y = clusters(n_per_class=8)
+    head = build_head(4, size_inner=16)
+    epochs = []
+    history = train_and_evaluate(
+        head,
+        torch.optim.SGD(head.parameters(), lr=0.0),  # nothing changes: val_acc stalls from epoch 1
+        FeatureBatches(x, y, 8),
+        FeatureBatches(x, y, 8),
+        nn.CrossEntropyLoss(),
+        10,
+        "cpu",
+        TrainHooks(on_epoch=lambda e, m, model: epochs.append(e), early_stop=EarlyStopping(3)),
+    )
+    assert [h["epoch"] for h in history] == epochs == [1, 2, 3, 4]
+
+
+def test_bf16_autocast_trains_fp32_weights_close_to_fp32_training():
+    x, y = clusters(n_per_class=8)
+    heads = {}
+    for dtype in (None, torch.bfloat16):
+        set_seed(0)
+        heads[dtype] = head = build_head(4, size_inner=16)
+        train_and_evaluate(
+            head,
+            torch.optim.SGD(head.parameters(), lr=0.05),
+            FeatureBatches(x, y, 8),
+            FeatureBatches(x, y, 8),
+            nn.CrossEntropyLoss(),
+            3,
+            "cpu",
+            autocast=dtype,
+        )
+    for fp32, bf16 in zip(heads[None].parameters(), heads[torch.bfloat16].parameters()):
+        assert bf16.dtype == torch.float32  # master weights stay fp32
+        assert not torch.equal(fp32, bf16)
+        torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.01)
 
 
 def test_set_seed_makes_training_repeatable():
