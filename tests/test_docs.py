@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 import pytest
 
+from bench.__main__ import main as bench_main
+from bench.accuracy import main as accuracy_main
 from clothing.__main__ import cli as clothing_cli
 from sweep.cli import cli
 
@@ -22,6 +24,7 @@ OTHER_TOOLS_OPTIONS = {
     "--hypothesis-profile",  # pytest with Hypothesis
 }  # fmt: skip
 GROUPS = {"sweep": cli, "clothing": clothing_cli}
+BENCH_COMMANDS = (bench_main, accuracy_main)
 
 
 def options_of(command: click.Command) -> set[str]:
@@ -66,6 +69,7 @@ def test_every_command_line_the_docs_show_exists(doc, group, command, options):
 
 def test_every_option_the_docs_name_is_one_of_ours_or_another_tools():
     ours = set().union(*(options_of(c) for g in GROUPS.values() for c in g.commands.values())) | {"--version"}
+    ours |= set().union(*map(options_of, BENCH_COMMANDS))  # `python -m bench ...`, which the benchmarks name
     for doc in DOCS:
         named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", doc.read_text(encoding="utf-8")))
         assert named <= ours | OTHER_TOOLS_OPTIONS, f"{doc.name} names {sorted(named - ours - OTHER_TOOLS_OPTIONS)}"
