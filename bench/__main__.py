@@ -1,8 +1,9 @@
 """`python -m bench` (`make bench`): each figure against its baseline, measured in the same run.
 
 Needs CLOTHING_DATA_DIR and CLOTHING_BACKBONE_WEIGHTS (the real dataset and weights). It takes about
-25 minutes on a 2-core CPU (the PostgreSQL rows and bench.extraction's engine table included);
-`--limit N` uses the first N images of each class for a quick look.
+35 minutes on a 2-core CPU (the PostgreSQL rows and bench.extraction's engine table included) and
+prints the headline (A, B, R with its stages, D; docs/benchmarks.md, "Speed") first; `--headline`
+stops there (about 10 minutes), `--limit N` uses the first N images of each class for a quick look.
 """
 
 from __future__ import annotations
