@@ -26,6 +26,7 @@ import optuna
 import torch
 from torch import nn
 
+from bench import cpu_flags
 from bench.cluster import CallTimer, server_rows
 from bench.extraction import extraction_rows
 from bench.notebook import notebook_epoch, notebook_features
@@ -164,11 +165,11 @@ def head_epoch_rows(train: FeatureSet, val: FeatureSet) -> list[tuple[str, str, 
     rows = [("head epochs: one large fp32 matrix product (the limit)", f"{peak / 1e9:.0f} GFLOP/s", "")]
     n_train, n_eval = len(train.labels), len(train.labels) + len(val.labels)
     classes = int(train.labels.max()) + 1
+    xy, val_xy = (train.features, train.labels), (val.plain, val.labels)
     for size in (10, 100, 1000):
         per_image = 2 * (FEATURE_DIM * size + size * classes)
         flops = per_image * (3 * n_train + n_eval)
         config = TrainConfig(lr=1e-3, size_inner=size, epochs=3)
-        xy, val_xy = (train.features, train.labels), (val.plain, val.labels)
         train_head(replace(config, epochs=1), classes, xy, train.plain, val_xy, torch.device("cpu"))  # warm-up
         _, seconds = timed(train_head, config, classes, xy, train.plain, val_xy, torch.device("cpu"))
         rate = flops / (seconds / config.epochs)
@@ -208,12 +209,6 @@ def stage2_epoch_rows(n_train: int, n_val: int, classes: int, weights: str) -> l
         note = f"{seconds['fp32'] / took:.2f}x fp32" if precision == "bf16" else "baseline"
         rows.append((f"stage 2 epoch, 3 blocks, {n_train} images, {precision}", f"{took:.1f} s", note))
     return rows
-
-
-def cpu_flags() -> str:
-    """The flags that decide the fast paths, as docs/benchmarks.md's tables name them."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return " ".join(sorted(set(re.findall(r"\b(avx2|avx512f|avx512_bf16|amx_bf16)\b", text)))) or "unknown"
 
 
 def headline_rows(  # noqa: PLR0913 - the figures themselves
@@ -273,7 +268,7 @@ def limited_copy(data_dir: Path, root: Path, limit: int) -> Path:
 
 @click.command()
 @click.option("--limit", type=int, default=None, help="Use only the first N images of each class (quick look).")
-@click.option("--headline", is_flag=True, help="Only A, B, R and D, their ratios and R's stages (about 8 minutes).")
+@click.option("--headline", is_flag=True, help="Only A, B, R and D, their ratios and R's stages (about 10 minutes).")
 def main(limit: int | None, headline: bool) -> None:
     """Print the benchmark tables: the headline (A, B, R, D), then every other figure."""
     quiet_libraries()
@@ -357,7 +352,7 @@ def main(limit: int | None, headline: bool) -> None:
     rows.append(("one epoch, notebook loop (images)", f"{t_nb_epoch:.1f} s", ""))
     rows.append(("one epoch, cached features", f"{t_epoch:.3f} s", f"{t_nb_epoch / t_epoch:.0f}x faster"))
     rows += head_epoch_rows(fast["train"], fast["val"])
-    if resolve_precision("auto", torch.device("cpu")) == "bf16":
+    if precision == "bf16":
         rows += stage2_epoch_rows(len(train), len(val), len(train.classes), weights)
 
     # 3. Whole sweeps: the plain one cold (fresh process, empty cache) and with --jobs, and D's

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import click
 
+from bench import cpu_flags
 from clothing.data import ClothingDataset, build_transforms
 from clothing.extract import ExtractionOptions
 from clothing.features import FeatureSet, cached_features
@@ -247,11 +248,6 @@ def main(work_dir: Path | None, recipes: tuple[str, ...], views: int, cold: str 
             click.echo(json.dumps(result))
     print_table([r for r in done if r["views"] == views])
     click.echo(f"\nstores in {root}; CPU flags: {cpu_flags()}")
-
-
-def cpu_flags() -> str:
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    return " ".join(sorted({f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")})) or "unknown"
 
 
 if __name__ == "__main__":
