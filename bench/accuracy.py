@@ -16,7 +16,12 @@ Results go to results.jsonl in the work folder, one line per (recipe, seed), so 
 Needs CLOTHING_DATA_DIR and CLOTHING_BACKBONE_WEIGHTS. Every recipe at one --views is about 80
 minutes on a 2-core CPU (a 3-block stage 2 about 2 minutes a seed); --recipe picks some. The cold
 time of a recipe, as a user waits for it, is measured with `--cold RECIPE` (a fresh cache and
-stores, no held-out part).
+stores, all of train/, `sweep run` then `best --export`), together with A, the course notebook's
+one pass over the images on the same machine.
+
+`make bench-accuracy` (`--views 2 --front PNG`) is the front of held-out accuracy against cold time
+(bench.front): it runs the held-out seeds and the cold time of each of FRONT_RECIPES that its work
+folder lacks, then prints the table, marks the front and the default the rule picks, and draws it.
 """
 
 from __future__ import annotations
@@ -34,14 +39,16 @@ from pathlib import Path
 import click
 
 from bench import cpu_flags
-from clothing.data import ClothingDataset, build_transforms
+from bench.front import Point, default_recipe, draw_front, front
+from bench.notebook import notebook_features
+from clothing.data import IMAGE_SIZE, ClothingDataset, build_transforms
 from clothing.extract import ExtractionOptions
 from clothing.features import FeatureSet, cached_features
 from clothing.model import finetune_cut, load_backbone
 from clothing.scoring import cached_logits, model_from_checkpoint
 from sweep.holdout import HOLDOUT_FRACTION, HOLDOUT_SEEDS, holdout_rows
 from sweep.pipeline import quiet_libraries
-from sweep.select import TrialRecord, select_winner
+from sweep.select import select_winner
 from sweep.study import read_studies
 from sweep.tracking import Tracker
 
@@ -57,6 +64,8 @@ BASELINE = (
 TOLERANCES = (0.02, 0.01)  # the rule's default band, and a narrower one
 STAGE1_ONLY = ("--finetune-blocks", "0")
 THREE_BLOCKS = ("--finetune-blocks", "3", "--finetune-lr", "1e-4", "--finetune-epochs", "6")
+# `make sweep`'s stage 2 since issue 30 (the sweep file's; BASELINE pins fp32 and no patience).
+MAKE_SWEEP = (*THREE_BLOCKS, "--finetune-precision", "auto", "--finetune-patience", "1")
 # Stage-2 recipes on top of the sweep file's stage 1: each option list replaces the file's stage 2.
 # `make sweep`'s is "3 blocks, lr 1e-4, 6 epochs" with --views 2 (docs/benchmarks.md, "Accuracy").
 RECIPES = {
@@ -106,10 +115,45 @@ RECIPES = {
         "--finetune-patience",
         "2",
     ),
+    # Larger images (issue 31): features, stage 1 and stage 2 at 256 and 288 px, `make sweep`'s stage 2.
+    "make sweep's stage 2 at 256 px": (*MAKE_SWEEP, "--image-size", "256"),
+    "make sweep's stage 2 at 288 px": (*MAKE_SWEEP, "--image-size", "288"),
+    "make sweep's stage 2 at 320 px": (*MAKE_SWEEP, "--image-size", "320"),
+    "stage 1 only at 288 px": (*STAGE1_ONLY, "--image-size", "288"),
+    # Deeper fine-tuning with a layer-wise lr decay (each block below the top at 0.7x the lr of the
+    # one above it, as timm's layer_decay), stopped by patience, at 288 px.
+    "4 blocks, lr decay 0.7, at 288 px": (
+        *MAKE_SWEEP,
+        *("--finetune-blocks", "4", "--finetune-lr-decay", "0.7", "--image-size", "288"),
+    ),
+    "6 blocks, lr decay 0.7, at 288 px": (
+        *MAKE_SWEEP,
+        *("--finetune-blocks", "6", "--finetune-lr-decay", "0.7", "--image-size", "288"),
+    ),
+    # Refit (issue 31): the winner at make sweep's band trained again on train + validation. Each
+    # starts from a copy of its recipe's stores (REFIT_OF), so it adds only the refit.
+    "make sweep's stage 2 + refit": (*MAKE_SWEEP, "--refit", "--tolerance", "0.01"),
+    "make sweep's stage 2 at 288 px + refit": (*MAKE_SWEEP, "--image-size", "288", "--refit", "--tolerance", "0.01"),
     "search: 3 trials, blocks 3/2/1, cosine + EMA": (
         *("--finetune-blocks", "3", "--finetune-trials", "3", "--finetune-epochs", "6"),
         *("--finetune-schedule", "cosine", "--finetune-average", "ema"),
     ),
+}
+
+
+# What `make bench-accuracy` (`--front`) runs and draws: the recipes of the front (issue 31).
+FRONT_RECIPES = (
+    "stage 1 only",
+    "stage 1 only at 288 px",
+    "3 blocks, lr 1e-4, 6 epochs, bf16, patience 1",
+    "make sweep's stage 2 at 256 px",
+    "make sweep's stage 2 at 288 px",
+    "make sweep's stage 2 at 288 px + refit",
+    "4 blocks, lr decay 0.7, at 288 px",
+)
+REFIT_OF = {
+    "make sweep's stage 2 + refit": "3 blocks, lr 1e-4, 6 epochs, bf16, patience 1",
+    "make sweep's stage 2 at 288 px + refit": "make sweep's stage 2 at 288 px",
 }
 
 
@@ -129,9 +173,19 @@ def run_sweep(folder: Path, cache: Path, options: tuple[str, ...]) -> float:
     return time.perf_counter() - start
 
 
+def option_value(options: tuple[str, ...], name: str, default: str) -> str:
+    """The value `options` gives `name` (the last one, as click reads it), else `default`."""
+    given = [options[i + 1] for i, option in enumerate(options[:-1]) if option == name]
+    return given[-1] if given else default
+
+
 def deepest_cut(options: tuple[str, ...]) -> int | None:
-    blocks = int(options[options.index("--finetune-blocks") + 1]) if "--finetune-blocks" in options else 0
+    blocks = int(option_value(options, "--finetune-blocks", "0"))
     return finetune_cut(blocks) if blocks else None
+
+
+def image_size(options: tuple[str, ...]) -> int:
+    return int(option_value(options, "--image-size", str(IMAGE_SIZE)))
 
 
 class HeldOutScorer:
@@ -140,53 +194,74 @@ class HeldOutScorer:
 
     def __init__(self, data_dir: Path, cache: Path, views: int) -> None:
         self.backbone = load_backbone(os.environ["CLOTHING_BACKBONE_WEIGHTS"])
-        self.train = ClothingDataset(data_dir / "train", build_transforms())
-        self.cache, self.views = cache, views
+        self.data_dir, self.cache, self.views = data_dir, cache, views
 
-    def held_out(self, seed: int, cut: int | None) -> FeatureSet:
+    def held_out(self, seed: int, cut: int | None, size: int = IMAGE_SIZE) -> FeatureSet:
         """The held-out rows of seed `seed`, read once per run from the cache the sweep filled."""
-        options = ExtractionOptions(precision="auto", views=self.views, cut=cut, progress=False)
-        full = cached_features(self.train, self.backbone, self.cache, options)
+        train = ClothingDataset(self.data_dir / "train", build_transforms(size))
+        options = ExtractionOptions(precision="auto", views=self.views, cut=cut, image_size=size, progress=False)
+        full = cached_features(train, self.backbone, self.cache, options)
         return full.subset(holdout_rows(full.labels, HOLDOUT_FRACTION, seed)[1])
 
-    def accuracy(self, tracker: Tracker, record: TrialRecord, part: FeatureSet) -> float:
-        model = model_from_checkpoint(tracker.fetch_checkpoint(record), self.backbone)
-        logits = cached_logits(model, part)
-        return (logits.argmax(dim=1) == part.labels).float().mean().item()
+    def accuracy(self, checkpoint: dict, part: FeatureSet) -> tuple[float, float]:
+        """(held-out accuracy, the same with mirror TTA) of a checkpoint: the plain view's logits, then
+        their mean with the mirror view's (cached view 1, the image flipped after resizing, as `best
+        --tta` does)."""
+        model = model_from_checkpoint(checkpoint, self.backbone)
+        plain, mirror = (cached_logits(model, part, view) for view in (0, 1))
+        return tuple((logits.argmax(dim=1) == part.labels).float().mean().item() for logits in (plain, plain + mirror))
 
 
-def score_run(scorer: HeldOutScorer, folder: Path, seed: int, cut: int | None) -> dict:
-    """Held-out accuracy of the winner (the default rule, and a narrower band) and of the best val_acc;
-    a trial several rules chose is scored once."""
+def score_run(scorer: HeldOutScorer, folder: Path, seed: int, options: tuple[str, ...]) -> dict:
+    """Held-out accuracy (and with mirror TTA) of the winner (the default rule, and a narrower band)
+    and of the best val_acc; a trial several rules chose is scored once."""
     records = read_studies(f"sqlite:///{folder / 'optuna.db'}", "clothing").records()
     tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}")
     chosen = {f"tolerance {t:g}": select_winner(records, t) for t in TOLERANCES}
     chosen["max val_acc"] = max((r for r in records if r.state == "COMPLETE"), key=lambda r: (r.val_acc, -r.number))
-    part = scorer.held_out(seed, cut)
-    held_out = {r.name: scorer.accuracy(tracker, r, part) for r in {r.name: r for r in chosen.values()}.values()}
-    return {rule: {"trial": r.name, "val_acc": r.val_acc, "held_out": held_out[r.name]} for rule, r in chosen.items()}
+    part = scorer.held_out(seed, deepest_cut(options), image_size(options))
+    experiment_id = tracker.experiment_id("clothing", create=False)
+    scores = {}
+    for record in {r.name: r for r in chosen.values()}.values():
+        plain, tta = scorer.accuracy(tracker.fetch_checkpoint(record), part)
+        scores[record.name] = {"trial": record.name, "val_acc": record.val_acc, "held_out": plain, "held_out_tta": tta}
+        refit = tracker.find_refit(experiment_id, record)
+        if refit is not None:  # what `best` exports: the refit on train (less the held-out part) + validation
+            refit_scores = scorer.accuracy(tracker.run_checkpoint(refit), part)
+            scores[record.name] |= dict(zip(("held_out_refit", "held_out_refit_tta"), refit_scores))
+    return {rule: scores[r.name] for rule, r in chosen.items()}
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float | None]) -> str:
+    if None in values:
+        return "-"
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+
+def stage2_wins(rows: list[dict]) -> str:
+    """On how many seeds the winner at make sweep's band is a stage-2 trial: is the choice stable?"""
+    wins = sum(r["scores"][FRONT_RULE]["trial"].startswith("finetune") for r in rows)
+    return f"{wins} of {len(rows)}"
 
 
 def print_table(results: list[dict]) -> None:
     click.echo(
         "| recipe | seeds | held-out (winner) | val_acc (winner) | held-out (winner, tolerance 0.01) "
+        "| the same with mirror TTA | what `best` ships at 0.01 (the refit, if any) | stage 2 won at 0.01 "
         "| held-out (max-val_acc trial) | warm time |"
     )
-    click.echo("| --- | --- | --- | --- | --- | --- | --- |")
+    click.echo("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in dict.fromkeys(r["recipe"] for r in results):
         rows = [r for r in results if r["recipe"] == name]
 
         def column(rule: str, key: str = "held_out", rows=rows) -> str:
-            return mean_std([r["scores"][rule][key] for r in rows])
+            return mean_std([r["scores"][rule].get(key) for r in rows])
 
         click.echo(
             f"| {name} | {len(rows)} | {column('tolerance 0.02')} | {column('tolerance 0.02', 'val_acc')} "
-            f"| {column('tolerance 0.01')} | {column('max val_acc')} "
+            f"| {column(FRONT_RULE)} | {column(FRONT_RULE, 'held_out_tta')} "
+            f"| {mean_std([shipped_score(r) for r in rows])} | {stage2_wins(rows)} | {column('max val_acc')} "
             f"| {statistics.mean(r['seconds'] for r in rows):.0f} s |"
         )
 
@@ -195,59 +270,188 @@ def run_folder(root: Path, name: str, views: int, seed: int) -> Path:
     return root / f"{name.replace(' ', '_').replace('/', '-')}-views{views}-seed{seed}"
 
 
+def export_seconds(folder: Path, cache: Path) -> float:
+    """`sweep best --export`, the second half of `make sweep`, in its own process; its wall time."""
+    command = [sys.executable, "-m", "sweep", "best", "--export", str(folder / "model.pt"), *stores_in(folder, cache)]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def notebook_pass_seconds(data_dir: Path) -> float:
+    """A: the course notebook's one pass of the backbone over train/ and validation/ (bench's A)."""
+    backbone = load_backbone(os.environ["CLOTHING_BACKBONE_WEIGHTS"])
+    train = ClothingDataset(data_dir / "train", build_transforms())
+    val = ClothingDataset(data_dir / "validation", build_transforms(), train.class_to_idx)
+    start = time.perf_counter()
+    for split in (train, val):
+        notebook_features(split, backbone)
+    return time.perf_counter() - start
+
+
+def time_cold(root: Path, names: tuple[str, ...], views: int) -> None:
+    """A (once), then each recipe as `make sweep` runs it from nothing (fresh stores and cache, all of
+    train/): `sweep run` + `best --export`, each in its own process. One line each in cold.jsonl."""
+    a = notebook_pass_seconds(Path(os.environ["CLOTHING_DATA_DIR"]))
+    click.echo(f"A (the notebook's pass over train/ and validation/): {a:.1f} s")
+    for name in names:
+        folder = Path(tempfile.mkdtemp(prefix="cold-", dir=root))
+        run = run_sweep(folder, folder / "cache", (*RECIPES[name], "--views", str(views)))
+        export = export_seconds(folder, folder / "cache")
+        row = {"recipe": name, "views": views, "seconds": run + export, "run": run, "export": export, "a_seconds": a}
+        row |= {"cpu_flags": cpu_flags(), "date": time.strftime("%Y-%m-%d")}
+        with (root / "cold.jsonl").open("a") as out:
+            out.write(json.dumps(row) + "\n")
+        click.echo(json.dumps(row))
+        shutil.rmtree(folder)
+
+
+FRONT_RULE = "tolerance 0.01"  # the winner the front scores: `make sweep`'s band
+
+
+def shipped_score(result: dict, tta: bool = False) -> float | None:
+    """The held-out accuracy of what `best --export` ships for the recipe's winner: its refit if the
+    recipe refits, else the winner itself (None: a result from before TTA was scored)."""
+    score = result["scores"][FRONT_RULE]
+    key = "held_out_refit" if "held_out_refit" in score else "held_out"
+    return score.get(key + ("_tta" if tta else ""))
+
+
+def front_points(results: list[dict], cold: list[dict], views: int) -> tuple[list[Point], float]:
+    """Each recipe with both a held-out estimate and a cold time at `views`, and the A measured with
+    the cold times (the mean, if several runs measured it)."""
+    cold = [c for c in cold if c["views"] == views]
+    points = []
+    for name in dict.fromkeys(r["recipe"] for r in results if r["views"] == views):
+        scores = [shipped_score(r) for r in results if r["recipe"] == name and r["views"] == views]
+        times = [c["seconds"] for c in cold if c["recipe"] == name]
+        if len(scores) > 1 and times:
+            points.append(Point(name, statistics.mean(scores), statistics.stdev(scores), statistics.mean(times)))
+    return points, statistics.mean(c["a_seconds"] for c in cold) if cold else float("nan")
+
+
+def print_front(results: list[dict], cold: list[dict], views: int, picture: Path) -> None:
+    points, a = front_points(results, cold, views)
+    if not points:
+        raise click.ClickException("no recipe has both held-out runs and a cold time yet (--cold RECIPE)")
+    on_front, chosen = front(points), default_recipe(points, a)
+    tta = {
+        name: mean_std([shipped_score(r, tta=True) for r in results if r["recipe"] == name and r["views"] == views])
+        for name in (p.recipe for p in points)
+    }
+    wins = {
+        p.recipe: stage2_wins([r for r in results if r["recipe"] == p.recipe and r["views"] == views]) for p in points
+    }
+    click.echo(
+        "| recipe | held-out, what `best` ships at 0.01 (3 seeds) | with mirror TTA | stage 2 won "
+        "| cold time | cold / A | front |"
+    )
+    click.echo("| --- | --- | --- | --- | --- | --- | --- |")
+    for p in sorted(points, key=lambda p: p.seconds):
+        mark = "**default**" if p == chosen else ("yes" if p in on_front else "")
+        click.echo(
+            f"| {p.recipe} | {p.accuracy:.3f} ± {p.spread:.3f} | {tta[p.recipe]} | {wins[p.recipe]} "
+            f"| {p.seconds:.0f} s | {p.seconds / a:.2f} | {mark} |"
+        )
+    click.echo(
+        f"\nA = {a:.0f} s; CPU flags: {cold[0]['cpu_flags']}; "
+        f"default by the rule: {chosen.recipe if chosen else 'none fits in A'}"
+    )
+    title = f"{views} views, {cold[0]['date']}, CPU flags: {cold[0]['cpu_flags']}"
+    click.echo(f"picture: {draw_front(points, a, title, picture)}")
+
+
 @click.command()
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Keep stores and results here.")
 @click.option("--recipe", "recipes", multiple=True, type=click.Choice(list(RECIPES)), help="Only these (repeatable).")
 @click.option("--views", default=3, show_default=True, help="Cached views per training image (stage 1 and 2).")
-@click.option("--cold", type=click.Choice(list(RECIPES)), default=None, help="Time this recipe cold instead.")
+@click.option(
+    "--cold", multiple=True, type=click.Choice(list(RECIPES)), help="Time these recipes cold (and A) instead."
+)
 @click.option("--rescore", is_flag=True, help="Only score the runs in --work-dir again and print the tables.")
-def main(work_dir: Path | None, recipes: tuple[str, ...], views: int, cold: str | None, rescore: bool) -> None:
+@click.option(
+    "--front",
+    "picture",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The front: run what it still lacks (the held-out runs and cold times of FRONT_RECIPES, or of "
+    "--recipe), print it and draw it into this PNG.",
+)
+def main(  # noqa: PLR0913 - its options
+    work_dir: Path | None, recipes: tuple[str, ...], views: int, cold: tuple[str, ...], rescore: bool, picture
+) -> None:
     if not (os.environ.get("CLOTHING_DATA_DIR") and os.environ.get("CLOTHING_BACKBONE_WEIGHTS")):
         raise click.ClickException("set CLOTHING_DATA_DIR and CLOTHING_BACKBONE_WEIGHTS to the real data and weights")
     quiet_libraries()
     root = work_dir or Path(tempfile.mkdtemp(prefix="bench-accuracy-"))
     root.mkdir(parents=True, exist_ok=True)
-    if cold is not None:
-        folder = Path(tempfile.mkdtemp(prefix="cold-", dir=root))
-        seconds = run_sweep(folder, folder / "cache", (*RECIPES[cold], "--views", str(views)))
-        click.echo(f"{cold}, views {views}, cold: {seconds:.0f} s on a CPU with {cpu_flags()}")
+    if cold:
+        time_cold(root, cold, views)
         return
-    cache, results_file = root / "cache", root / "results.jsonl"
-    done = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
-    scorer = HeldOutScorer(Path(os.environ["CLOTHING_DATA_DIR"]), cache, views)
+    results_file = root / "results.jsonl"
+    done = read_lines(results_file)
+    if cold and picture is None:
+        time_cold(root, cold, views)
+        return
     if rescore:  # the scores again, from the stores each run left (e.g. after adding a rule here)
+        scorer = HeldOutScorer(Path(os.environ["CLOTHING_DATA_DIR"]), root / "cache", views)
         for result in done:
             folder = run_folder(root, result["recipe"], result["views"], result["seed"])
             scorer.views = result["views"]
-            result["scores"] = score_run(scorer, folder, result["seed"], deepest_cut(RECIPES[result["recipe"]]))
+            result["scores"] = score_run(scorer, folder, result["seed"], RECIPES[result["recipe"]])
         results_file.write_text("".join(json.dumps(r) + "\n" for r in done))
         for each in sorted({r["views"] for r in done}):
             click.echo(f"\nviews {each}:")
             print_table([r for r in done if r["views"] == each])
         return
-    for name in recipes or RECIPES:
+    names = recipes or (FRONT_RECIPES if picture is not None else tuple(RECIPES))
+    held_out_runs(root, names, views, done)
+    if picture is None:
+        print_table([r for r in done if r["views"] == views])
+        click.echo(f"\nstores in {root}; CPU flags: {cpu_flags()}")
+        return
+    # The front: each recipe's cold time too (measured once; `--cold` measures it again), then the table.
+    missing = [
+        n for n in names if not any(c["recipe"] == n and c["views"] == views for c in read_lines(root / "cold.jsonl"))
+    ]
+    if missing:
+        time_cold(root, tuple(missing), views)
+    timed = [c for c in read_lines(root / "cold.jsonl") if c["recipe"] in names]
+    print_front([r for r in done if r["recipe"] in names], timed, views, picture)
+
+
+def read_lines(path: Path) -> list[dict]:
+    """The JSON lines the runs so far appended (results.jsonl, cold.jsonl)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def held_out_runs(root: Path, names: tuple[str, ...], views: int, done: list[dict]) -> None:
+    """Each recipe once per held-out seed, unless `done` has it: its stage 1 (shared by every recipe
+    at that image size), then its own run on a copy of those stores, scored; appended to `done` and to
+    results.jsonl."""
+    cache, scorer = root / "cache", HeldOutScorer(Path(os.environ["CLOTHING_DATA_DIR"]), root / "cache", views)
+    for name in names:
         for seed in HOLDOUT_SEEDS:
             if any(r["recipe"] == name and r["seed"] == seed and r["views"] == views for r in done):
                 continue
             holdout = ("--holdout", str(HOLDOUT_FRACTION), "--holdout-seed", str(seed), "--views", str(views))
-            base = root / f"stage1-views{views}-seed{seed}"
+            size = image_size(RECIPES[name])
+            base = root / f"stage1-views{views}{'' if size == IMAGE_SIZE else f'-size{size}'}-seed{seed}"
             if not (base / "optuna.db").exists():
-                stage1_seconds = run_sweep(base, cache, (*STAGE1_ONLY, *holdout))
+                stage1_seconds = run_sweep(base, cache, (*STAGE1_ONLY, *holdout, "--image-size", str(size)))
                 (base / "seconds").write_text(f"{stage1_seconds}")
             folder = run_folder(root, name, views, seed)
             shutil.rmtree(folder, ignore_errors=True)
-            shutil.copytree(base, folder)
+            shutil.copytree(run_folder(root, REFIT_OF[name], views, seed) if name in REFIT_OF else base, folder)
             seconds = run_sweep(folder, cache, (*RECIPES[name], *holdout))
-            if RECIPES[name] == STAGE1_ONLY:
+            if deepest_cut(RECIPES[name]) is None:  # stage 1 only: the base's own time
                 seconds = float((base / "seconds").read_text())
             result = {"recipe": name, "seed": seed, "views": views, "seconds": seconds}
-            result["scores"] = score_run(scorer, folder, seed, deepest_cut(RECIPES[name]))
+            result["scores"] = score_run(scorer, folder, seed, RECIPES[name])
             done.append(result)
-            with results_file.open("a") as out:
+            with (root / "results.jsonl").open("a") as out:
                 out.write(json.dumps(result) + "\n")
             click.echo(json.dumps(result))
-    print_table([r for r in done if r["views"] == views])
-    click.echo(f"\nstores in {root}; CPU flags: {cpu_flags()}")
 
 
 if __name__ == "__main__":

@@ -67,19 +67,23 @@ def split_logits(
         engine = "auto"
     model = model_from_checkpoint(head, backbone)
     # The tail takes activations at the cut; without fine-tuning the cache holds pooled features.
-    cut = model.cut if spec_of(head).finetune_blocks else None
-    options = ExtractionOptions(device=str(device), precision=precision, engine=engine, cut=cut, progress=False)
+    spec = spec_of(head)
+    cut = model.cut if spec.finetune_blocks else None
+    options = ExtractionOptions(
+        device=str(device), precision=precision, engine=engine, cut=cut, image_size=spec.image_size, progress=False
+    )
     features = cached_features(split, backbone, cache_dir, options)
     return cached_logits(model, features), features.labels
 
 
-def cached_logits(model: ClothingClassifierMobileNet, features: FeatureSet) -> torch.Tensor:
-    """The model's logits over the plain view of cached features: its head on the pooled features, or
-    after fine-tuning its tail on the activations at its cut (from a deeper cut's cache if need be)."""
+def cached_logits(model: ClothingClassifierMobileNet, features: FeatureSet, view: int = 0) -> torch.Tensor:
+    """The model's logits over one cached view (0: the plain images; 1: their mirror, with views >= 2):
+    its head on the pooled features, or after fine-tuning its tail on the activations at its cut (from
+    a deeper cut's cache if need be)."""
     if model.cut <= LAST_CONV:
-        module, inputs = model.tail(), features.activations_at(model.cut, model.features, view=0)
+        module, inputs = model.tail(), features.activations_at(model.cut, model.features, view=view)
     else:
-        module, inputs = model.head, features.plain
+        module, inputs = model.head, features.features[:, view]
     with torch.no_grad():
         return torch.cat([module(batch.float()) for batch in inputs.split(256)])
 

@@ -145,6 +145,13 @@ def run(wide: bool, **settings) -> None:
 )
 @click.option("--tta", is_flag=True, help="Also report val_acc with test-time augmentation (image + mirror).")
 @click.option(
+    "--refit/--no-refit",
+    default=True,
+    show_default=True,
+    help="Export and register the winner's refit on train + validation (`run --refit`) where it has one; "
+    "--no-refit: the chosen trial's own model.",
+)
+@click.option(
     "--register",
     "register_name",
     default=None,

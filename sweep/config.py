@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from clothing.data import shown
+from clothing.data import IMAGE_SIZE, shown
 from clothing.engines import ENGINES
 from clothing.extract import PRECISIONS
 from clothing.model import MAX_FINETUNE_BLOCKS, TORCHVISION_WEIGHTS
@@ -26,6 +26,7 @@ RUNS_DIR = Path("mlruns")  # every piece of run state lives here: stores, artifa
 # Bounds of the settings and of the search spaces (sweep.space).
 MAX_EPOCHS = 1000
 MAX_VIEWS = 16
+IMAGE_SIZES = (32, 1024)  # the smallest side MobileNetV2's five stride-2 stages leave a pixel of
 MAX_FINETUNE_TRIALS = 100
 FINETUNE_LR_RANGE = (1e-7, 1e-2)  # what a stage-2 lr may be
 FINETUNE_SEARCH_LR = (1e-5, 3e-4)  # a stage-2 search's lr range (docs/benchmarks.md, "Accuracy")
@@ -181,6 +182,13 @@ class SweepConfig:
         "rotation/crop/flip; each epoch draws one view per image. Each view costs one backbone pass.",
         in_file=True,
     )
+    image_size: int = setting(
+        IMAGE_SIZE,
+        click.IntRange(*IMAGE_SIZES),
+        "Side of the square every image is resized to for the backbone (features, stage 2, the exported "
+        "model and predict); larger sees more detail at (size/224)^2 the backbone's work.",
+        in_file=True,
+    )
     tolerance: float = setting(
         DEFAULT_TOLERANCE,
         FiniteFloat(0, 1),
@@ -200,6 +208,13 @@ class SweepConfig:
         3e-5,
         FiniteFloat(*FINETUNE_LR_RANGE),
         "Learning rate of stage 2 (blocks and head): small, so the pretrained blocks are adjusted, not overwritten.",
+        in_file=True,
+    )
+    finetune_lr_decay: float = setting(
+        1.0,
+        FiniteFloat(0, 1, min_open=True),
+        "Stage 2's layer-wise lr decay: the head and the final 1x1 conv train at --finetune-lr, each block "
+        "below at this factor times the one above it (timm's layer_decay, fastai's discriminative lr); 1: one lr.",
         in_file=True,
     )
     finetune_trials: int = setting(
@@ -240,6 +255,14 @@ class SweepConfig:
         0.0,
         FiniteFloat(0, MAX_LABEL_SMOOTHING),
         "Stage 2's label smoothing (stage 1's is searched with --search label_smoothing).",
+        in_file=True,
+    )
+    refit: bool = setting(
+        False,
+        click.BOOL,
+        "After the rule has chosen, train the winner's configuration again on train + validation for its best "
+        "epoch count (a run of its own, <trial>-refit); `best --export` then writes that model out.",
+        flag="--refit/--no-refit",
         in_file=True,
     )
     # The held-out estimate (sweep.holdout) and what the run shows.
@@ -284,7 +307,7 @@ class FinetuneConfig:
     """What one stage-2 trial trains with: the source trial's head, its last `blocks` blocks unfrozen,
     and `train` (the source's head configuration with stage 2's own lr, epochs and label smoothing),
     with `average` ("none" or "ema"), `schedule` ("constant" or "cosine"), `train_precision` (one of
-    TRAINING_PRECISIONS) and `patience` (EarlyStopping's; 0: off)."""
+    TRAINING_PRECISIONS), `patience` (EarlyStopping's; 0: off) and `lr_decay` (layer-wise; 1: off)."""
 
     source_trial: int
     blocks: int
@@ -293,3 +316,4 @@ class FinetuneConfig:
     schedule: str = "constant"
     train_precision: str = "fp32"
     patience: int = 0
+    lr_decay: float = 1.0

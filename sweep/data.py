@@ -26,6 +26,7 @@ class SweepData:
     val: FeatureSet
     backbone_id: str
     lineage: Lineage
+    image_size: int = IMAGE_SIZE  # the side every image was resized to before the backbone
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,15 @@ def cache_keys(features: dict[str, FeatureSet]) -> dict[str, str]:
     return {f"sweep.feature_cache.{name}": f.cache_file.stem.removeprefix("features-") for name, f in features.items()}
 
 
-def load_splits(data_dir: Path) -> tuple[ClothingDataset, ClothingDataset]:
-    """Both splits, refused when they cannot make a classifier (before any store is created)."""
+def load_splits(data_dir: Path, image_size: int = IMAGE_SIZE) -> tuple[ClothingDataset, ClothingDataset]:
+    """Both splits, resized to `image_size` square, refused when they cannot make a classifier (before
+    any store is created)."""
     if not (data_dir / "train").is_dir():
         raise DatasetError(
             f"data folder {shown(data_dir / 'train')} does not exist; run `make data` to download the clothing "
             "dataset there, or point --data-dir (or CLOTHING_DATA_DIR) at a folder with train/ and validation/"
         )
-    transform = build_transforms(IMAGE_SIZE)
+    transform = build_transforms(image_size)
     train = ClothingDataset(data_dir / "train", transform)
     if len(train.classes) < 2:
         raise DatasetError(
@@ -87,12 +89,15 @@ def prepare_data(
         precision=cfg.precision,
         engine=cfg.engine,
         cut=cut,
+        image_size=cfg.image_size,
         skip_bad_images=cfg.skip_bad_images,
         progress=progress,
     )
     train = cached_features(train_set, backbone, cfg.cache_dir, options, views=cfg.views)
-    # Validation's features come from the same engine as the training ones, whatever its own size.
-    val = cached_features(val_set, backbone, cfg.cache_dir, options, engine=train.engine)
+    # Validation's features come from the same engine as the training ones, whatever its own size; a
+    # refit trains on them too, so it caches their views as well.
+    val_views = cfg.views if cfg.refit else 1
+    val = cached_features(val_set, backbone, cfg.cache_dir, options, engine=train.engine, views=val_views)
     tags = {**code_tags(), **cache_keys({"train": train, "validation": val})}
     if cfg.holdout:  # cached for all of train/, so every seed shares the cache; trials see the rest
         kept, held = holdout_rows(train.labels, cfg.holdout, cfg.holdout_seed)
@@ -100,4 +105,4 @@ def prepare_data(
         of = f"{len(held)} of {len(kept) + len(held)} training images"
         tags[HOLDOUT_TAG] = f"{of} (fraction {cfg.holdout:g}, seed {cfg.holdout_seed})"
     lineage = Lineage(records, tags)
-    return SweepData(train_set.classes, train, val, weights_fingerprint(backbone), lineage)
+    return SweepData(train_set.classes, train, val, weights_fingerprint(backbone), lineage, cfg.image_size)

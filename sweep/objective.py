@@ -8,7 +8,6 @@ import optuna
 import torch
 from torch import nn
 
-from clothing.data import IMAGE_SIZE
 from clothing.model import ModelSpec, build_head, head_only, trainable_parameters
 from clothing.train import FeatureBatches, set_seed, train_and_evaluate
 from sweep.config import TrainConfig
@@ -39,12 +38,13 @@ class HeadTrial:
         return suggest(trial, self.session.cfg)
 
     def spec(self, config: TrainConfig) -> ModelSpec:
-        return ModelSpec(tuple(self.session.data.classes), config.size_inner, config.dropout)
+        data = self.session.data
+        return ModelSpec(tuple(data.classes), config.size_inner, config.dropout, image_size=data.image_size)
 
     def params(self, config: TrainConfig) -> dict:
         return {
             **asdict(config),
-            "image_size": IMAGE_SIZE,
+            "image_size": self.session.data.image_size,
             "backbone": self.session.data.backbone_id,
             "precision": self.session.cfg.precision,
             "engine": self.session.data.train.engine,

@@ -24,8 +24,9 @@ from sweep.finetune import FinetuneTrial
 from sweep.objective import HeadTrial
 from sweep.publish import publish
 from sweep.ranking import Ranking, rank
+from sweep.refit import run_refit
 from sweep.session import Session, open_worker_session, prepare
-from sweep.space import finetune_recipe
+from sweep.space import finetune_recipe, of_recipe
 from sweep.study import Report, Studies, count_finished, latest_trials, pin_params, run_trials
 from sweep.table import format_number
 from sweep.tracking import ParentRun, browse_hint
@@ -103,15 +104,16 @@ def run_stage2(session: Session) -> tuple[int, list[str]]:
     pin_params(study, recipe)
 
     def of_this_recipe(trial: optuna.trial.FrozenTrial) -> bool:
-        return all(trial.params.get(k) == v for k, v in recipe.items())
+        return of_recipe(trial.params, recipe)
 
     if count_finished(study, of_this_recipe) >= cfg.finetune_trials:
         report(f"stage 2: {source.name} was already fine-tuned with this recipe")
         return 0, []
     if cfg.finetune_trials == 1:
+        decay = f" (x{format_number(cfg.finetune_lr_decay)} a block down)" if cfg.finetune_lr_decay != 1 else ""
         report(
             f"stage 2: fine-tuning {source.name}'s last {cfg.finetune_blocks} block(s), "
-            f"lr {format_number(cfg.finetune_lr)}, {precision}"
+            f"lr {format_number(cfg.finetune_lr)}{decay}, {precision}"
         )
     else:
         enqueue_block_counts(study, cfg, recipe)
@@ -135,7 +137,7 @@ def enqueue_block_counts(study: optuna.Study, cfg: SweepConfig, recipe: dict) ->
     have = Counter(
         planned(t).get("finetune_blocks")
         for t in latest_trials(study)
-        if t.state != optuna.trial.TrialState.FAIL and all(planned(t).get(k) == v for k, v in recipe.items())
+        if t.state != optuna.trial.TrialState.FAIL and of_recipe(planned(t), recipe)
     )
     for blocks, count in (wanted - have).items():
         for _ in range(count):
@@ -154,6 +156,8 @@ def run_sweep(cfg: SweepConfig, report: Report) -> SweepResult:
         with session.tracker.system_metrics(session.parent.run_id, cfg.system_metrics):
             done, errors = run_stage1(session)
             done2, errors2 = run_stage2(session)
+            if cfg.refit:
+                run_refit(session)
         status = "FINISHED"
     finally:
         ranking = rank(session.studies, cfg.tolerance)

@@ -96,7 +96,7 @@ def prepare(cfg: SweepConfig, report: Report) -> Session:
     """
     device = resolve_device(cfg.device)
     resolve_engine(cfg.engine, device, resolve_precision(cfg.precision, device))  # a refused engine: before any store
-    splits = load_splits(cfg.data_dir)
+    splits = load_splits(cfg.data_dir, cfg.image_size)
     backbone = load_backbone(cfg.backbone_weights)
     tracker = Tracker(cfg.tracking_uri)
     tracker.check_reachable()
@@ -131,6 +131,7 @@ def open_worker_session(cfg: SweepConfig, parent: ParentRun, report: Report) -> 
     device = resolve_device(cfg.device)
     tracker = Tracker(cfg.tracking_uri)
     storage = _storage(cfg, tracker)
-    data = prepare_data(cfg, device, load_splits(cfg.data_dir), progress=False)  # the main process cached it
+    splits = load_splits(cfg.data_dir, cfg.image_size)
+    data = prepare_data(cfg, device, splits, progress=False)  # the main process cached it
     stage1 = open_study(storage, cfg.study, cfg)
     return Session(cfg, Studies(stage1), tracker, parent, data, device, report)

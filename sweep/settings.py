@@ -132,6 +132,8 @@ def _right_kind(click_type: Any, value: Any) -> str | None:
         return f"an integer{_in(click_type)}"
     if isinstance(click_type, click.types.FloatParamType) and not (integer or isinstance(value, float)):
         return f"a number{_in(click_type)}"
+    if isinstance(click_type, click.types.BoolParamType) and not isinstance(value, bool):
+        return "true or false"
     if isinstance(click_type, click.Choice) and not isinstance(value, str):
         return f"one of {', '.join(map(str, click_type.choices))}"
     return None

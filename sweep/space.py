@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import optuna
 
+from clothing.data import IMAGE_SIZE
 from clothing.model import MAX_FINETUNE_BLOCKS
 from sweep.config import (
     AVERAGES,
@@ -123,6 +124,7 @@ def suggest_finetune(trial: optuna.Trial, sweep: SweepConfig) -> FinetuneConfig:
     schedule = trial.suggest_categorical("schedule", list(SCHEDULES))
     train_precision = trial.suggest_categorical("train_precision", list(TRAINING_PRECISIONS))
     patience = trial.suggest_int("patience", 0, MAX_EPOCHS)
+    lr_decay = trial.suggest_float("lr_decay", 0.0, 1.0)
     train = TrainConfig(lr=lr, **head, epochs=epochs, batch_size=sweep.batch_size, seed=sweep.seed)
     return FinetuneConfig(
         source_trial=source,
@@ -132,6 +134,7 @@ def suggest_finetune(trial: optuna.Trial, sweep: SweepConfig) -> FinetuneConfig:
         schedule=schedule,
         train_precision=train_precision,
         patience=patience,
+        lr_decay=lr_decay,
     )
 
 
@@ -150,10 +153,21 @@ def finetune_recipe(sweep: SweepConfig, source: TrialRecord, precision: str) -> 
         "schedule": sweep.finetune_schedule,
         "train_precision": precision,
         "patience": sweep.finetune_patience,
+        "lr_decay": sweep.finetune_lr_decay,
     }
     if sweep.finetune_trials == 1:
         recipe |= {"finetune_blocks": sweep.finetune_blocks, "lr": sweep.finetune_lr}
     return recipe
+
+
+# Stage-2 params newer than some recorded trials, and what a trial without one trained with.
+PARAMS_ADDED_SINCE = {"lr_decay": 1.0}
+
+
+def of_recipe(params: dict, recipe: dict) -> bool:
+    """Whether a stage-2 trial with `params` ran `recipe` (a trial from before a param existed ran
+    with that param's PARAMS_ADDED_SINCE value)."""
+    return all(params.get(k, PARAMS_ADDED_SINCE.get(k)) == v for k, v in recipe.items())
 
 
 def describe_space(sweep: SweepConfig) -> dict:
@@ -170,11 +184,14 @@ def describe_space(sweep: SweepConfig) -> dict:
 
 
 def space_signature(sweep: SweepConfig) -> dict:
-    """Stage 1's space as data, and the held-out part of train/ if any: a resumed study must sample
-    from the same space and train on the same images."""
+    """Stage 1's space as data, and the held-out part of train/ and the image size if not the
+    defaults: a resumed study must sample from the same space and train on the same images, seen at
+    the same size (a study from before `image_size` existed resumes at 224)."""
     signature = {name: dim.as_dict() for name, dim in sorted(resolved_space(sweep).items())}
     if sweep.holdout:
         signature["holdout"] = {"fraction": sweep.holdout, "seed": sweep.holdout_seed}
+    if sweep.image_size != IMAGE_SIZE:
+        signature["image_size"] = sweep.image_size
     return signature
 
 
@@ -196,4 +213,5 @@ def describe_finetune_space(sweep: SweepConfig) -> dict:
         "schedule": sweep.finetune_schedule,
         "train_precision": sweep.finetune_precision,
         "patience": sweep.finetune_patience,
+        "lr_decay": sweep.finetune_lr_decay,
     }

@@ -209,7 +209,8 @@ def refuse_changed_space(cfg: SweepConfig, study: optuna.Study | None) -> None:
     if recorded is not None and recorded != wanted:
         changed = sorted(k for k in recorded.keys() | wanted.keys() if recorded.get(k) != wanted.get(k))
         raise SweepError(
-            f"study {cfg.study!r} was run with another search space or held-out split ({', '.join(changed)} differ: "
+            f"study {cfg.study!r} was run with another search space, held-out split or image size "
+            f"({', '.join(changed)} differ: "
             f"recorded {json.dumps({k: recorded.get(k) for k in changed})}); resume it with the same space, "
             "or pass --study NEW_NAME to start a new study with this one"
         )

@@ -110,13 +110,15 @@ def parent_description(
     )
 
 
-def version_info(winner: TrialRecord, study: str, tolerance: float, metrics: dict) -> VersionInfo:
-    """A registered version's description and tags: where it came from and how good it is."""
+def version_info(winner: TrialRecord, study: str, tolerance: float, metrics: dict, refit: bool = False) -> VersionInfo:
+    """A registered version's description and tags: where it came from and how good it is (`refit`:
+    the model is the winner's refit on train + validation, sweep.refit)."""
     test = f", test_acc {metrics['test_acc']:.3f}" if "test_acc" in metrics else ""
+    refit_note = " The model is its refit on train + validation (run --refit); val_acc is the trial's." if refit else ""
     description = (
         f"{winner.name} of the Optuna study **{study}** (stage {winner.stage}), chosen by the rule: "
         f"{rule_text(tolerance)}. val_acc {winner.val_acc:.3f}{test}, gap {winner.gap:+.3f}. "
-        f"Params: {json.dumps(winner.params)}."
+        f"Params: {json.dumps(winner.params)}.{refit_note}"
     )
     tags = {
         "val_acc": f"{winner.val_acc:.4f}",
@@ -127,4 +129,6 @@ def version_info(winner: TrialRecord, study: str, tolerance: float, metrics: dic
     }
     if "test_acc" in metrics:
         tags["test_acc"] = f"{metrics['test_acc']:.4f}"
+    if refit:
+        tags["trained_on"] = "train + validation"
     return VersionInfo(description, tags)

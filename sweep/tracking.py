@@ -39,7 +39,8 @@ NOTE_TAG = "mlflow.note.content"  # the markdown description MLflow's UI shows f
 # MLflow 3's UI shows an experiment of this kind as model training, not GenAI (unless the UI's own
 # GenAI/model-training switch overrides it: see browse_hint).
 KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
-PARENT_ROLE, TRIAL_ROLE = "study", "trial"
+PARENT_ROLE, TRIAL_ROLE, REFIT_ROLE = "study", "trial", "refit"
+REFIT_OF_TAG = "sweep.refit_of"  # on a refit's run: the run id of the trial it refits
 # Optuna's final state -> the MLflow run status that says the same thing.
 CHECKPOINT_ARTIFACT = "checkpoint/head.pt"  # a trial run's checkpoint, as `fetch_checkpoint` reads it
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
@@ -300,11 +301,39 @@ class Tracker:
         """The trial's checkpoint (its head, and for stage 2 its fine-tuned blocks), from its run."""
         if not record.run_id:
             raise CheckpointError(f"{record.name} has no MLflow run to take its checkpoint from")
+        return self.run_checkpoint(record.run_id)
+
+    def run_checkpoint(self, run_id: str) -> dict:
+        """The checkpoint a trial's (or a refit's) run logged."""
         with tempfile.TemporaryDirectory() as tmp:
             path = mlflow.artifacts.download_artifacts(
-                run_id=record.run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=tmp, tracking_uri=self.tracking_uri
+                run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=tmp, tracking_uri=self.tracking_uri
             )
             return load_checkpoint(path, kind=HEAD)
+
+    def start_refit(self, parent: ParentRun, name: str, params: dict, chosen: TrialRecord) -> str:
+        """A nested run for the refit of the chosen trial `chosen` (sweep.refit)."""
+        tags = {
+            "mlflow.parentRunId": parent.run_id,
+            ROLE_TAG: REFIT_ROLE,
+            STUDY_TAG: parent.study,
+            STAGE_TAG: chosen.stage,
+            REFIT_OF_TAG: chosen.run_id,
+            NOTE_TAG: (
+                f"**Refit** of {chosen.name}: its configuration trained again on train + validation for its "
+                f"best epoch count ({chosen.best_epoch}). Not a trial: it has no val_acc of its own (it trained "
+                f"on validation); the rule chose {chosen.name} by its val_acc {chosen.val_acc:.3f}."
+            ),
+        }
+        run = self.client.create_run(parent.experiment_id, run_name=name, tags=tags)
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def find_refit(self, experiment_id: str, chosen: TrialRecord) -> str | None:
+        """The FINISHED refit run of the chosen trial, if there is one (the newest)."""
+        query = f"tags.`{REFIT_OF_TAG}` = '{chosen.run_id}' AND attributes.status = 'FINISHED'"
+        runs = self.client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
+        return runs[0].info.run_id if runs else None
 
 
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` (and `make ui`) serves by default

@@ -74,7 +74,11 @@ def trial_checkpoint(
     """A trial's checkpoint: the best epoch's weights of what it trained (keyed as in the model's
     tail), the spec to rebuild the model around them, and where they came from."""
     spec = ModelSpec(
-        classes=tuple(data.classes), size_inner=cfg.size_inner, dropout=cfg.dropout, finetune_blocks=finetune_blocks
+        classes=tuple(data.classes),
+        size_inner=cfg.size_inner,
+        dropout=cfg.dropout,
+        finetune_blocks=finetune_blocks,
+        image_size=data.image_size,
     )
     provenance = {
         "backbone_fingerprint": data.backbone_id,
@@ -180,12 +184,18 @@ def summary_metrics(metrics: dict) -> dict[str, float]:
     }
 
 
+def log_checkpoint(tracker: Tracker, run_id: str, payload: dict) -> None:
+    """The checkpoint as the run's artifact, where `Tracker.run_checkpoint` reads it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint_file = save_checkpoint(payload, Path(tmp) / Path(CHECKPOINT_ARTIFACT).name)
+        tracker.log_file(run_id, checkpoint_file, str(Path(CHECKPOINT_ARTIFACT).parent))
+
+
 def _log_best(tracker: Tracker, run_id: str, best: BestEpoch, payload: dict) -> None:
     """Summary metrics at the checkpointed epoch, the checkpoint and the learning curves."""
     m = best.metrics
     tracker.log_metrics(run_id, summary_metrics(m))
+    log_checkpoint(tracker, run_id, payload)
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint_file = save_checkpoint(payload, Path(tmp) / Path(CHECKPOINT_ARTIFACT).name)
-        tracker.log_file(run_id, checkpoint_file, str(Path(CHECKPOINT_ARTIFACT).parent))
         curves = learning_curves(best.history, m["epoch"], Path(tmp) / "curves.png")
         tracker.log_file(run_id, curves, "plots")

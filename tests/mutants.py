@@ -364,6 +364,34 @@ MUTANTS = (
         "    if True:",
         ("tests/test_features.py::test_the_decode_and_engine_give_the_same_features_run_to_run_from_one_conversion",),
     ),
+    Mutant(
+        "the sweep's mirror views at 224 px whatever --image-size",
+        "sweep/data.py",
+        "        image_size=cfg.image_size,\n",
+        "",
+        ("tests/test_image_size.py::test_a_larger_image_size_travels_from_the_features_to_predict",),
+    ),
+    Mutant(
+        "a refit trains on the training split alone",
+        "sweep/refit.py",
+        "train=data.train.joined(data.val)",
+        "train=data.train",
+        ("tests/test_refit.py::test_refit_trains_the_winner_on_both_splits_and_best_exports_it",),
+    ),
+    Mutant(
+        "best exports the chosen trial, not its refit",
+        "sweep/winner.py",
+        "shipped = tracker.run_checkpoint(refit_id) if refit_id else head",
+        "shipped = head",
+        ("tests/test_refit.py::test_refit_trains_the_winner_on_both_splits_and_best_exports_it",),
+    ),
+    Mutant(
+        "layer decay applied once, not per block",
+        "sweep/finetune.py",
+        '"lr": lr * decay**depth}',
+        '"lr": lr * decay ** min(depth, 1)}',
+        ("tests/test_finetune.py::test_layer_decay_gives_each_block_below_the_top_a_smaller_lr",),
+    ),
 )
 
 

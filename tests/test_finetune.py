@@ -17,14 +17,16 @@ from clothing.features import cached_features
 from clothing.model import (
     ClothingClassifierMobileNet,
     ModelSpec,
+    finetune_cut,
     load_backbone,
     trainable_parameters,
     weights_fingerprint,
 )
 from clothing.scoring import export_model, split_logits
 from clothing.train import FeatureBatches, TrainHooks, WeightAverage, train_and_evaluate
+from sweep.finetune import layer_decayed_groups
 from sweep.select import select_winner
-from sweep.space import FINETUNE_SEARCH_LR
+from sweep.space import FINETUNE_SEARCH_LR, of_recipe
 from sweep.study import describe_trial, read_studies, trial_records
 from sweep.tracking import Tracker
 
@@ -167,6 +169,7 @@ def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_di
         "schedule": "constant",
         "train_precision": "fp32",  # --precision fp32: stage 2 trains in fp32 too
         "patience": 0,
+        "lr_decay": 1.0,
         "size_inner": source.params["size_inner"],
     }
     assert tuned.params == expected
@@ -370,3 +373,47 @@ def test_patience_stops_a_stalled_stage2_and_keeps_the_best_epochs_checkpoint(st
     head = Tracker(stores["--tracking-uri"]).fetch_checkpoint(tuned)
     assert head["metrics"]["epoch"] == best_epoch
     assert head["metrics"]["val_acc"] == max(m.value for m in history)
+
+
+def test_layer_decay_gives_each_block_below_the_top_a_smaller_lr(tiny_weights):
+    model = ClothingClassifierMobileNet(4, 10, backbone=load_backbone(tiny_weights), finetune_blocks=3)
+    tail = model.tail()
+    groups = layer_decayed_groups(tail, 1e-3, 0.5)
+    # The head, the final 1x1 conv, then blocks 17, 16, 15: each at half the lr of the one above.
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4, 1.25e-4])
+    assert [id(p) for g in groups[1:] for p in g["params"]] == [
+        id(p) for layer in reversed(list(model.features[model.cut :])) for p in layer.parameters()
+    ]
+    # Every trainable parameter is in exactly one group; with decay 1 all share the lr.
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(map(id, trainable_parameters(tail)))
+    assert {g["lr"] for g in layer_decayed_groups(tail, 1e-3, 1.0)} == {1e-3}
+
+
+def test_a_stage2_with_layer_decay_records_it_and_moves_earlier_blocks_less(stores, data_dir, tiny_weights):
+    options = (*run_options(data_dir, tiny_weights, 2, 1), "--finetune-blocks", "2", "--finetune-epochs", "2")
+    result = sweep("run", *options, "--finetune-lr", "1e-3", "--finetune-lr-decay", "0.01", stores=stores)
+    assert result.exit_code == 0, output_of(result)
+    (trial,) = read_studies(stores["--storage"], "clothing").stage2.trials
+    assert trial.params["lr_decay"] == 0.01
+    assert stage2_runs(stores)["finetune-000"].data.params["lr_decay"] == "0.01"
+    tuned = next(r for r in read_studies(stores["--storage"], "clothing").records() if r.stage == "finetune")
+    trained = Tracker(stores["--tracking-uri"]).fetch_checkpoint(tuned)["state_dict"]
+    before = load_backbone(tiny_weights).features
+
+    def moved(index: int) -> float:
+        """The mean step training took the weights of trunk layer `index` (AdamW's steps scale with the lr)."""
+        original = dict(before[index].named_parameters())
+        steps = [(trained[f"blocks.{index}.{k}"] - v).abs().flatten() for k, v in original.items()]
+        return float(torch.cat(steps).mean())
+
+    # The final conv (18) trains at 1e-3, block 17 at 1e-3 x 0.01, block 16 (the cut) at 1e-3 x 0.01^2.
+    assert finetune_cut(2) == 16
+    assert moved(18) > 10 * moved(17) > 100 * moved(16) > 0
+
+
+def test_a_stage2_trial_from_before_lr_decay_counts_as_the_recipe_without_decay():
+    recipe = {"lr": 1e-4, "finetune_blocks": 3, "lr_decay": 1.0}
+    older = {"lr": 1e-4, "finetune_blocks": 3}  # recorded before the param existed: one lr for all
+    assert of_recipe(older, recipe)  # a resumed study does not fine-tune it again
+    assert not of_recipe(older, {**recipe, "lr_decay": 0.7})
+    assert not of_recipe({**older, "lr_decay": 0.7}, recipe)

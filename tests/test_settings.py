@@ -12,6 +12,8 @@ from sweep.config import SweepConfig, parent_params
 from sweep.settings import default_of, settings_of
 
 FILE_SETTINGS = [name for name, (_, how) in settings_of(SweepConfig).items() if how.in_file]
+FILE_FLAGS = [name for name, (_, how) in settings_of(SweepConfig).items() if how.in_file and how.flag]
+VALUED = [name for name in FILE_SETTINGS if name not in FILE_FLAGS]  # a flag takes no value on the command line
 
 
 def out_of_bounds(click_type) -> object:
@@ -29,7 +31,7 @@ def refusal(output: str) -> str:
     return line.rsplit(": ", 1)[-1]
 
 
-@pytest.mark.parametrize("name", FILE_SETTINGS)
+@pytest.mark.parametrize("name", VALUED)
 def test_the_command_line_and_a_sweep_file_refuse_the_same_value_with_the_same_words(name, tmp_path):
     value = out_of_bounds(settings_of(SweepConfig)[name][1].type)
     option = "--" + name.replace("_", "-")
@@ -41,6 +43,16 @@ def test_the_command_line_and_a_sweep_file_refuse_the_same_value_with_the_same_w
     assert refusal(given.output) == refusal(in_file.output), output_of(given) + output_of(in_file)
     assert repr(value) in in_file.output or str(value) in in_file.output  # the file's message names the value
     assert name in in_file.output
+
+
+@pytest.mark.parametrize("name", FILE_FLAGS)
+@pytest.mark.parametrize("value", [1, "yes"])
+def test_a_sweep_file_sets_a_switch_only_with_true_or_false(name, value, tmp_path):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({name: value}))
+    result = sweep("run", "--config", config, "--data-dir", tmp_path / "nowhere")
+    assert result.exit_code == 2, output_of(result)
+    assert f"{name} is {value!r}; it must be true or false" in result.output, output_of(result)
 
 
 def test_every_setting_is_an_option_of_run_with_the_dataclass_default():
