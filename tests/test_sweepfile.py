@@ -113,6 +113,6 @@ def test_the_checked_in_default_file_is_the_make_sweep_recipe():
     assert (settings["finetune_epochs"], settings["finetune_lr"], settings["tolerance"]) == (6, 1e-4, 0.01)
     assert (settings["finetune_schedule"], settings["finetune_average"]) == ("constant", "none")
     assert (settings["finetune_precision"], settings["finetune_patience"]) == ("auto", 1)
-    assert (settings["image_size"], settings["finetune_lr_decay"], settings["refit"]) == (288, 1.0, False)
+    assert (settings["image_size"], settings["finetune_lr_decay"], settings["refit"]) == (256, 1.0, False)
     assert [d.name for d in space] == ["lr", "size_inner", "dropout"]
     assert "--config sweeps/default.yaml" in (ROOT / "Makefile").read_text()
