@@ -390,9 +390,6 @@ def main(  # noqa: PLR0913 - its options
         return
     results_file = root / "results.jsonl"
     done = read_lines(results_file)
-    if cold and picture is None:
-        time_cold(root, cold, views)
-        return
     if rescore:  # the scores again, from the stores each run left (e.g. after adding a rule here)
         scorer = HeldOutScorer(Path(os.environ["CLOTHING_DATA_DIR"]), root / "cache", views)
         for result in done:
@@ -411,9 +408,8 @@ def main(  # noqa: PLR0913 - its options
         click.echo(f"\nstores in {root}; CPU flags: {cpu_flags()}")
         return
     # The front: each recipe's cold time too (measured once; `--cold` measures it again), then the table.
-    missing = [
-        n for n in names if not any(c["recipe"] == n and c["views"] == views for c in read_lines(root / "cold.jsonl"))
-    ]
+    timed_already = {c["recipe"] for c in read_lines(root / "cold.jsonl") if c["views"] == views}
+    missing = [n for n in names if n not in timed_already]
     if missing:
         time_cold(root, tuple(missing), views)
     timed = [c for c in read_lines(root / "cold.jsonl") if c["recipe"] in names]

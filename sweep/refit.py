@@ -25,9 +25,8 @@ from sweep.objective import HeadTrial
 from sweep.ranking import rank
 from sweep.select import HEAD_STAGE, TrialRecord
 from sweep.session import Session
+from sweep.summary import TRAINED_ON
 from sweep.trial import BestEpoch, log_checkpoint
-
-TRAINED_ON = "train + validation"
 
 
 def refit_name(chosen: TrialRecord) -> str:
@@ -83,8 +82,7 @@ def run_refit(session: Session, chosen: TrialRecord | None = None) -> str | None
         # Validation is in the training set, so only the training curves mean anything.
         kept = {k: metrics[k] for k in ("train_loss", "train_acc", "running_train_loss", "running_train_acc")}
         tracker.log_epoch(run_id, kept, step=epoch)
-        last.history.append({"epoch": epoch, **kept})
-        last.metrics = {"epoch": epoch, **kept}
+        last.metrics = {"epoch": epoch, **kept}  # the last epoch's weights are the refit model
         last.state_dict = copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
 
     start = time.perf_counter()

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from sweep.select import FINETUNE_STAGE, HEAD_STAGE, TrialRecord, rule_text
 
+TRAINED_ON = "train + validation"  # what a refit (sweep.refit) trained on, in its record and the registry
+
 TEST_METRIC = "best/test_acc"  # the winner's checkpoint scored on test/ (by `best`), on its own run
 PARENT_TEST_METRIC = "winner/test_acc"
 
@@ -114,7 +116,7 @@ def version_info(winner: TrialRecord, study: str, tolerance: float, metrics: dic
     """A registered version's description and tags: where it came from and how good it is (`refit`:
     the model is the winner's refit on train + validation, sweep.refit)."""
     test = f", test_acc {metrics['test_acc']:.3f}" if "test_acc" in metrics else ""
-    refit_note = " The model is its refit on train + validation (run --refit); val_acc is the trial's." if refit else ""
+    refit_note = f" The model is its refit on {TRAINED_ON} (run --refit); val_acc is the trial's." if refit else ""
     description = (
         f"{winner.name} of the Optuna study **{study}** (stage {winner.stage}), chosen by the rule: "
         f"{rule_text(tolerance)}. val_acc {winner.val_acc:.3f}{test}, gap {winner.gap:+.3f}. "
@@ -130,5 +132,5 @@ def version_info(winner: TrialRecord, study: str, tolerance: float, metrics: dic
     if "test_acc" in metrics:
         tags["test_acc"] = f"{metrics['test_acc']:.4f}"
     if refit:
-        tags["trained_on"] = "train + validation"
+        tags["trained_on"] = TRAINED_ON
     return VersionInfo(description, tags)

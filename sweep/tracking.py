@@ -29,6 +29,7 @@ from clothing.data import shown
 from sweep.config import default_tracking_uri
 from sweep.select import TrialRecord, rule_text
 from sweep.stores import mask_url, not_utf8
+from sweep.summary import TRAINED_ON
 
 ROLE_TAG = "sweep.role"
 STUDY_TAG = "sweep.study"
@@ -320,7 +321,7 @@ class Tracker:
             STAGE_TAG: chosen.stage,
             REFIT_OF_TAG: chosen.run_id,
             NOTE_TAG: (
-                f"**Refit** of {chosen.name}: its configuration trained again on train + validation for its "
+                f"**Refit** of {chosen.name}: its configuration trained again on {TRAINED_ON} for its "
                 f"best epoch count ({chosen.best_epoch}). Not a trial: it has no val_acc of its own (it trained "
                 f"on validation); the rule chose {chosen.name} by its val_acc {chosen.val_acc:.3f}."
             ),

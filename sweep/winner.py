@@ -18,10 +18,10 @@ from clothing.model import load_backbone
 from clothing.scoring import check_backbone, export_model, validate
 from sweep.publish import publish
 from sweep.ranking import Ranking, rank
-from sweep.refit import TRAINED_ON, refit_name
+from sweep.refit import refit_name
 from sweep.registry import CHAMPION_ALIAS, register_winner
 from sweep.study import Report, SweepError, read_studies, resolve_device
-from sweep.summary import version_info
+from sweep.summary import TRAINED_ON, version_info
 from sweep.tracking import ParentRun, Tracker, browse_hint
 
 
