@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import optuna
-from optuna.exceptions import UpdateFinishedTrialError
+from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
 from optuna.storages._rdb import models
 from optuna.trial import TrialState
 from sqlalchemy import orm
@@ -35,8 +35,12 @@ from sweep.stores import mask_url
 
 DEFAULT_OUTAGE_SECONDS = 120
 MAX_BACKOFF_SECONDS = 8.0
-HTTP_BACKOFF_FACTOR = 2
-STALE_REASON = "worker stopped (no heartbeat)"  # MLflow's default: waits of 2, 4, 8, ... s between attempts
+HTTP_BACKOFF_FACTOR = 2  # MLflow's default: waits of 2, 4, 8, ... s between attempts
+STALE_REASON = "no heartbeat within the grace period: its worker stopped, or could not reach the database"
+TAKEN_OVER_REASON = (
+    "failed as stale by another worker while it still ran: its heartbeat did not reach the database "
+    "within the grace period (a database outage, or an overloaded machine)"
+)
 
 T = TypeVar("T")
 
@@ -45,12 +49,31 @@ class StoreOutage(RuntimeError):
     """A store stayed unreachable for longer than the outage budget; the message names it."""
 
 
+class TrialTakenOver(RuntimeError):
+    """This process's trial was failed as stale by another worker; it was stopped and its run closed."""
+
+
+def driver_error(exc: BaseException) -> BaseException:
+    """The error underneath Optuna's: RDBStorage wraps every SQLAlchemy error of a session (a refused
+    connect included) in StorageInternalError, whose message blames invalid data."""
+    if isinstance(exc, StorageInternalError) and exc.__cause__ is not None:
+        return exc.__cause__
+    return exc
+
+
 def lost_connection(exc: BaseException) -> bool:
     """Whether a database error means "the server went away" (worth waiting for) rather than a
     mistake in the request (never worth repeating)."""
+    exc = driver_error(exc)
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
     return isinstance(exc, OperationalError | InterfaceError)
+
+
+def outage_reason(exc: BaseException) -> str:
+    """The driver's own first line ("connection refused", "the database system is shutting down")."""
+    exc = driver_error(exc)
+    return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
 
 
 def retrying(call: Callable[[], T], what: str, budget: float, is_transient: Callable[[BaseException], bool]) -> T:
@@ -65,7 +88,7 @@ def retrying(call: Callable[[], T], what: str, budget: float, is_transient: Call
                 raise
             if started is None:
                 started = time.monotonic()
-                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+                reason = outage_reason(exc)
                 print(f"{what} unreachable ({reason}); retrying for up to {budget:.0f} s", file=sys.stderr)
             if time.monotonic() + wait > deadline:
                 raise StoreOutage(f"{what} stayed unreachable for {budget:.0f} s (--outage-seconds)") from exc

@@ -25,7 +25,7 @@ from sweep.objective import HeadTrial
 from sweep.publish import publish
 from sweep.ranking import Ranking, rank
 from sweep.refit import run_refit
-from sweep.session import Session, open_worker_session, prepare
+from sweep.session import Session, close_orphaned_runs, open_worker_session, prepare
 from sweep.space import finetune_recipe, of_recipe
 from sweep.study import Report, Studies, count_finished, latest_trials, pin_params, run_trials
 from sweep.table import format_number
@@ -160,6 +160,7 @@ def run_sweep(cfg: SweepConfig, report: Report) -> SweepResult:
                 run_refit(session)
         status = "FINISHED"
     finally:
+        close_orphaned_runs(session)
         ranking = rank(session.studies, cfg.tolerance)
         publish(session.tracker, session.parent, ranking, session.studies.stage1)
         session.tracker.close_parent(session.parent.run_id, status)

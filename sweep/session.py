@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from clothing.data import shown
 from clothing.engines import resolve_engine
@@ -30,6 +31,7 @@ from sweep.study import (
     count_finished,
     describe_study,
     finetune_study_name,
+    latest_trials,
     make_storage,
     open_study,
     refuse_changed_space,
@@ -67,7 +69,8 @@ def _storage(cfg: SweepConfig, tracker: Tracker) -> optuna.storages.BaseStorage:
         """A trial whose worker died (no heartbeat) gets its MLflow run closed as FAILED: the run its
         id names, or one the worker created and died before naming."""
         stage = trial.user_attrs.get("stage", HEAD_STAGE)
-        run_id = trial.user_attrs.get("mlflow_run_id") or tracker.find_running_trial(cfg.study, stage, trial.number)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        run_id = run_id or tracker.running_trials(cfg.study, stage, trial.number).get(trial.number)
         if run_id:
             tracker.end_trial(run_id, "FAIL", STALE_REASON)
 
@@ -77,6 +80,21 @@ def _storage(cfg: SweepConfig, tracker: Tracker) -> optuna.storages.BaseStorage:
         storage.ride_out_outages(cfg.outage_seconds)
     ride_out_tracking_outages(cfg.outage_seconds)
     return storage
+
+
+def close_orphaned_runs(session: Session) -> None:
+    """Close the trial runs still RUNNING in MLflow whose Optuna trial has failed. A worker that fails
+    a stale trial writes the FAIL first and closes the run after; killed in between, it leaves such a
+    run, which no stale check will see again. The next sweep to finish closes it, with the reason."""
+    stages = [(HEAD_STAGE, session.studies.stage1), (FINETUNE_STAGE, session.studies.stage2)]
+    for stage, study in stages:
+        running = session.tracker.running_trials(session.cfg.study, stage) if study is not None else {}
+        if not running:
+            continue
+        failed = {t.number: t for t in latest_trials(study) if t.state == TrialState.FAIL}
+        for number, run_id in running.items():
+            if number in failed:
+                session.tracker.end_trial(run_id, "FAIL", failed[number].user_attrs.get("error", STALE_REASON))
 
 
 def _stage2_study(cfg: SweepConfig, storage: optuna.storages.BaseStorage) -> optuna.Study | None:

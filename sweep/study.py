@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from clothing.data import shown
 from sweep.config import SweepConfig
 from sweep.locks import StudyLock, holding, study_lock
-from sweep.outages import OutageTolerantStorage
+from sweep.outages import TAKEN_OVER_REASON, OutageTolerantStorage
 from sweep.select import DEFAULT_TOLERANCE, FINETUNE_STAGE, HEAD_STAGE, TrialRecord, rule_text, trial_name
 from sweep.space import describe_finetune_space, describe_space, space_signature
 from sweep.stores import StorageError, engine_kwargs, mask_url, not_utf8, storage_error
@@ -356,12 +356,21 @@ def run_trials(
                 lock.release()
                 time.sleep(HEARTBEAT_SECONDS / 2)
                 continue
-            started = time.perf_counter()
-            study.optimize(
-                released_then_run, n_trials=1, catch=(Exception,), callbacks=[lambda _, t, ran=ran: ran.append(t)]
-            )
+            started, taken_over = time.perf_counter(), len(objective.taken_over)
+            try:
+                study.optimize(
+                    released_then_run, n_trials=1, catch=(Exception,), callbacks=[lambda _, t, ran=ran: ran.append(t)]
+                )
+            except ValueError:  # "Cannot tell a FAIL trial": another worker failed it first
+                if len(objective.taken_over) == taken_over:
+                    raise
         finally:
             lock.release()
+        if not ran:
+            name = trial_name(objective.stage, objective.taken_over[-1])
+            report(f"{name} failed: {TAKEN_OVER_REASON}")
+            errors.append(f"{name}: {TAKEN_OVER_REASON}")
+            continue
         trial = ran[0]
         report(describe_trial(trial, objective.stage, time.perf_counter() - started))
         if trial.state in FINISHED:

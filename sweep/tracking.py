@@ -188,17 +188,17 @@ class Tracker:
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
-    def find_running_trial(self, study: str, stage: str, number: int) -> str | None:
-        """The RUNNING run of trial `number` of `stage` in `study`'s experiment, if there is one."""
+    def running_trials(self, study: str, stage: str, number: int | None = None) -> dict[int, str]:
+        """The RUNNING trial runs of `stage` in `study`'s experiment (of trial `number` only, if given):
+        trial number -> run id."""
         experiment_id = self.experiment_id(study, create=False)
         if experiment_id is None or "'" in study:  # a quote would end the filter's string
-            return None
-        query = (
-            f"tags.`{STUDY_TAG}` = '{study}' AND tags.`{STAGE_TAG}` = '{stage}' AND "
-            f"tags.`optuna.trial_number` = '{number}' AND attributes.status = 'RUNNING'"
-        )
-        runs = self.client.search_runs([experiment_id], filter_string=query, max_results=1)
-        return runs[0].info.run_id if runs else None
+            return {}
+        query = f"tags.`{STUDY_TAG}` = '{study}' AND tags.`{STAGE_TAG}` = '{stage}' AND attributes.status = 'RUNNING'"
+        if number is not None:
+            query += f" AND tags.`optuna.trial_number` = '{number}'"
+        runs = self.client.search_runs([experiment_id], filter_string=query)
+        return {int(r.data.tags["optuna.trial_number"]): r.info.run_id for r in runs}
 
     def log_lineage(self, run_id: str, splits, tags: dict[str, str]) -> None:
         """The splits as MLflow dataset inputs (the UI's Datasets column), and the lineage tags."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from torch import nn
 
 from clothing.checkpoint import HEAD, checkpoint, save_checkpoint
@@ -24,6 +25,7 @@ from clothing.model import ModelSpec, build_model, count_parameters
 from clothing.train import TrainingDiverged
 from sweep.config import TrainConfig
 from sweep.data import SweepData
+from sweep.outages import TAKEN_OVER_REASON, TrialTakenOver
 from sweep.plots import learning_curves
 from sweep.select import trial_name
 from sweep.session import Session
@@ -107,17 +109,33 @@ class TrackedObjective:
 
     def __init__(self, session: Session, task: TrialTask) -> None:
         self.session, self.task = session, task
+        self.taken_over: list[int] = []  # numbers of this process's trials that another worker failed
+        self._run_id: str | None = None  # the running trial's run, once created
 
     @property
     def stage(self) -> str:
         return self.task.stage
 
     def __call__(self, trial: optuna.Trial) -> float:
+        self._run_id = None
+        try:
+            return self._run(trial)
+        except UpdateFinishedTrialError as exc:
+            # Another worker failed this trial as stale while it still ran: its heartbeat did not reach
+            # the database in time (an outage longer than the grace period, an overloaded machine).
+            # Optuna keeps that FAIL; the run, which that worker may not have known of, says so too.
+            self.taken_over.append(trial.number)
+            if self._run_id is not None:
+                self.session.tracker.end_trial(self._run_id, "FAIL", TAKEN_OVER_REASON)
+            raise TrialTakenOver(TAKEN_OVER_REASON) from exc
+
+    def _run(self, trial: optuna.Trial) -> float:
         session, stage = self.session, self.stage
         name = trial_name(stage, trial.number)
         trial.set_user_attr("stage", stage)
         config = self.task.suggest(trial)
         run_id = session.tracker.start_trial(session.parent, name, trial.number, self.task.params(config), stage)
+        self._run_id = run_id
         trial.set_user_attr("mlflow_run_id", run_id)
         session.tracker.log_lineage(run_id, session.data.lineage.splits, session.data.lineage.tags)
         best = BestEpoch()
@@ -141,6 +159,8 @@ class TrackedObjective:
             reason = f"diverged: {exc}"
             self._close(trial, run_id, config, best, "PRUNED", reason)
             raise optuna.TrialPruned(reason) from exc
+        except UpdateFinishedTrialError:
+            raise  # the trial is no longer this process's to record: see __call__
         except KeyboardInterrupt:
             trial.set_user_attr("error", "interrupted")
             self._close(trial, run_id, config, None, "FAIL", "interrupted (Ctrl-C)")

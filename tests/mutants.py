@@ -392,6 +392,27 @@ MUTANTS = (
         '"lr": lr * decay ** min(depth, 1)}',
         ("tests/test_finetune.py::test_layer_decay_gives_each_block_below_the_top_a_smaller_lr",),
     ),
+    Mutant(
+        "a refused connect under Optuna's StorageInternalError not waited out",
+        "sweep/outages.py",
+        "    exc = driver_error(exc)\n    if isinstance(exc, DBAPIError)",
+        "    if isinstance(exc, DBAPIError)",
+        ("tests/test_outages.py::test_a_heartbeat_waits_out_a_stopped_database_instead_of_dying",),
+    ),
+    Mutant(
+        "a live trial another worker failed left with its run RUNNING",
+        "sweep/trial.py",
+        "            if self._run_id is not None:\n",
+        "            if False:\n",
+        ("tests/test_study.py::test_a_live_trial_another_worker_failed_is_stopped_closed_and_replaced",),
+    ),
+    Mutant(
+        "orphaned runs of failed trials not closed",
+        "sweep/pipeline.py",
+        "        close_orphaned_runs(session)\n",
+        "",
+        ("tests/test_study.py::test_a_failed_trials_run_left_running_is_closed_by_the_next_sweep",),
+    ),
 )
 
 

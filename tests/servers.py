@@ -63,10 +63,24 @@ class Postgres:
     bin_dir: Path
     pg_ctl: tuple[str, ...] = ()  # pg_ctl -D DATA -l LOG, run as the postgres user where we are root
 
+    options: str = ""  # the server options it was started with
+
     def restart(self) -> None:
         """`pg_ctl restart -m fast`: every connection is dropped (a failover, a maintenance window)."""
-        restart = [*self.pg_ctl, "-m", "fast", "-w", "restart"]
-        subprocess.run(restart, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        self._pg_ctl("-m", "fast", "-w", "restart")
+
+    @contextmanager
+    def stopped(self) -> Iterator[None]:
+        """The server down while the block runs (connections refused), then started again as it was."""
+        self._pg_ctl("-m", "fast", "-w", "stop")
+        try:
+            yield
+        finally:
+            self._pg_ctl("-o", self.options, "-w", "start")
+
+    def _pg_ctl(self, *args: str) -> None:
+        command = [*self.pg_ctl, *args]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
 
     def dump(self, database: str) -> str:
         """Everything in `database`, as SQL (pg_dump)."""
@@ -112,7 +126,7 @@ def postgres_cluster(password: str, settings: str = "") -> Iterator[Postgres]:
     options = f"-h 127.0.0.1 -p {port} -k {data} {settings}".strip()
     subprocess.run([*pg_ctl, "-o", options, "-l", str(root / "log"), "-w", "start"], check=True, capture_output=True)
     try:
-        yield Postgres("127.0.0.1", port, "sweep", password, bin_dir, (*pg_ctl, "-l", str(root / "log")))
+        yield Postgres("127.0.0.1", port, "sweep", password, bin_dir, (*pg_ctl, "-l", str(root / "log")), options)
     finally:
         subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)

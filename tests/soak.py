@@ -261,7 +261,14 @@ def check_record(storage: str, tracking: str, credentials: dict, plan: SoakPlan)
         parents = [r for r in runs if r.data.tags.get("sweep.role") == "study"]
         assert len(parents) == 1
         by_id = {r.info.run_id: r for r in runs}
-        assert not [r for r in runs if r.info.status == "RUNNING"], "a run left RUNNING"
+        trial_of = {t.user_attrs.get("mlflow_run_id"): t for t in trials}
+        left_running = [
+            f"{r.info.run_name} ({r.data.tags.get('sweep.role')}, Optuna: "
+            f"{getattr(trial_of.get(r.info.run_id), 'state', None)})"
+            for r in runs
+            if r.info.status == "RUNNING"
+        ]
+        assert not left_running, f"runs left RUNNING: {left_running}"
         for trial in trials:
             run = by_id.get(trial.user_attrs.get("mlflow_run_id"))
             if trial.state.name == "FAIL":

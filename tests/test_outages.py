@@ -1,18 +1,28 @@
 """Riding out outages: the retry budget, heartbeat-less trials, and the count when the lock was lost."""
 
+import threading
 import time
 from datetime import datetime, timedelta
 
 import optuna
 import psycopg
 import pytest
+from optuna.exceptions import StorageInternalError
 from optuna.trial import TrialState
 from servers import postgres_cluster
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sweep_helpers import assert_one_error, run_options, sweep
 
 from sweep.locks import FileLock, study_lock
-from sweep.outages import STALE_REASON, OutageTolerantStorage, StoreOutage, http_retries_for, retrying
+from sweep.outages import (
+    STALE_REASON,
+    OutageTolerantStorage,
+    StoreOutage,
+    http_retries_for,
+    lost_connection,
+    outage_reason,
+    retrying,
+)
 from sweep.study import SurplusTrial, refuse_surplus
 
 
@@ -44,6 +54,40 @@ def test_a_lost_connection_is_retried_within_the_budget_and_a_mistake_is_not(cap
     with pytest.raises(ProgrammingError):
         retrying(call, "the store", 30, lambda e: isinstance(e, OperationalError))
     assert len(calls) == 1
+
+
+def test_a_lost_connection_under_optunas_wrapping_is_still_a_lost_connection():
+    """RDBStorage re-raises every SQLAlchemy error of a session as StorageInternalError ("invalid data
+    in the commit"); a refused connect under it is still an outage to wait out, a bad query still not."""
+    wrapped = StorageInternalError("An exception is raised during the commit.")
+    wrapped.__cause__ = LOST
+    assert lost_connection(wrapped)
+    assert outage_reason(wrapped) == "server closed the connection unexpectedly"
+    mistake = StorageInternalError("An exception is raised during the commit.")
+    mistake.__cause__ = ProgrammingError("SELECT nope", {}, Exception("syntax error"))
+    assert not lost_connection(mistake)
+
+
+@pytest.mark.slow  # a PostgreSQL cluster of its own
+def test_a_heartbeat_waits_out_a_stopped_database_instead_of_dying(tmp_path):
+    """Optuna's heartbeat thread dies on the first error it sees; with the database down for a moment,
+    the trial of a live worker would then look stale and be failed by another worker."""
+    password = "outage-Secret-5"
+    with postgres_cluster(password) as pg:
+        storage = OutageTolerantStorage(
+            pg.url(pg.create_database("optuna"), password=password), heartbeat_interval=1, grace_period=60
+        )
+        storage.ride_out_outages(60)
+        trial_id = optuna.create_study(study_name="s", storage=storage).ask()._trial_id
+        beats: list = []
+        with pg.stopped():
+            beating = threading.Thread(target=lambda: beats.append(storage.record_heartbeat(trial_id)))
+            beating.start()
+            time.sleep(2)
+            assert beating.is_alive()  # waiting for the database, not dead of its first refused connect
+        beating.join(60)
+        assert not beating.is_alive() and beats == [None]  # the beat landed once the database was back
+        assert storage.get_trial(trial_id).state == TrialState.RUNNING
 
 
 def test_an_outage_longer_than_the_budget_fails_naming_the_store_and_a_zero_budget_fails_at_once():

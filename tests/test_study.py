@@ -9,11 +9,14 @@ import time
 import optuna
 import pytest
 from mlflow import MlflowClient
+from optuna.trial import TrialState
 from servers import mlflow_server as start_mlflow_server
 from servers import wait_for
 from sweep_helpers import load_study, mlflow_runs, run_options, sweep, sweep_argv
 
 import sweep.objective as objective_module
+from sweep.outages import STALE_REASON, TAKEN_OVER_REASON
+from sweep.tracking import ParentRun, Tracker
 
 pytestmark = pytest.mark.slow
 
@@ -159,6 +162,68 @@ def test_a_run_whose_every_trial_fails_exits_non_zero_with_the_first_error(store
     assert result.exit_code == 1
     assert "Error: every trial of this run failed; first error: trial-000: RuntimeError" in result.output
     assert [t.state.name for t in load_study(stores).trials] == ["FAIL", "FAIL"]
+
+
+def fail_as_another_worker_would(stores, number, study="clothing"):
+    """What another worker's stale check does to a trial whose heartbeat it has not seen in time: the
+    reason, then FAIL, through that worker's own connection to the study."""
+    other = optuna.storages.RDBStorage(stores["--storage"])
+    trial_id = other.get_trial_id_from_study_id_trial_number(other.get_study_id_from_name(study), number)
+    other.set_trial_user_attr(trial_id, "error", STALE_REASON)
+    other.set_trial_state_values(trial_id, TrialState.FAIL)
+
+
+@pytest.mark.parametrize("when", ["before its run exists", "during an epoch"])
+def test_a_live_trial_another_worker_failed_is_stopped_closed_and_replaced(
+    stores, data_dir, tiny_weights, monkeypatch, when
+):
+    """A worker whose heartbeat did not reach the database in time (an outage, an overloaded machine)
+    finds its trial failed by another: it stops it, closes the trial's run as FAILED with the reason
+    (the other worker may not have known the run), and runs a replacement. No traceback."""
+    if when == "before its run exists":
+        rig_trials(monkeypatch, lambda n: fail_as_another_worker_would(stores, 1) if n == 1 else None)
+    else:
+        real_train, calls = objective_module.HeadTrial.train, []
+
+        def train(self, config, on_epoch):
+            calls.append(1)
+            if len(calls) != 2:  # trial 1 only
+                return real_train(self, config, on_epoch)
+
+            def first_epoch_then_failed(epoch, metrics, model):
+                fail_as_another_worker_would(stores, 1)
+                on_epoch(epoch, metrics, model)
+
+            return real_train(self, config, first_epoch_then_failed)
+
+        monkeypatch.setattr(objective_module.HeadTrial, "train", train)
+    result = sweep("run", *run_options(data_dir, tiny_weights, 3, 2), "--pruner", "none", stores=stores)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert f"1 trial(s) failed; first error: trial-001: {TAKEN_OVER_REASON}" in result.output, result.output
+    assert [t.state.name for t in load_study(stores).trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    runs, _, _ = children_by_trial(stores)
+    assert runs[1].info.status == "FAILED" and runs[1].data.tags["sweep.error"] == TAKEN_OVER_REASON
+    assert [runs[n].info.status for n in (0, 2, 3)] == ["FINISHED"] * 3
+
+
+def test_a_failed_trials_run_left_running_is_closed_by_the_next_sweep(stores, data_dir, tiny_weights):
+    """A worker that failed a stale trial and died before closing its run leaves a RUNNING run whose
+    trial is FAIL, which no stale check sees again; the next sweep to finish closes it, with the reason."""
+    assert sweep("run", *run_options(data_dir, tiny_weights, 1, 1), stores=stores).exit_code == 0
+    study = load_study(stores)
+    dead = study.ask()  # a worker's trial and its run, then the failer's half of the stale check
+    tracker = Tracker(stores["--tracking-uri"])
+    experiment_id = tracker.experiment_id("clothing")
+    parent = ParentRun(experiment_id, tracker.find_parent(experiment_id), "clothing")
+    orphan = tracker.start_trial(parent, "trial-001", dead.number, {}, "head")
+    fail_as_another_worker_would(stores, dead.number)
+    assert tracker.client.get_run(orphan).info.status == "RUNNING"
+    result = sweep("run", *run_options(data_dir, tiny_weights, 2, 1), stores=stores)
+    assert result.exit_code == 0, result.output
+    run = tracker.client.get_run(orphan)
+    assert run.info.status == "FAILED" and run.data.tags["sweep.error"] == STALE_REASON
+    _, runs = mlflow_runs(stores)
+    assert "RUNNING" not in {r.info.status for r in runs}
 
 
 def assert_exact_counts(stores, target):
