@@ -308,6 +308,30 @@ def refuse_surplus(study: optuna.Study, number: int, target: int, lock: StudyLoc
         )
 
 
+def release_then(
+    objective, study: optuna.Study, target: int, lock: StudyLock, counts
+) -> Callable[[optuna.Trial], float]:
+    """`objective`, run once its trial exists: the study's lock released first (others may count the
+    trial now), and the trial stepping aside if the lock was lost on the way (`refuse_surplus`)."""
+
+    def run(trial: optuna.Trial) -> float:
+        try:
+            guarded = lock.held()  # held from the count to here: the count was exact
+            lock.release()  # the trial exists in the storage now: others may count it
+            if not guarded:
+                refuse_surplus(study, trial.number, target, lock, counts)
+        except SurplusTrial as exc:
+            trial.set_user_attr("error", str(exc))
+            trial.set_user_attr("surplus", True)
+            raise
+        except Exception as exc:  # the lock's database gone past the budget: the trial still says why
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+            raise
+        return objective(trial)
+
+    return run
+
+
 def run_trials(
     study: optuna.Study,
     objective,
@@ -329,18 +353,7 @@ def run_trials(
     heartbeat = has_heartbeat(study)
     allowed_failures = max(target - count_finished(study, counts), 1)
     done, errors = 0, []
-
-    def released_then_run(trial: optuna.Trial) -> float:
-        guarded = lock.held()  # held from the count to here: the count was exact
-        lock.release()  # the trial exists in the storage now: others may count it
-        if not guarded:
-            try:
-                refuse_surplus(study, trial.number, target, lock, counts)
-            except SurplusTrial as exc:
-                trial.set_user_attr("error", str(exc))
-                trial.set_user_attr("surplus", True)
-                raise
-        return objective(trial)
+    released_then_run = release_then(objective, study, target, lock, counts)
 
     while len(errors) < allowed_failures:
         ran: list[FrozenTrial] = []

@@ -130,57 +130,62 @@ class TrackedObjective:
             raise TrialTakenOver(TAKEN_OVER_REASON) from exc
 
     def _run(self, trial: optuna.Trial) -> float:
-        session, stage = self.session, self.stage
-        name = trial_name(stage, trial.number)
-        trial.set_user_attr("stage", stage)
-        config = self.task.suggest(trial)
-        run_id = session.tracker.start_trial(session.parent, name, trial.number, self.task.params(config), stage)
-        self._run_id = run_id
-        trial.set_user_attr("mlflow_run_id", run_id)
-        session.tracker.log_lineage(run_id, session.data.lineage.splits, session.data.lineage.tags)
-        best = BestEpoch()
+        session, best, config = self.session, BestEpoch(), None
 
         def on_epoch(epoch: int, metrics: dict, model: nn.Module) -> None:
-            session.tracker.log_epoch(run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            session.tracker.log_epoch(self._run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             best.update(metrics, model)
             trial.report(metrics["val_acc"], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} (val_acc {metrics['val_acc']:.3f})")
 
-        try:
+        try:  # from the first write on: whatever fails, the trial says why, and so does its run if it has one
+            trial.set_user_attr("stage", self.stage)
+            config = self.task.suggest(trial)
+            self._start_run(trial, config)
             # "N trainable of M parameters", as Lightning's fine-tuning example reports it.
             trainable, total = parameter_counts(self.task.spec(config))
-            session.tracker.log_params(run_id, {"trainable_parameters": trainable, "total_parameters": total})
+            session.tracker.log_params(self._run_id, {"trainable_parameters": trainable, "total_parameters": total})
             self.task.train(config, on_epoch)
         except optuna.TrialPruned as exc:
-            self._close(trial, run_id, config, best, "PRUNED", str(exc) or "pruned")
+            self._close(trial, config, best, "PRUNED", str(exc) or "pruned")
             raise
         except TrainingDiverged as exc:
             reason = f"diverged: {exc}"
-            self._close(trial, run_id, config, best, "PRUNED", reason)
+            self._close(trial, config, best, "PRUNED", reason)
             raise optuna.TrialPruned(reason) from exc
         except UpdateFinishedTrialError:
             raise  # the trial is no longer this process's to record: see __call__
         except KeyboardInterrupt:
-            trial.set_user_attr("error", "interrupted")
-            self._close(trial, run_id, config, None, "FAIL", "interrupted (Ctrl-C)")
+            self._fail(trial, "interrupted", "interrupted (Ctrl-C)")
             raise
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc}"
-            trial.set_user_attr("error", message)
-            self._close(trial, run_id, config, None, "FAIL", message)
+            self._fail(trial, message, message)
             raise
-        self._close(trial, run_id, config, best, "COMPLETE")
+        self._close(trial, config, best, "COMPLETE")
         return best.metrics["val_acc"]
 
-    def _close(
-        self, trial: optuna.Trial, run_id: str, config: Any, best: BestEpoch | None, state: str, reason: str = ""
-    ) -> None:
+    def _start_run(self, trial: optuna.Trial, config: Any) -> None:
+        """The trial's run, named as the trial is everywhere else, with its params and the data's lineage."""
+        session, name = self.session, trial_name(self.stage, trial.number)
+        params = self.task.params(config)
+        self._run_id = session.tracker.start_trial(session.parent, name, trial.number, params, self.stage)
+        trial.set_user_attr("mlflow_run_id", self._run_id)
+        session.tracker.log_lineage(self._run_id, session.data.lineage.splits, session.data.lineage.tags)
+
+    def _fail(self, trial: optuna.Trial, error: str, reason: str) -> None:
+        """A failed trial says why in Optuna; its run, if it got one, is closed FAILED with the reason."""
+        trial.set_user_attr("error", error)
+        if self._run_id is not None:
+            self.session.tracker.end_trial(self._run_id, "FAIL", reason)
+
+    def _close(self, trial: optuna.Trial, config: Any, best: BestEpoch, state: str, reason: str = "") -> None:
         """The one way a trial's run ends: with at least one epoch, its scores at the best epoch go to
         the Optuna trial (what the winner rule reads) and the run gets the summary, the checkpoint and
         the curves; then the run is closed with the status that matches `state`, and why."""
-        tracker = self.session.tracker
-        if best is not None and best.metrics is not None:
+        tracker, run_id = self.session.tracker, self._run_id
+        if best.metrics is not None:
             for key, value in best_attrs(best.metrics).items():
                 trial.set_user_attr(key, value)
             provenance = {

@@ -273,7 +273,9 @@ def check_record(storage: str, tracking: str, credentials: dict, plan: SoakPlan)
             run = by_id.get(trial.user_attrs.get("mlflow_run_id"))
             if trial.state.name == "FAIL":
                 reason = trial.user_attrs.get("error") or trial.system_attrs.get("fail_reason")
-                assert reason, f"trial {trial.number} failed without a reason"
+                run_tags = run.data.tags if run is not None else None
+                details = f"user attrs {trial.user_attrs}, system attrs {trial.system_attrs}, run tags {run_tags}"
+                assert reason, f"trial {trial.number} failed without a reason: {details}"
                 assert run is None or (run.info.status == "FAILED" and run.data.tags.get("sweep.error")), trial.number
                 continue
             assert run is not None, f"finished trial {trial.number} has no run"

@@ -164,6 +164,26 @@ def test_a_run_whose_every_trial_fails_exits_non_zero_with_the_first_error(store
     assert [t.state.name for t in load_study(stores).trials] == ["FAIL", "FAIL"]
 
 
+def test_a_trial_that_fails_before_its_run_exists_still_says_why(stores, data_dir, tiny_weights, monkeypatch):
+    """A failure before the trial's run is created (here in its suggest; in a cluster, a store that
+    refuses the write) still leaves the trial's reason in Optuna, and no run to leave RUNNING."""
+    real_suggest = objective_module.suggest
+
+    def suggest(trial, cfg):
+        if trial.number == 1:
+            raise RuntimeError("no configuration drawn")
+        return real_suggest(trial, cfg)
+
+    monkeypatch.setattr(objective_module, "suggest", suggest)
+    result = sweep("run", *run_options(data_dir, tiny_weights, 3, 1), "--pruner", "none", stores=stores)
+    assert result.exit_code == 0, result.output
+    trials = load_study(stores).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[1].user_attrs["error"] == "RuntimeError: no configuration drawn"
+    runs, _, _ = children_by_trial(stores)
+    assert sorted(runs) == [0, 2, 3]
+
+
 def fail_as_another_worker_would(stores, number, study="clothing"):
     """What another worker's stale check does to a trial whose heartbeat it has not seen in time: the
     reason, then FAIL, through that worker's own connection to the study."""
