@@ -134,6 +134,17 @@ RECIPES = {
     # starts from a copy of its recipe's stores (REFIT_OF), so it adds only the refit.
     "make sweep's stage 2 + refit": (*MAKE_SWEEP, "--refit", "--tolerance", "0.01"),
     "make sweep's stage 2 at 288 px + refit": (*MAKE_SWEEP, "--image-size", "288", "--refit", "--tolerance", "0.01"),
+    # A stage-2 search in about the fixed trial's time (issue 31): the fixed trial stops after ~4 of its
+    # 6 epochs (best epoch 3, patience 1); here 2 trials of 3 epochs, blocks 3 then 2, lr sampled.
+    "search at 256 px: 2 trials of 3 epochs": (
+        *MAKE_SWEEP,
+        *("--image-size", "256", "--finetune-trials", "2", "--finetune-epochs", "3"),
+    ),
+    # Stage 2 from the two best stage-1 trials (the winner, then the next by val_acc), 3 epochs each.
+    "2 sources at 256 px, 3 epochs each": (
+        *MAKE_SWEEP,
+        *("--image-size", "256", "--finetune-sources", "2", "--finetune-epochs", "3"),
+    ),
     "search: 3 trials, blocks 3/2/1, cosine + EMA": (
         *("--finetune-blocks", "3", "--finetune-trials", "3", "--finetune-epochs", "6"),
         *("--finetune-schedule", "cosine", "--finetune-average", "ema"),

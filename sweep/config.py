@@ -28,6 +28,7 @@ MAX_EPOCHS = 1000
 MAX_VIEWS = 16
 IMAGE_SIZES = (32, 1024)  # the smallest side MobileNetV2's five stride-2 stages leave a pixel of
 MAX_FINETUNE_TRIALS = 100
+MAX_FINETUNE_SOURCES = 10
 FINETUNE_LR_RANGE = (1e-7, 1e-2)  # what a stage-2 lr may be
 FINETUNE_SEARCH_LR = (1e-5, 3e-4)  # a stage-2 search's lr range (docs/benchmarks.md, "Accuracy")
 MAX_LABEL_SMOOTHING = 0.5
@@ -223,6 +224,13 @@ class SweepConfig:
         "Stage-2 trials: 1 runs the fixed recipe (--finetune-blocks, --finetune-lr); more search the block "
         "count in [1, --finetune-blocks] (cycled, deepest first) and the lr in [{:g}, {:g}] (log), with "
         "pruning.".format(*FINETUNE_SEARCH_LR),
+        in_file=True,
+    )
+    finetune_sources: int = setting(
+        1,
+        click.IntRange(1, MAX_FINETUNE_SOURCES),
+        "Stage 2 starts from this many stage-1 trials, each fine-tuned with --finetune-trials trials: the "
+        "rule's winner, then the next COMPLETE trials by val_acc. The rule then ranks every trial of both stages.",
         in_file=True,
     )
     finetune_average: str = setting(

@@ -25,6 +25,7 @@ from sweep.objective import HeadTrial
 from sweep.publish import publish
 from sweep.ranking import Ranking, rank
 from sweep.refit import run_refit
+from sweep.select import TrialRecord
 from sweep.session import Session, close_orphaned_runs, open_worker_session, prepare
 from sweep.space import finetune_recipe, of_recipe
 from sweep.study import Report, Studies, count_finished, latest_trials, pin_params, run_trials
@@ -90,16 +91,37 @@ def stage1_worker(cfg: SweepConfig, parent: ParentRun, threads: int) -> None:
 
 
 def run_stage2(session: Session) -> tuple[int, list[str]]:
-    """Fine-tune the stage-1 winner, as `finetune_trials` trials of the stage-2 study, once per
-    (source, recipe): a re-run adds only the trials a recipe is missing."""
+    """Fine-tune the stage-1 winner (and with `finetune_sources` > 1 the next best trials too), as
+    `finetune_trials` trials of the stage-2 study each, once per (source, recipe): a re-run adds only
+    the trials a recipe is missing."""
     cfg, study, report = session.cfg, session.studies.stage2, session.report
     if study is None:
         return 0, []
-    source = rank(Studies(session.studies.stage1), cfg.tolerance).winner  # the stage-1 winner alone
-    if source is None:
+    sources = stage2_sources(rank(Studies(session.studies.stage1), cfg.tolerance), cfg.finetune_sources)
+    if not sources:
         report("stage 2 skipped: no COMPLETE stage-1 trial to fine-tune")
         return 0, []
     precision = resolve_training_precision(cfg.finetune_precision, cfg.precision, session.device)
+    done, errors = 0, []
+    for source in sources:
+        finished, failed = fine_tune(session, study, source, precision)
+        done, errors = done + finished, errors + failed
+    return done, errors
+
+
+def stage2_sources(ranking: Ranking, count: int) -> list[TrialRecord]:
+    """The stage-1 trials stage 2 starts from: the rule's winner, then the other COMPLETE trials by
+    val_acc (ties: the smaller gap), `count` in all."""
+    if ranking.winner is None:
+        return []
+    others = [r for r in ranking.records if r.state == "COMPLETE" and r.number != ranking.winner.number]
+    others.sort(key=lambda r: (-r.val_acc, r.gap))
+    return [ranking.winner, *others][:count]
+
+
+def fine_tune(session: Session, study: optuna.Study, source: TrialRecord, precision: str) -> tuple[int, list[str]]:
+    """Stage 2's trials from one source, unless its recipe already has them all."""
+    cfg, report = session.cfg, session.report
     recipe = finetune_recipe(cfg, source, precision)
     pin_params(study, recipe)
 

@@ -203,7 +203,11 @@ def describe_finetune_space(sweep: SweepConfig) -> dict:
     }
     fixed = {"finetune_blocks": sweep.finetune_blocks, "lr": sweep.finetune_lr}
     return {
-        "source_trial": "the stage-1 winner",
+        "source_trial": (
+            "the stage-1 winner"
+            if sweep.finetune_sources == 1
+            else f"the stage-1 winner, then the next {sweep.finetune_sources - 1} by val_acc"
+        ),
         "size_inner, dropout, ...": "the source trial's",
         **(searched if sweep.finetune_trials > 1 else fixed),
         "trials": sweep.finetune_trials,

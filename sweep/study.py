@@ -157,8 +157,12 @@ def open_study(
 
 
 def pin_params(study: optuna.Study, fixed_params: dict) -> None:
-    """From now on, the study's trials take `fixed_params` as they are (stage 2's recipe)."""
-    study.sampler = PartialFixedSampler(fixed_params, study.sampler)
+    """From now on, the study's trials take `fixed_params` as they are (stage 2's recipe), in place of
+    any recipe pinned before (stage 2 from another source)."""
+    sampler = study.sampler
+    if isinstance(sampler, PartialFixedSampler):
+        sampler = sampler._base_sampler  # noqa: SLF001 - the sampler it wraps, to wrap it only once
+    study.sampler = PartialFixedSampler(fixed_params, sampler)
 
 
 @dataclass

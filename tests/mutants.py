@@ -393,6 +393,13 @@ MUTANTS = (
         ("tests/test_finetune.py::test_layer_decay_gives_each_block_below_the_top_a_smaller_lr",),
     ),
     Mutant(
+        "stage 2 from the winner alone whatever --finetune-sources",
+        "sweep/pipeline.py",
+        "    return [ranking.winner, *others][:count]",
+        "    return [ranking.winner]",
+        ("tests/test_finetune.py::test_stage2_from_several_sources_fine_tunes_the_winner_then_the_next_best",),
+    ),
+    Mutant(
         "a refused connect under Optuna's StorageInternalError not waited out",
         "sweep/outages.py",
         "    exc = driver_error(exc)\n    if isinstance(exc, DBAPIError)",

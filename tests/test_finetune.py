@@ -417,3 +417,26 @@ def test_a_stage2_trial_from_before_lr_decay_counts_as_the_recipe_without_decay(
     assert of_recipe(older, recipe)  # a resumed study does not fine-tune it again
     assert not of_recipe(older, {**recipe, "lr_decay": 0.7})
     assert not of_recipe({**older, "lr_decay": 0.7}, recipe)
+
+
+def test_stage2_from_several_sources_fine_tunes_the_winner_then_the_next_best(stores, data_dir, tiny_weights):
+    """--finetune-sources 2: the rule's winner and the next COMPLETE trial by val_acc, one stage-2 trial
+    each, each recorded with its source and the source's head; a re-run adds nothing."""
+    extra = ("--finetune-blocks", "1", "--finetune-epochs", "1", "--finetune-sources", "2", "--pruner", "none")
+    options = (*run_options(data_dir, tiny_weights, 3, 1), *extra, "--precision", "fp32")
+    result = sweep("run", *options, stores=stores)
+    assert result.exit_code == 0, result.output
+    studies = read_studies(stores["--storage"], "clothing")
+    records = trial_records(studies.stage1)
+    winner = select_winner(records, 0.02)
+    others = [r for r in records if r.state == "COMPLETE" and r.number != winner.number]
+    runner_up = max(others, key=lambda r: (r.val_acc, -r.gap))
+    sources = [t.params["source_trial"] for t in studies.stage2.trials]
+    assert sources == [winner.number, runner_up.number], result.output
+    for trial in studies.stage2.trials:
+        source = studies.stage1.trials[trial.params["source_trial"]]
+        assert trial.params["size_inner"] == source.params["size_inner"]  # the source's head, not another's
+    runs = stage2_runs(stores)
+    assert [runs[f"finetune-{n:03d}"].data.params["source_trial"] for n in (0, 1)] == [str(s) for s in sources]
+    again = sweep("run", *options, stores=stores)
+    assert again.exit_code == 0 and len(read_studies(stores["--storage"], "clothing").stage2.trials) == 2
