@@ -85,7 +85,8 @@ def _storage(cfg: SweepConfig, tracker: Tracker) -> optuna.storages.BaseStorage:
 def close_orphaned_runs(session: Session) -> None:
     """Close the trial runs still RUNNING in MLflow whose Optuna trial has failed. A worker that fails
     a stale trial writes the FAIL first and closes the run after; killed in between, it leaves such a
-    run, which no stale check will see again. The next sweep to finish closes it, with the reason."""
+    run, which no stale check will see again (as does a failing trial whose own closing call failed).
+    The next sweep to finish closes it, with the trial's reason."""
     stages = [(HEAD_STAGE, session.studies.stage1), (FINETUNE_STAGE, session.studies.stage2)]
     for stage, study in stages:
         running = session.tracker.running_trials(session.cfg.study, stage) if study is not None else {}

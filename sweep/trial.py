@@ -3,7 +3,8 @@
 A stage says what its trials are (a `TrialTask`: suggest -> train -> checkpoint); `TrackedObjective`
 does the rest the same way for every stage: it opens the run named after the trial, logs each epoch,
 reports to Optuna and prunes, keeps the best validation epoch, and whatever way the trial ends
-(complete, pruned, diverged, failed, interrupted) closes the run with the matching state, in one place.
+(complete, pruned, diverged, failed, interrupted, or failed by another worker) closes the run with the
+matching state and says why in both stores.
 """
 
 from __future__ import annotations

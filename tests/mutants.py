@@ -414,6 +414,13 @@ MUTANTS = (
         ("tests/test_study.py::test_a_live_trial_another_worker_failed_is_stopped_closed_and_replaced",),
     ),
     Mutant(
+        "a trial that fails before its run exists records no reason",
+        "sweep/trial.py",
+        '        trial.set_user_attr("error", error)\n',
+        '        if self._run_id is not None:\n            trial.set_user_attr("error", error)\n',
+        ("tests/test_study.py::test_a_trial_that_fails_before_its_run_exists_still_says_why",),
+    ),
+    Mutant(
         "orphaned runs of failed trials not closed",
         "sweep/pipeline.py",
         "        close_orphaned_runs(session)\n",
