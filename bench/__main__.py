@@ -29,7 +29,7 @@ from torch import nn
 from bench import cpu_flags
 from bench.cluster import CallTimer, server_rows
 from bench.extraction import extraction_rows
-from bench.notebook import notebook_epoch, notebook_features
+from bench.notebook import notebook_epoch, notebook_pass
 from bench.predict import predict_rows
 from clothing.data import ClothingDataset, build_transforms
 from clothing.extract import resolve_precision
@@ -289,10 +289,7 @@ def main(limit: int | None, headline: bool) -> None:
     )
 
     # The headline, in one run: A (the notebook's extraction loop), B, R (with its stages) and D.
-    reference = {}
-    reference["train"], t_nb_train = timed(notebook_features, train, backbone)
-    reference["val"], t_nb_val = timed(notebook_features, val, backbone)
-    a = t_nb_train + t_nb_val
+    reference, a = notebook_pass({"train": train, "val": val}, backbone)
     b = cold_first_trial(data_dir, Path(weights), work / "first")
     r, peak_recipe, stages = cold_recipe(data_dir, Path(weights), work / "recipe")
     fast = {}

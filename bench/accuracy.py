@@ -40,7 +40,7 @@ import click
 
 from bench import cpu_flags
 from bench.front import Point, default_recipe, draw_front, front
-from bench.notebook import notebook_features
+from bench.notebook import notebook_pass
 from clothing.data import IMAGE_SIZE, ClothingDataset, build_transforms
 from clothing.extract import ExtractionOptions
 from clothing.features import FeatureSet, cached_features
@@ -294,10 +294,7 @@ def notebook_pass_seconds(data_dir: Path) -> float:
     backbone = load_backbone(os.environ["CLOTHING_BACKBONE_WEIGHTS"])
     train = ClothingDataset(data_dir / "train", build_transforms())
     val = ClothingDataset(data_dir / "validation", build_transforms(), train.class_to_idx)
-    start = time.perf_counter()
-    for split in (train, val):
-        notebook_features(split, backbone)
-    return time.perf_counter() - start
+    return notebook_pass({"train": train, "val": val}, backbone)[1]
 
 
 def time_cold(root: Path, names: tuple[str, ...], views: int) -> None:
@@ -328,13 +325,18 @@ def shipped_score(result: dict, tta: bool = False) -> float | None:
     return score.get(key + ("_tta" if tta else ""))
 
 
+def runs_of(results: list[dict], recipe: str, views: int) -> list[dict]:
+    """The held-out runs (one per seed) of `recipe` at `views`."""
+    return [r for r in results if r["recipe"] == recipe and r["views"] == views]
+
+
 def front_points(results: list[dict], cold: list[dict], views: int) -> tuple[list[Point], float]:
     """Each recipe with both a held-out estimate and a cold time at `views`, and the A measured with
     the cold times (the mean, if several runs measured it)."""
     cold = [c for c in cold if c["views"] == views]
     points = []
     for name in dict.fromkeys(r["recipe"] for r in results if r["views"] == views):
-        scores = [shipped_score(r) for r in results if r["recipe"] == name and r["views"] == views]
+        scores = [shipped_score(r) for r in runs_of(results, name, views)]
         times = [c["seconds"] for c in cold if c["recipe"] == name]
         if len(scores) > 1 and times:
             points.append(Point(name, statistics.mean(scores), statistics.stdev(scores), statistics.mean(times)))
@@ -346,13 +348,8 @@ def print_front(results: list[dict], cold: list[dict], views: int, picture: Path
     if not points:
         raise click.ClickException("no recipe has both held-out runs and a cold time yet (--cold RECIPE)")
     on_front, chosen = front(points), default_recipe(points, a)
-    tta = {
-        name: mean_std([shipped_score(r, tta=True) for r in results if r["recipe"] == name and r["views"] == views])
-        for name in (p.recipe for p in points)
-    }
-    wins = {
-        p.recipe: stage2_wins([r for r in results if r["recipe"] == p.recipe and r["views"] == views]) for p in points
-    }
+    tta = {p.recipe: mean_std([shipped_score(r, tta=True) for r in runs_of(results, p.recipe, views)]) for p in points}
+    wins = {p.recipe: stage2_wins(runs_of(results, p.recipe, views)) for p in points}
     click.echo(
         "| recipe | held-out, what `best` ships at 0.01 (3 seeds) | with mirror TTA | stage 2 won "
         "| cold time | cold / A | front |"

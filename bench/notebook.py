@@ -3,6 +3,8 @@ Normalize, a DataLoader with batch 32 and no workers, and the eager backbone rec
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -22,6 +24,17 @@ def notebook_features(dataset: ClothingDataset, backbone: nn.Module) -> torch.Te
         for images, _ in DataLoader(dataset, batch_size=BATCH_SIZE):
             rows.append(extractor(images))
     return torch.cat(rows)
+
+
+def notebook_pass(splits: dict[str, ClothingDataset], backbone: nn.Module) -> tuple[dict[str, torch.Tensor], float]:
+    """A, the benches' budget: the notebook's one pass over each split; (the features by split, the
+    seconds of all the passes)."""
+    features, seconds = {}, 0.0
+    for name, split in splits.items():
+        start = time.perf_counter()
+        features[name] = notebook_features(split, backbone)
+        seconds += time.perf_counter() - start
+    return features, seconds
 
 
 def notebook_epoch(train: ClothingDataset, val: ClothingDataset, backbone: nn.Module) -> dict:

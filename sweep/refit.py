@@ -13,7 +13,6 @@ head it was fine-tuned from.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import replace
 
@@ -26,7 +25,7 @@ from sweep.ranking import rank
 from sweep.select import HEAD_STAGE, TrialRecord
 from sweep.session import Session
 from sweep.summary import TRAINED_ON
-from sweep.trial import BestEpoch, log_checkpoint
+from sweep.trial import BestEpoch, log_checkpoint, weights_copy
 
 
 def refit_name(chosen: TrialRecord) -> str:
@@ -83,7 +82,7 @@ def run_refit(session: Session, chosen: TrialRecord | None = None) -> str | None
         kept = {k: metrics[k] for k in ("train_loss", "train_acc", "running_train_loss", "running_train_acc")}
         tracker.log_epoch(run_id, kept, step=epoch)
         last.metrics = {"epoch": epoch, **kept}  # the last epoch's weights are the refit model
-        last.state_dict = copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
+        last.state_dict = weights_copy(model)
 
     start = time.perf_counter()
     try:

@@ -176,14 +176,12 @@ class Tracker:
 
     def start_trial(self, parent: ParentRun, name: str, number: int, params: dict, stage: str) -> str:
         """A nested run for one trial, named as the trial is everywhere else (trial-007, finetune-000)."""
-        tags = {
-            "mlflow.parentRunId": parent.run_id,
-            ROLE_TAG: TRIAL_ROLE,
-            STUDY_TAG: parent.study,
-            STAGE_TAG: stage,
-            "optuna.trial_number": str(number),
-            STATE_TAG: "RUNNING",
-        }
+        tags = {"optuna.trial_number": str(number), STATE_TAG: "RUNNING"}
+        return self._start_child(parent, name, TRIAL_ROLE, stage, params, tags)
+
+    def _start_child(self, parent: ParentRun, name: str, role: str, stage: str, params: dict, tags: dict) -> str:
+        """A run nested under the study's parent run, with its role, study and stage tags and `params`."""
+        tags = {"mlflow.parentRunId": parent.run_id, ROLE_TAG: role, STUDY_TAG: parent.study, STAGE_TAG: stage, **tags}
         run = self.client.create_run(parent.experiment_id, run_name=name, tags=tags)
         self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -315,10 +313,6 @@ class Tracker:
     def start_refit(self, parent: ParentRun, name: str, params: dict, chosen: TrialRecord) -> str:
         """A nested run for the refit of the chosen trial `chosen` (sweep.refit)."""
         tags = {
-            "mlflow.parentRunId": parent.run_id,
-            ROLE_TAG: REFIT_ROLE,
-            STUDY_TAG: parent.study,
-            STAGE_TAG: chosen.stage,
             REFIT_OF_TAG: chosen.run_id,
             NOTE_TAG: (
                 f"**Refit** of {chosen.name}: its configuration trained again on {TRAINED_ON} for its "
@@ -326,9 +320,7 @@ class Tracker:
                 f"on validation); the rule chose {chosen.name} by its val_acc {chosen.val_acc:.3f}."
             ),
         }
-        run = self.client.create_run(parent.experiment_id, run_name=name, tags=tags)
-        self.log_params(run.info.run_id, params)
-        return run.info.run_id
+        return self._start_child(parent, name, REFIT_ROLE, chosen.stage, params, tags)
 
     def find_refit(self, experiment_id: str, chosen: TrialRecord) -> str | None:
         """The FINISHED refit run of the chosen trial, if there is one (the newest)."""

@@ -35,6 +35,11 @@ from sweep.tracking import CHECKPOINT_ARTIFACT, Tracker
 EpochCallback = Callable[[int, dict, nn.Module], None]
 
 
+def weights_copy(model: nn.Module) -> dict:
+    """The model's weights as they are now, on the CPU, untouched by further training."""
+    return copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
+
+
 @dataclass
 class BestEpoch:
     """The history so far, and the metrics and weights of the best validation epoch."""
@@ -47,7 +52,7 @@ class BestEpoch:
         self.history.append(dict(metrics))
         if self.metrics is None or metrics["val_acc"] > self.metrics["val_acc"]:
             self.metrics = dict(metrics)
-            self.state_dict = copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
+            self.state_dict = weights_copy(model)
 
 
 class TrialTask(Protocol):
