@@ -40,10 +40,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The default recipe is the checked-in sweep file (docs/benchmarks.md, "Accuracy"; docs/reference.md, "Sweep files"): dropout
-# searched, 2 cached views per training image, then stage 2 fine-tunes the winner's last 3 blocks.
-# SWEEP_OPTIONS= runs the plain head-only sweep; SWEEP_OPTIONS='--config my.yaml' runs yours.
-SWEEP_OPTIONS ?= --config sweeps/default.yaml
+# `run`'s defaults are the recommended recipe (docs/benchmarks.md): 256 px, dropout searched, 2 cached
+# views per training image, then stage 2 fine-tunes the winner's last 3 blocks.
+# SWEEP_OPTIONS='--config sweeps/plain.yaml' runs the plain head-only sweep; '--config my.yaml' yours.
+SWEEP_OPTIONS ?=
 
 # With the default data folder missing, it first downloads the dataset; offline, the clone fails in one
 # line and `sweep run` then says where the data goes.
@@ -73,7 +73,7 @@ bench-scale: install
 # work folder lacks is run (about 2 hours from nothing on 2 cores), then the table and the picture.
 ACCURACY_DIR ?= bench-accuracy
 bench-accuracy: install
-	$(PY) -m bench.accuracy --work-dir $(ACCURACY_DIR) --views 2 --front docs/images/accuracy_front.png
+	$(PY) -m bench.accuracy --work-dir $(ACCURACY_DIR) --front docs/images/accuracy_front.png
 
 # Many workers on one PostgreSQL study through SIGKILLs, a database restart and a tracking outage, at 1, 4,
 # 8 and 16 processes (bench/soak.py; tests/test_soak.py runs it small).

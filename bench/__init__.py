@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+PLAIN = Path(__file__).resolve().parent.parent / "sweeps" / "plain.yaml"  # the mission's head-only sweep
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the flags that decide the fast paths
 
 

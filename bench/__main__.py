@@ -26,7 +26,7 @@ import optuna
 import torch
 from torch import nn
 
-from bench import cpu_flags
+from bench import PLAIN, cpu_flags
 from bench.cluster import CallTimer, server_rows
 from bench.extraction import extraction_rows
 from bench.notebook import notebook_epoch, notebook_pass
@@ -36,11 +36,9 @@ from clothing.extract import resolve_precision
 from clothing.features import FeatureSet, cached_features
 from clothing.model import FEATURE_DIM, ModelSpec, build_head, build_model, load_backbone, trainable_parameters
 from clothing.train import FeatureBatches, set_seed, train_and_evaluate
-from sweep.config import SweepConfig, TrainConfig
-from sweep.finetune import AUTOCAST
-from sweep.objective import train_head
+from sweep.config import SweepConfig, read_sweep_file
+from sweep.objective import AUTOCAST, TrainConfig, train_head
 from sweep.pipeline import quiet_libraries, run_sweep
-from sweep.study import finetune_study_name
 from sweep.tracking import Tracker
 
 SWEEP_TRIALS, SWEEP_EPOCHS = 20, 10
@@ -92,15 +90,15 @@ def sweep_command(
 def cold_sweep(data_dir: Path, weights: Path, workdir: Path) -> tuple[float, float]:
     """A whole default-size plain sweep from a cold cache in a fresh process: (wall seconds, peak RSS GB)."""
     options = ("--quiet", "--study", "cold", "--trials", str(SWEEP_TRIALS), "--epochs", str(SWEEP_EPOCHS))
+    options += ("--config", str(PLAIN))
     return timed_process(sweep_command("run", data_dir, weights, workdir, *options))
 
 
 def cold_recipe(data_dir: Path, weights: Path, workdir: Path) -> tuple[float, float, dict[str, float]]:
-    """What `make sweep` runs, from a cold cache: `run --config sweeps/default.yaml`, then
-    `best --export`, each a fresh process: (wall seconds of both, the larger peak RSS in GB, the
-    seconds of each stage, from the trials' own start and end times in the Optuna storage)."""
-    recipe = Path(__file__).resolve().parent.parent / "sweeps" / "default.yaml"
-    run = sweep_command("run", data_dir, weights, workdir, "--quiet", "--study", "recipe", "--config", str(recipe))
+    """What `make sweep` runs, from a cold cache: `run` (the defaults, the recipe), then `best
+    --export`, each a fresh process: (wall seconds of both, the larger peak RSS in GB, the seconds of
+    each stage, from the trials' own start and end times in the Optuna storage)."""
+    run = sweep_command("run", data_dir, weights, workdir, "--quiet", "--study", "recipe")
     export = sweep_command("best", data_dir, weights, workdir, "--study", "recipe", "--export", str(workdir / "m.pt"))
     started = datetime.now()
     (t_run, rss_run), (t_export, rss_export) = timed_process(run), timed_process(export)
@@ -113,7 +111,7 @@ def recipe_stages(workdir: Path, started: datetime, t_run: float, t_export: floa
     `best --export` process."""
     storage = f"sqlite:///{workdir / 'optuna.db'}"
     stage1 = optuna.load_study(study_name="recipe", storage=storage).trials
-    stage2 = optuna.load_study(study_name=finetune_study_name("recipe"), storage=storage).trials
+    stage2 = optuna.load_study(study_name="recipe.finetune", storage=storage).trials
     first, last1 = min(t.datetime_start for t in stage1), max(t.datetime_complete for t in stage1)
     last2 = max(t.datetime_complete for t in stage2)
     seconds = {
@@ -128,14 +126,18 @@ def recipe_stages(workdir: Path, started: datetime, t_run: float, t_export: floa
 def cold_first_trial(data_dir: Path, weights: Path, workdir: Path) -> float:
     """B: `run --trials 1 --epochs 1` from nothing (fresh stores and cache, a fresh process): what the
     extraction pass costs a user, start-up included."""
-    options = ("--quiet", "--study", "first", "--trials", "1", "--epochs", "1")
+    options = ("--quiet", "--study", "first", "--trials", "1", "--epochs", "1", "--config", str(PLAIN))
     return timed_process(sweep_command("run", data_dir, weights, workdir, *options))[0]
 
 
 def warm_sweep(data_dir: Path, weights: str, work: Path, cache: Path, study: str = "warm") -> tuple[float, float]:
     """The plain 20x10 sweep in this process on a warm feature cache, as a new study in the stores
     in `work` (made by the first call): (seconds, of which MLflow calls)."""
-    cfg = SweepConfig(
+    settings, dimensions = read_sweep_file(PLAIN)
+    cfg = SweepConfig.of(
+        dimensions,
+        quiet=True,
+        **settings,
         data_dir=data_dir,
         study=study,
         trials=SWEEP_TRIALS,
@@ -144,7 +146,6 @@ def warm_sweep(data_dir: Path, weights: str, work: Path, cache: Path, study: str
         tracking_uri=f"sqlite:///{work / 'mlflow.db'}",
         backbone_weights=weights,
         cache_dir=cache,
-        quiet=True,
     )
     with CallTimer(Tracker) as mlflow_time:
         _, seconds = timed(run_sweep, cfg, lambda _: None)
@@ -219,7 +220,7 @@ def headline_rows(  # noqa: PLR0913 - the figures themselves
     rows = [
         ("A: the course notebook's loop over train+validation (the baseline)", f"{a:.1f} s", ""),
         ("B: cold `run --trials 1 --epochs 1` (fresh process, empty cache)", f"{b:.1f} s", f"A/B = {a / b:.2f}"),
-        ("R: cold `make sweep` (run --config sweeps/default.yaml, best --export)", f"{r:.1f} s", f"R/A = {r / a:.2f}"),
+        ("R: cold `make sweep` (run, best --export)", f"{r:.1f} s", f"R/A = {r / a:.2f}"),
     ]
     rows += [
         (f"  R: {stage}", f"{seconds:.1f} s", f"{100 * seconds / r:.0f} % of R") for stage, seconds in stages.items()
@@ -245,6 +246,7 @@ def jobs_rows(data_dir: Path, weights: Path, workdir: Path) -> list[tuple[str, s
     rows, cores = [], os.cpu_count() or 1
     for jobs in (1, cores):
         sweep = ("--quiet", "--study", f"jobs{jobs}", "--trials", str(SWEEP_TRIALS), "--epochs", str(SWEEP_EPOCHS))
+        sweep += ("--config", str(PLAIN))
         seconds, _ = timed_process(sweep_command("run", data_dir, weights, workdir, *sweep, "--jobs", str(jobs)))
         how = "1 process, all cores" if jobs == 1 else f"{jobs} processes of 1 thread"
         rows.append((f"sweep {SWEEP_TRIALS}x{SWEEP_EPOCHS}, warm cache, --jobs {jobs} ({how})", f"{seconds:.1f} s", ""))

@@ -1,15 +1,16 @@
 """`python -m bench.accuracy` (`make bench-accuracy`): each recipe's accuracy on images no trial saw.
 
 The validation split picks the winner, so its val_acc flatters it. Every recipe here runs once per
-seed with a stratified 10 % of train/ held out (`run --holdout 0.1 --holdout-seed S`, seeds 0, 1, 2;
-sweep.holdout), and the table gives, per recipe: the winner's val_acc, the winner's accuracy on the
-held-out images (mean ± std over the seeds), the same for the winner under a narrower band (0.01)
-and for the trial with the best val_acc (does the gap rule pick models that generalise better?), and
-the mean time of a warm run (stage 1 or stage 2).
+seed with a stratified 10 % of train/ held out (a sweep file's `holdout: 0.1` and `holdout_seed: S`,
+seeds 0, 1, 2; sweep.data.holdout_rows), and the table gives, per recipe: the winner's val_acc, the
+winner's accuracy on the held-out images (mean ± std over the seeds) under the plain sweep's band
+(0.02) and the recipe's (0.01), and for the trial with the best val_acc (does the gap rule pick models
+that generalise better?), and the mean time of a warm run (stage 1 or stage 2).
 
-Stage 1 (the sweep file's, views as given) runs once per seed; each recipe's stage 2 then starts from a
-copy of those stores, so the recipes differ only in what they add. One feature cache serves all: it
-holds every training image, and a stage-2 recipe with fewer blocks starts from the deepest cut's.
+Every recipe is the defaults (`make sweep`) with some options changed. Its stage 1 (views and image
+size as given) runs once per seed; its stage 2 then starts from a copy of those stores, so recipes
+that share a stage 1 differ only in what they add. One feature cache serves all: it holds every
+training image.
 Results go to results.jsonl in the work folder, one line per (recipe, seed), so a run can be resumed
 (`--work-dir` again) and the table printed from whatever is done.
 
@@ -41,131 +42,44 @@ import click
 from bench import cpu_flags
 from bench.front import Point, default_recipe, draw_front, front
 from bench.notebook import notebook_pass
-from clothing.data import IMAGE_SIZE, ClothingDataset, build_transforms
+from clothing.data import ClothingDataset, build_transforms
 from clothing.extract import ExtractionOptions
 from clothing.features import FeatureSet, cached_features
 from clothing.model import finetune_cut, load_backbone
+from clothing.predict import mirror_tta
 from clothing.scoring import cached_logits, model_from_checkpoint
-from sweep.holdout import HOLDOUT_FRACTION, HOLDOUT_SEEDS, holdout_rows
+from sweep.config import Stores, SweepConfig
+from sweep.data import holdout_rows
 from sweep.pipeline import quiet_libraries
-from sweep.select import select_winner
+from sweep.ranking import select_winner
 from sweep.study import read_studies
 from sweep.tracking import Tracker
 
-SWEEP_FILE = "sweeps/default.yaml"  # stage 1's settings and space; BASELINE pins the rest
-# What every recipe starts from, whatever the sweep file says (a recipe's own options come after
-# these and win): the rule's default band for choosing stage 2's source, no stabilisers, fp32 stage 2
-# without early stopping (what the rows measured before bf16 and patience existed).
-BASELINE = (
-    *("--tolerance", "0.02", "--finetune-schedule", "constant", "--finetune-average", "none"),
-    *("--finetune-label-smoothing", "0", "--finetune-trials", "1"),
-    *("--finetune-precision", "fp32", "--finetune-patience", "0"),
-)
-TOLERANCES = (0.02, 0.01)  # the rule's default band, and a narrower one
+HOLDOUT_FRACTION, HOLDOUT_SEEDS = 0.1, (0, 1, 2)  # 10 % of train/ held out, three draws
+RECIPE = SweepConfig()  # the defaults: what every recipe changes
+
+# Every recipe is the defaults (the recommended recipe: `make sweep`) with the options it lists.
+TOLERANCES = (0.02, 0.01)  # the plain sweep's band, and the recipe's
 STAGE1_ONLY = ("--finetune-blocks", "0")
-THREE_BLOCKS = ("--finetune-blocks", "3", "--finetune-lr", "1e-4", "--finetune-epochs", "6")
-# `make sweep`'s stage 2 since issue 30 (the sweep file's; BASELINE pins fp32 and no patience).
-MAKE_SWEEP = (*THREE_BLOCKS, "--finetune-precision", "auto", "--finetune-patience", "1")
-# Stage-2 recipes on top of the sweep file's stage 1: each option list replaces the file's stage 2.
-# `make sweep`'s is "3 blocks, lr 1e-4, 6 epochs" with --views 2 (docs/benchmarks.md, "Accuracy").
 RECIPES = {
     "stage 1 only": STAGE1_ONLY,
-    "1 block, lr 3e-5, 10 epochs": ("--finetune-blocks", "1", "--finetune-lr", "3e-5", "--finetune-epochs", "10"),
-    "3 blocks, lr 3e-5, 10 epochs": ("--finetune-blocks", "3", "--finetune-lr", "3e-5", "--finetune-epochs", "10"),
-    "3 blocks, lr 1e-4, 6 epochs": ("--finetune-blocks", "3", "--finetune-lr", "1e-4", "--finetune-epochs", "6"),
-    "+ cosine": (
-        *("--finetune-blocks", "3", "--finetune-lr", "1e-4", "--finetune-epochs", "6"),
-        *("--finetune-schedule", "cosine"),
-    ),
-    "+ cosine, tolerance 0.01": (
-        *("--finetune-blocks", "3", "--finetune-lr", "1e-4", "--finetune-epochs", "6"),
-        *("--finetune-schedule", "cosine", "--tolerance", "0.01"),
-    ),
-    "+ cosine + EMA": (
-        *("--finetune-blocks", "3", "--finetune-lr", "1e-4", "--finetune-epochs", "6"),
-        *("--finetune-schedule", "cosine", "--finetune-average", "ema"),
-    ),
-    "+ cosine + EMA + label smoothing 0.1": (
-        *("--finetune-blocks", "3", "--finetune-lr", "1e-4", "--finetune-epochs", "6"),
-        *("--finetune-schedule", "cosine", "--finetune-average", "ema", "--finetune-label-smoothing", "0.1"),
-    ),
-    "+ cosine + EMA, lr 3e-4": (
-        *("--finetune-blocks", "3", "--finetune-lr", "3e-4", "--finetune-epochs", "6"),
-        *("--finetune-schedule", "cosine", "--finetune-average", "ema"),
-    ),
-    "+ cosine + EMA, 10 epochs": (
-        *("--finetune-blocks", "3", "--finetune-lr", "1e-4", "--finetune-epochs", "10"),
-        *("--finetune-schedule", "cosine", "--finetune-average", "ema"),
-    ),
-    # Stage 2 at the CPU's native precision, and stopped once val_acc stalls (issue 30): the same
-    # recipe in fp32 and in bf16 in one run, then bf16 with patience 1 and 2.
-    "3 blocks, lr 1e-4, 6 epochs, fp32": (*THREE_BLOCKS, "--finetune-precision", "fp32"),
-    "3 blocks, lr 1e-4, 6 epochs, bf16": (*THREE_BLOCKS, "--finetune-precision", "bf16"),
-    "3 blocks, lr 1e-4, 6 epochs, bf16, patience 1": (
-        *THREE_BLOCKS,
-        "--finetune-precision",
-        "bf16",
-        "--finetune-patience",
-        "1",
-    ),
-    "3 blocks, lr 1e-4, 6 epochs, bf16, patience 2": (
-        *THREE_BLOCKS,
-        "--finetune-precision",
-        "bf16",
-        "--finetune-patience",
-        "2",
-    ),
-    # Larger images (issue 31): features, stage 1 and stage 2 at 256 and 288 px, `make sweep`'s stage 2.
-    "make sweep's stage 2 at 256 px": (*MAKE_SWEEP, "--image-size", "256"),
-    "make sweep's stage 2 at 288 px": (*MAKE_SWEEP, "--image-size", "288"),
-    "make sweep's stage 2 at 320 px": (*MAKE_SWEEP, "--image-size", "320"),
     "stage 1 only at 288 px": (*STAGE1_ONLY, "--image-size", "288"),
-    # Deeper fine-tuning with a layer-wise lr decay (each block below the top at 0.7x the lr of the
-    # one above it, as timm's layer_decay), stopped by patience, at 288 px.
-    "4 blocks, lr decay 0.7, at 288 px": (
-        *MAKE_SWEEP,
-        *("--finetune-blocks", "4", "--finetune-lr-decay", "0.7", "--image-size", "288"),
-    ),
-    "6 blocks, lr decay 0.7, at 288 px": (
-        *MAKE_SWEEP,
-        *("--finetune-blocks", "6", "--finetune-lr-decay", "0.7", "--image-size", "288"),
-    ),
-    # Refit (issue 31): the winner at make sweep's band trained again on train + validation. Each
-    # starts from a copy of its recipe's stores (REFIT_OF), so it adds only the refit.
-    "make sweep's stage 2 + refit": (*MAKE_SWEEP, "--refit", "--tolerance", "0.01"),
-    "make sweep's stage 2 at 288 px + refit": (*MAKE_SWEEP, "--image-size", "288", "--refit", "--tolerance", "0.01"),
-    # A stage-2 search in about the fixed trial's time (issue 31): the fixed trial stops after ~4 of its
-    # 6 epochs (best epoch 3, patience 1); here 2 trials of 3 epochs, blocks 3 then 2, lr sampled.
-    "search at 256 px: 2 trials of 3 epochs": (
-        *MAKE_SWEEP,
-        *("--image-size", "256", "--finetune-trials", "2", "--finetune-epochs", "3"),
-    ),
-    # Stage 2 from the two best stage-1 trials (the winner, then the next by val_acc), 3 epochs each.
-    "2 sources at 256 px, 3 epochs each": (
-        *MAKE_SWEEP,
-        *("--image-size", "256", "--finetune-sources", "2", "--finetune-epochs", "3"),
-    ),
-    "search: 3 trials, blocks 3/2/1, cosine + EMA": (
-        *("--finetune-blocks", "3", "--finetune-trials", "3", "--finetune-epochs", "6"),
-        *("--finetune-schedule", "cosine", "--finetune-average", "ema"),
-    ),
+    "the recipe at 224 px": ("--image-size", "224"),
+    "the recipe (make sweep)": (),
+    "the recipe at 288 px": ("--image-size", "288"),
+    "the recipe, patience 2": ("--finetune-patience", "2"),
+    "the recipe, 6 fixed epochs": ("--finetune-patience", "0"),
+    "1 block, lr 3e-5, 10 epochs": ("--finetune-blocks", "1", "--finetune-lr", "3e-5", "--finetune-epochs", "10"),
+    "3 blocks, lr 3e-5, 10 epochs": ("--finetune-lr", "3e-5", "--finetune-epochs", "10"),
 }
-
-
-# What `make bench-accuracy` (`--front`) runs and draws: the recipes of the front (issue 31).
+# What `make bench-accuracy` (`--front`) runs and draws: the recipes of the front.
 FRONT_RECIPES = (
     "stage 1 only",
     "stage 1 only at 288 px",
-    "3 blocks, lr 1e-4, 6 epochs, bf16, patience 1",
-    "make sweep's stage 2 at 256 px",
-    "make sweep's stage 2 at 288 px",
-    "make sweep's stage 2 at 288 px + refit",
-    "4 blocks, lr decay 0.7, at 288 px",
+    "the recipe at 224 px",
+    "the recipe (make sweep)",
+    "the recipe at 288 px",
 )
-REFIT_OF = {
-    "make sweep's stage 2 + refit": "3 blocks, lr 1e-4, 6 epochs, bf16, patience 1",
-    "make sweep's stage 2 at 288 px + refit": "make sweep's stage 2 at 288 px",
-}
 
 
 def stores_in(folder: Path, cache: Path) -> list[str]:
@@ -176,11 +90,18 @@ def stores_in(folder: Path, cache: Path) -> list[str]:
     ]
 
 
-def run_sweep(folder: Path, cache: Path, options: tuple[str, ...]) -> float:
-    """One `sweep run` in its own process, as a user runs it; returns its wall time."""
-    command = [sys.executable, "-m", "sweep", "run", "--quiet", "--no-system-metrics", "--config", SWEEP_FILE]
+def run_sweep(folder: Path, cache: Path, options: tuple[str, ...], holdout_seed: int | None = None) -> float:
+    """One `sweep run` in its own process, as a user runs it (with the held-out part of `holdout_seed`,
+    a sweep file's setting); returns its wall time."""
+    command = [sys.executable, "-m", "sweep", "run", "--quiet"]
+    if holdout_seed is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        held_out = folder / "holdout.yaml"
+        held_out.write_text(f"holdout: {HOLDOUT_FRACTION}\nholdout_seed: {holdout_seed}\n")
+        command += ["--config", str(held_out)]
+    env = {**os.environ, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
     start = time.perf_counter()
-    subprocess.run([*command, *BASELINE, *options, *stores_in(folder, cache)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([*command, *options, *stores_in(folder, cache)], check=True, stdout=subprocess.DEVNULL, env=env)
     return time.perf_counter() - start
 
 
@@ -191,12 +112,12 @@ def option_value(options: tuple[str, ...], name: str, default: str) -> str:
 
 
 def deepest_cut(options: tuple[str, ...]) -> int | None:
-    blocks = int(option_value(options, "--finetune-blocks", "0"))
+    blocks = int(option_value(options, "--finetune-blocks", str(RECIPE.stage2.finetune_blocks)))
     return finetune_cut(blocks) if blocks else None
 
 
 def image_size(options: tuple[str, ...]) -> int:
-    return int(option_value(options, "--image-size", str(IMAGE_SIZE)))
+    return int(option_value(options, "--image-size", str(RECIPE.data.image_size)))
 
 
 class HeldOutScorer:
@@ -207,7 +128,7 @@ class HeldOutScorer:
         self.backbone = load_backbone(os.environ["CLOTHING_BACKBONE_WEIGHTS"])
         self.data_dir, self.cache, self.views = data_dir, cache, views
 
-    def held_out(self, seed: int, cut: int | None, size: int = IMAGE_SIZE) -> FeatureSet:
+    def held_out(self, seed: int, cut: int | None, size: int) -> FeatureSet:
         """The held-out rows of seed `seed`, read once per run from the cache the sweep filled."""
         train = ClothingDataset(self.data_dir / "train", build_transforms(size))
         options = ExtractionOptions(precision="auto", views=self.views, cut=cut, image_size=size, progress=False)
@@ -219,27 +140,23 @@ class HeldOutScorer:
         their mean with the mirror view's (cached view 1, the image flipped after resizing, as `best
         --tta` does)."""
         model = model_from_checkpoint(checkpoint, self.backbone)
-        plain, mirror = (cached_logits(model, part, view) for view in (0, 1))
-        return tuple((logits.argmax(dim=1) == part.labels).float().mean().item() for logits in (plain, plain + mirror))
+        plain = cached_logits(model, part)
+        tta = mirror_tta(lambda mirrored: cached_logits(model, part, int(mirrored)))
+        return tuple((logits.argmax(dim=1) == part.labels).float().mean().item() for logits in (plain, tta))
 
 
 def score_run(scorer: HeldOutScorer, folder: Path, seed: int, options: tuple[str, ...]) -> dict:
     """Held-out accuracy (and with mirror TTA) of the winner (the default rule, and a narrower band)
     and of the best val_acc; a trial several rules chose is scored once."""
-    records = read_studies(f"sqlite:///{folder / 'optuna.db'}", "clothing").records()
+    records = read_studies(Stores(storage=f"sqlite:///{folder / 'optuna.db'}")).records()
     tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}")
     chosen = {f"tolerance {t:g}": select_winner(records, t) for t in TOLERANCES}
     chosen["max val_acc"] = max((r for r in records if r.state == "COMPLETE"), key=lambda r: (r.val_acc, -r.number))
     part = scorer.held_out(seed, deepest_cut(options), image_size(options))
-    experiment_id = tracker.experiment_id("clothing", create=False)
     scores = {}
     for record in {r.name: r for r in chosen.values()}.values():
         plain, tta = scorer.accuracy(tracker.fetch_checkpoint(record), part)
         scores[record.name] = {"trial": record.name, "val_acc": record.val_acc, "held_out": plain, "held_out_tta": tta}
-        refit = tracker.find_refit(experiment_id, record)
-        if refit is not None:  # what `best` exports: the refit on train (less the held-out part) + validation
-            refit_scores = scorer.accuracy(tracker.run_checkpoint(refit), part)
-            scores[record.name] |= dict(zip(("held_out_refit", "held_out_refit_tta"), refit_scores))
     return {rule: scores[r.name] for rule, r in chosen.items()}
 
 
@@ -259,10 +176,10 @@ def stage2_wins(rows: list[dict]) -> str:
 def print_table(results: list[dict]) -> None:
     click.echo(
         "| recipe | seeds | held-out (winner) | val_acc (winner) | held-out (winner, tolerance 0.01) "
-        "| the same with mirror TTA | what `best` ships at 0.01 (the refit, if any) | stage 2 won at 0.01 "
+        "| the same with mirror TTA | stage 2 won at 0.01 "
         "| held-out (max-val_acc trial) | warm time |"
     )
-    click.echo("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    click.echo("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in dict.fromkeys(r["recipe"] for r in results):
         rows = [r for r in results if r["recipe"] == name]
 
@@ -272,7 +189,7 @@ def print_table(results: list[dict]) -> None:
         click.echo(
             f"| {name} | {len(rows)} | {column('tolerance 0.02')} | {column('tolerance 0.02', 'val_acc')} "
             f"| {column(FRONT_RULE)} | {column(FRONT_RULE, 'held_out_tta')} "
-            f"| {mean_std([shipped_score(r) for r in rows])} | {stage2_wins(rows)} | {column('max val_acc')} "
+            f"| {stage2_wins(rows)} | {column('max val_acc')} "
             f"| {statistics.mean(r['seconds'] for r in rows):.0f} s |"
         )
 
@@ -318,11 +235,9 @@ FRONT_RULE = "tolerance 0.01"  # the winner the front scores: `make sweep`'s ban
 
 
 def shipped_score(result: dict, tta: bool = False) -> float | None:
-    """The held-out accuracy of what `best --export` ships for the recipe's winner: its refit if the
-    recipe refits, else the winner itself (None: a result from before TTA was scored)."""
-    score = result["scores"][FRONT_RULE]
-    key = "held_out_refit" if "held_out_refit" in score else "held_out"
-    return score.get(key + ("_tta" if tta else ""))
+    """The held-out accuracy of what `best --export` ships for the recipe's winner (None: a result
+    from before TTA was scored)."""
+    return result["scores"][FRONT_RULE].get("held_out" + ("_tta" if tta else ""))
 
 
 def runs_of(results: list[dict], recipe: str, views: int) -> list[dict]:
@@ -372,7 +287,7 @@ def print_front(results: list[dict], cold: list[dict], views: int, picture: Path
 @click.command()
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Keep stores and results here.")
 @click.option("--recipe", "recipes", multiple=True, type=click.Choice(list(RECIPES)), help="Only these (repeatable).")
-@click.option("--views", default=3, show_default=True, help="Cached views per training image (stage 1 and 2).")
+@click.option("--views", default=2, show_default=True, help="Cached views per training image (stage 1 and 2).")
 @click.option(
     "--cold", multiple=True, type=click.Choice(list(RECIPES)), help="Time these recipes cold (and A) instead."
 )
@@ -438,16 +353,15 @@ def held_out_runs(root: Path, names: tuple[str, ...], views: int, done: list[dic
         for seed in HOLDOUT_SEEDS:
             if any(r["recipe"] == name and r["seed"] == seed and r["views"] == views for r in done):
                 continue
-            holdout = ("--holdout", str(HOLDOUT_FRACTION), "--holdout-seed", str(seed), "--views", str(views))
             size = image_size(RECIPES[name])
-            base = root / f"stage1-views{views}{'' if size == IMAGE_SIZE else f'-size{size}'}-seed{seed}"
+            base = root / f"stage1-views{views}-size{size}-seed{seed}"
             if not (base / "optuna.db").exists():
-                stage1_seconds = run_sweep(base, cache, (*STAGE1_ONLY, *holdout, "--image-size", str(size)))
-                (base / "seconds").write_text(f"{stage1_seconds}")
+                options = (*STAGE1_ONLY, "--views", str(views), "--image-size", str(size))
+                (base / "seconds").write_text(f"{run_sweep(base, cache, options, seed)}")
             folder = run_folder(root, name, views, seed)
             shutil.rmtree(folder, ignore_errors=True)
-            shutil.copytree(run_folder(root, REFIT_OF[name], views, seed) if name in REFIT_OF else base, folder)
-            seconds = run_sweep(folder, cache, (*RECIPES[name], *holdout))
+            shutil.copytree(base, folder)
+            seconds = run_sweep(folder, cache, (*RECIPES[name], "--views", str(views)), seed)
             if deepest_cut(RECIPES[name]) is None:  # stage 1 only: the base's own time
                 seconds = float((base / "seconds").read_text())
             result = {"recipe": name, "seed": seed, "views": views, "seconds": seconds}

@@ -4,7 +4,7 @@ tracking server (basic-auth, artifacts over HTTP), by 1 and by 2 processes, agai
 Every row is 20 trials x 10 epochs on the real data with a warm feature cache, run as `python -m sweep
 run` in a fresh process, so rows compare like with like. The share of time in tracking and storage
 calls comes from one more in-process run per store, with the calls timed (outermost calls, main thread).
-PostgreSQL and the server are the tests' throwaway ones (tests/servers.py), started on free ports.
+PostgreSQL and the server are throwaway ones (bench/servers.py, as the tests start them), started on free ports.
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from pathlib import Path
 import click
 import optuna
 
-from sweep.config import SweepConfig
+from bench import PLAIN
+from bench.servers import mlflow_server, postgres_cluster
+from sweep.config import SweepConfig, read_sweep_file
 from sweep.pipeline import quiet_libraries, run_sweep
 from sweep.tracking import Tracker
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from servers import mlflow_server, postgres_cluster  # noqa: E402 - the tests' throwaway servers
 
 TRIALS, EPOCHS = 20, 10
 PG_PASSWORD, ADMIN_PASSWORD = "bench-pg-password", "bench-admin-password"
@@ -73,7 +72,7 @@ def sweep_process(data_dir: Path, weights: str, cache: Path, study: str, stores:
     storage, tracking = stores["storage"], stores["tracking"]
     command = [sys.executable, "-m", "sweep", "run", "--quiet", "--study", study, "--trials", str(TRIALS)]
     command += ["--epochs", str(EPOCHS), "--data-dir", str(data_dir), "--backbone-weights", weights]
-    command += ["--cache-dir", str(cache), "--storage", storage, "--tracking-uri", tracking]
+    command += ["--cache-dir", str(cache), "--storage", storage, "--tracking-uri", tracking, "--config", str(PLAIN)]
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -111,10 +110,11 @@ def server_rows(data_dir: Path, weights: str, cache: Path, work: Path) -> list[t
             t_two = wall_time([sweep_process(data_dir, weights, cache, "server-2", remote, env=env) for _ in range(2)])
             shares = {}
             for label, stores in (("SQLite", sqlite), ("PostgreSQL + HTTP", remote)):
-                cfg = SweepConfig(
-                    data_dir=data_dir, study=f"shares-{label[:6]}", trials=TRIALS, epochs=EPOCHS,
-                    storage=stores["storage"], tracking_uri=stores["tracking"], backbone_weights=weights,
-                    cache_dir=cache, quiet=True,
+                settings, dimensions = read_sweep_file(PLAIN)
+                cfg = SweepConfig.of(
+                    dimensions, quiet=True, **settings, data_dir=data_dir, study=f"shares-{label[:6]}",
+                    trials=TRIALS, epochs=EPOCHS, storage=stores["storage"], tracking_uri=stores["tracking"],
+                    backbone_weights=weights, cache_dir=cache,
                 )  # fmt: skip
                 shares[label] = in_process_shares(cfg)
     name = f"sweep {TRIALS}x{EPOCHS}, warm"

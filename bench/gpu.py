@@ -23,14 +23,15 @@ import click
 import torch
 from torch import nn
 
+from bench import PLAIN
 from clothing.data import ClothingDataset, build_transforms
 from clothing.extract import ExtractionOptions
 from clothing.features import cached_features
 from clothing.model import load_backbone
-from sweep.config import SweepConfig
+from sweep.config import SweepConfig, read_sweep_file
 from sweep.pipeline import quiet_libraries, run_sweep
 
-RECIPE = ("--config", str(Path(__file__).resolve().parent.parent / "sweeps" / "default.yaml"))  # make sweep's
+RECIPE = ()  # make sweep's: the defaults
 
 
 def extraction_rows(train, val, backbone, work: Path, gpu: str) -> list[tuple[str, str, str]]:
@@ -59,7 +60,11 @@ def extraction_rows(train, val, backbone, work: Path, gpu: str) -> list[tuple[st
 
 def sweep_seconds(data_dir: Path, weights: str, work: Path, device: str) -> tuple[float, float]:
     """A 20x10 sweep on features already cached for `device` (auto precision): (seconds, winner val_acc)."""
-    cfg = SweepConfig(
+    settings, dimensions = read_sweep_file(PLAIN)
+    cfg = SweepConfig.of(
+        dimensions,
+        quiet=True,
+        **settings,
         data_dir=data_dir,
         study=f"warm-{device}",
         trials=20,
@@ -69,7 +74,6 @@ def sweep_seconds(data_dir: Path, weights: str, work: Path, device: str) -> tupl
         backbone_weights=weights,
         cache_dir=work / f"cache-{device}-auto",
         device=device,
-        quiet=True,
     )
     start = time.perf_counter()
     result = run_sweep(cfg, lambda _: None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from PIL import Image
@@ -52,7 +53,7 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path | BinaryIO) -> Image.Image:
     """Open an image fully and convert it to RGB (grayscale, CMYK, RGBA and palette images too).
 
     One rule: whatever Pillow raises while opening, decoding or converting the file (its safety limit
@@ -67,15 +68,14 @@ def load_image(path: str | Path) -> Image.Image:
         raise DatasetError(f"cannot read image {shown(path)}: {reason}; delete or replace the file") from exc
 
 
-def find_unreadable_images(paths: Sequence[str | Path]) -> list[str]:
-    """Paths among `paths` that do not decode as images (cheap header + full decode check)."""
-    bad = []
-    for path in paths:
-        try:
-            load_image(path)
-        except DatasetError:
-            bad.append(str(path))
-    return bad
+def try_image(source: str | Path | BinaryIO) -> tuple[Image.Image | None, DatasetError | None]:
+    """(the image, None), or (None, why) for a file that does not decode: the bad-file rule of every
+    pass over many images (extraction, predict, the served model), where one bad file costs only its
+    own result."""
+    try:
+        return load_image(source), None
+    except DatasetError as exc:
+        return None, exc
 
 
 def build_transforms(

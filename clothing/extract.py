@@ -21,10 +21,9 @@ from clothing.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ClothingDataset,
-    DatasetError,
-    load_image,
     pixel_transform,
     shown,
+    try_image,
     view_transforms,
 )
 from clothing.engines import build_trunk, resolve_engine
@@ -118,9 +117,8 @@ class _TolerantImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, bool]:
-        try:
-            image = load_image(self.paths[idx])
-        except DatasetError:
+        image, _ = try_image(self.paths[idx])
+        if image is None:
             return torch.zeros(len(self.pixels), *self.shape, dtype=torch.uint8), False
         views = [self.pixels[0](image)]
         if len(self.pixels) > 1:  # view 1 is view 0 mirrored: flipping the resized pixels gives what

@@ -59,25 +59,6 @@ class FeatureSet:
     engine: str = "torch"  # the engine that extracted them (resolved)
     cut: int | None = None  # where the activations were taken
 
-    def joined(self, other: FeatureSet) -> FeatureSet:
-        """These images, then `other`'s, as one training set (a refit on train + validation): the
-        same views and cut, the activations read from both caches."""
-        if (self.views, self.cut) != (other.views, other.cut):
-            raise ValueError(f"cannot join {self.views} view(s) at cut {self.cut} with {other.views} at {other.cut}")
-        features, labels = torch.cat([self.features, other.features]), torch.cat([self.labels, other.labels])
-        return JoinedFeatures(
-            features,
-            labels,
-            self.bad_paths + other.bad_paths,
-            self.cache_file,
-            self.cache_hit and other.cache_hit,
-            np.arange(len(labels)),
-            precision=self.precision,
-            engine=self.engine,
-            cut=self.cut,
-            parts=(self, other),
-        )
-
     def subset(self, rows: np.ndarray) -> FeatureSet:
         """The same cache, restricted to `rows` of these features (e.g. without a held-out part)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
@@ -93,43 +74,10 @@ class FeatureSet:
         return self.features.shape[1]
 
     def activations(self) -> torch.Tensor:
-        """(N, V, C, H, W) activations at the cut, read from the cache only when asked for."""
+        """(N, V, C, H, W) activations entering `features[cut]`, read from the cache only when asked for."""
         if self.activation_file is None:
             raise ValueError("these features were extracted without a cut; pass cut= to cached_features")
         return _read_rows(self.activation_file, self.keep)
-
-    def activations_at(
-        self, cut: int, trunk: torch.nn.Sequential, view: int | None = None, batch_size: int = 256
-    ) -> torch.Tensor:
-        """(N, V, C, H, W) activations entering `trunk[cut]` (with `view`: (N, C, H, W), that view
-        only): the cached ones, or for a later cut (fewer blocks fine-tuned) the cached ones run
-        forward through the frozen blocks in between, in eval mode and in memory, so that one cache at
-        the deepest cut serves every shallower one."""
-        activations = self.activations()
-        if view is not None:
-            activations = activations[:, view]
-        if cut == self.cut:
-            return activations
-        if self.cut is None or cut < self.cut:
-            raise ValueError(f"activations cached at cut {self.cut} cannot give the ones at cut {cut}")
-        bridge = trunk[self.cut : cut].eval()
-        rows = activations.flatten(0, 1) if view is None else activations  # one image-view per row
-        with torch.no_grad():
-            out = torch.cat([bridge(batch.float()).to(rows.dtype) for batch in rows.split(batch_size)])
-        return out.unflatten(0, activations.shape[:2]) if view is None else out
-
-
-@dataclass
-class JoinedFeatures(FeatureSet):
-    """Two FeatureSets as one (FeatureSet.joined): their activations come from each one's cache."""
-
-    parts: tuple[FeatureSet, ...] = ()
-
-    def activations(self) -> torch.Tensor:
-        return torch.cat([part.activations() for part in self.parts])
-
-    def subset(self, rows: np.ndarray) -> FeatureSet:
-        raise NotImplementedError("a joined training set is not subset; subset its parts before joining them")
 
 
 def _read_rows(path: Path, keep: np.ndarray) -> torch.Tensor:

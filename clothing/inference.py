@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clothing.data import IMAGE_EXTENSIONS, DatasetError, load_image, pixel_transform, shown
+from clothing.data import IMAGE_EXTENSIONS, DatasetError, pixel_transform, shown, try_image
 from clothing.engines import build_trunk, resolve_engine
 from clothing.extract import TrunkOutputs, default_num_workers, yield_to_engine
 from clothing.model import ClothingClassifierMobileNet, ModelSpec
-from clothing.predict import Prediction, ranked
+from clothing.predict import Prediction, mirror_tta, ranked
 from clothing.progress import progress
 
 PRECISION = "fp32"  # the exported model's own precision, on every CPU
@@ -88,10 +88,10 @@ class _DecodedFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, str]:
-        try:
-            return self.pixels(load_image(self.paths[idx])), ""
-        except DatasetError as exc:
-            return torch.zeros(self.shape, dtype=torch.uint8), str(exc)
+        image, error = try_image(self.paths[idx])
+        if image is None:
+            return torch.zeros(self.shape, dtype=torch.uint8), str(error)
+        return self.pixels(image), ""
 
 
 def predict_files(
@@ -100,12 +100,11 @@ def predict_files(
     """An ImagePrediction for each of `paths` (see find_images), in order, one batch at a time."""
     device = torch.device(options.device)
     files = _DecodedFiles(paths, spec)
-    views = 2 if options.tta else 1  # the mirror is view 0 flipped, as in extraction (bit for bit)
     one_batch = len(paths) <= options.batch_size
     # One batch or less, and no engine asked for by name: eager fp32 ("exact"), since tracing torch's
     # fused graph (about 2 s) costs more than it saves there.
     precision = "exact" if one_batch and options.engine != "openvino" else PRECISION
-    engine = resolve_engine(options.engine, device, precision, len(paths) * views)
+    engine = resolve_engine(options.engine, device, precision, len(paths) * (2 if options.tta else 1))
     extractor = TrunkOutputs(model.features, None, files.mean, files.std)
     trunk = build_trunk(extractor, engine, device, precision, files.shape)
     head = model.head.to(device).eval()
@@ -119,10 +118,14 @@ def predict_files(
     done = 0
     with progress(len(paths), "predict", options.progress) as bar:
         for pixels, errors in loader:
-            batch = torch.cat([pixels, pixels.flip(-1)]) if options.tta else pixels
+
+            def logits_of(mirrored: bool, pixels=pixels) -> torch.Tensor:
+                # The mirror is the decoded pixels flipped, as in extraction (bit for bit).
+                (pooled,) = trunk(pixels.flip(-1) if mirrored else pixels)
+                return head(pooled.float().to(device))
+
             with torch.inference_mode():
-                (pooled,) = trunk(batch)
-                logits = head(pooled.float().to(device)).view(views, len(pixels), -1).mean(0)
+                logits = mirror_tta(logits_of) if options.tta else logits_of(False)
             top = ranked(torch.softmax(logits, dim=1).cpu(), spec.classes, options.top_k)
             for path, error, classes in zip(paths[done : done + len(pixels)], errors, top):
                 yield ImagePrediction(path, [] if error else classes, error)

@@ -10,7 +10,7 @@ from PIL import Image
 from torch import nn
 from torchvision import models
 
-from clothing.data import DatasetError, build_imagenet_transforms, load_image, shown
+from clothing.data import build_imagenet_transforms, shown, try_image
 
 Prediction = list[tuple[str, float]]
 
@@ -25,10 +25,11 @@ def read_images(paths: Sequence[str | Path]) -> tuple[list[tuple[str, Image.Imag
     file among many costs only its own prediction."""
     readable, unreadable = [], []
     for path in paths:
-        try:
-            readable.append((str(path), load_image(path)))
-        except DatasetError as exc:
-            unreadable.append(str(exc))
+        image, error = try_image(path)
+        if image is None:
+            unreadable.append(str(error))
+        else:
+            readable.append((str(path), image))
     return readable, unreadable
 
 
@@ -48,7 +49,8 @@ def top_k(
     batch = torch.stack([transform(image) for image in images])
     model.eval()
     with torch.inference_mode():
-        probs = torch.softmax(mirror_averaged_logits(model, batch) if tta else model(batch), dim=1)
+        logits = mirror_tta(lambda mirrored: model(batch.flip(-1) if mirrored else batch)) if tta else model(batch)
+        probs = torch.softmax(logits, dim=1)
     return ranked(probs, classes, k)
 
 
@@ -77,9 +79,11 @@ def unreadable_summary(messages: Sequence[str], total: int) -> str:
     return f"{len(messages)} of {total} images could not be read: " + " | ".join(messages)
 
 
-def mirror_averaged_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Test-time augmentation: the mean of the logits of the images and of their mirror images."""
-    return (model(images) + model(images.flip(-1))) / 2
+def mirror_tta(logits_of: Callable[[bool], torch.Tensor]) -> torch.Tensor:
+    """Test-time augmentation, the one place it is done: the mean of the logits of the images
+    (`logits_of(False)`) and of their mirror images (`logits_of(True)`), however those are computed
+    (a model on a batch, the trunk on decoded pixels, cached features of the mirror view)."""
+    return (logits_of(False) + logits_of(True)) / 2
 
 
 def classify_imagenet(model: nn.Module, images: Sequence[Image.Image], k: int = 5) -> list[Prediction]:

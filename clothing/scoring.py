@@ -18,6 +18,7 @@ from clothing.engines import engine_runs
 from clothing.extract import ExtractionOptions
 from clothing.features import FeatureSet, cached_features
 from clothing.model import LAST_CONV, ClothingClassifierMobileNet, build_model, weights_fingerprint
+from clothing.predict import mirror_tta
 
 
 def check_backbone(head: dict, backbone: torch.nn.Module) -> None:
@@ -55,12 +56,19 @@ def export_model(head: dict, backbone: torch.nn.Module, path: str | Path, metric
     return save_checkpoint(payload, path)
 
 
-def split_logits(
-    head: dict, backbone: torch.nn.Module, split: ClothingDataset, cache_dir: Path, device, precision: str | None = None
+def split_logits(  # noqa: PLR0913 - the checkpoint, the split and how its features are made
+    head: dict,
+    backbone: torch.nn.Module,
+    split: ClothingDataset,
+    cache_dir: Path,
+    device,
+    precision: str | None = None,
+    tta: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of the checkpoint over a split, from cached features, or for a fine-tuned
-    checkpoint from the activations cached at its cut. The features are extracted as the trial's
-    were (precision and engine), unless `precision` says otherwise."""
+    checkpoint from the activations cached at its cut; with `tta`, the mean with the mirror images'
+    logits (the cache's view 1). The features are extracted as the trial's were (precision and
+    engine), unless `precision` says otherwise."""
     precision = precision or head["provenance"].get("feature_precision", "auto")
     engine = head["provenance"].get("feature_engine", "torch")  # checkpoints from before engines: torch
     if not engine_runs(engine, torch.device(device)):  # e.g. scored on a GPU: the same features up to rounding
@@ -68,20 +76,28 @@ def split_logits(
     model = model_from_checkpoint(head, backbone)
     # The tail takes activations at the cut; without fine-tuning the cache holds pooled features.
     spec = spec_of(head)
-    cut = model.cut if spec.finetune_blocks else None
     options = ExtractionOptions(
-        device=str(device), precision=precision, engine=engine, cut=cut, image_size=spec.image_size, progress=False
+        device=str(device),
+        precision=precision,
+        engine=engine,
+        views=2 if tta else 1,
+        cut=model.cut if spec.finetune_blocks else None,
+        image_size=spec.image_size,
+        progress=False,
     )
     features = cached_features(split, backbone, cache_dir, options)
+    if tta:
+        return mirror_tta(lambda mirrored: cached_logits(model, features, int(mirrored))), features.labels
     return cached_logits(model, features), features.labels
 
 
 def cached_logits(model: ClothingClassifierMobileNet, features: FeatureSet, view: int = 0) -> torch.Tensor:
     """The model's logits over one cached view (0: the plain images; 1: their mirror, with views >= 2):
-    its head on the pooled features, or after fine-tuning its tail on the activations at its cut (from
-    a deeper cut's cache if need be)."""
+    its head on the pooled features, or after fine-tuning its tail on the activations at its cut."""
     if model.cut <= LAST_CONV:
-        module, inputs = model.tail(), features.activations_at(model.cut, model.features, view=view)
+        if features.cut != model.cut:
+            raise ValueError(f"the activations were cached at cut {features.cut}, the model trains from {model.cut}")
+        module, inputs = model.tail(), features.activations()[:, view]
     else:
         module, inputs = model.head, features.features[:, view]
     with torch.no_grad():
@@ -96,11 +112,7 @@ def validate(
     mirror costs one extra backbone pass over the folder the first time)."""
     spec = spec_of(head)
     class_to_idx = {name: i for i, name in enumerate(spec.classes)}
-    logits, labels = 0, None
-    for mirror in (False, True) if tta else (False,):
-        transform = build_transforms(spec.image_size, mirror=mirror, mean=spec.mean, std=spec.std)
-        view_logits, labels = split_logits(
-            head, backbone, ClothingDataset(folder, transform, class_to_idx), cache_dir, device
-        )
-        logits = logits + view_logits
+    transform = build_transforms(spec.image_size, mean=spec.mean, std=spec.std)
+    split = ClothingDataset(folder, transform, class_to_idx)
+    logits, labels = split_logits(head, backbone, split, cache_dir, device, tta=tta)
     return {"acc": (logits.argmax(dim=1) == labels).float().mean().item(), "images": len(labels)}

@@ -6,11 +6,9 @@ history and never prints or logs: side effects (tracking, checkpoints, pruning) 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,17 +29,15 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _run_epoch(  # noqa: PLR0913 - the loop's pass, with its step hook and autocast
+def _run_epoch(  # noqa: PLR0913 - the loop's pass, with its autocast
     model: nn.Module,
     loader: Iterable,
     criterion: nn.Module,
     device: torch.device,
     optimizer: torch.optim.Optimizer | None,
-    after_step: Callable[[], None] | None = None,
     autocast: torch.dtype | None = None,
 ) -> tuple[float, float]:
-    """One pass over `loader`; trains when an optimizer is given, calling `after_step` after each
-    step. Returns (loss per sample, accuracy)."""
+    """One pass over `loader`; trains when an optimizer is given. Returns (loss per sample, accuracy)."""
     total_loss, correct, seen = 0.0, 0, 0
     for inputs, labels in loader:
         inputs = inputs.to(device, non_blocking=True)
@@ -57,8 +53,6 @@ def _run_epoch(  # noqa: PLR0913 - the loop's pass, with its step hook and autoc
         if optimizer is not None:
             loss.backward()
             optimizer.step()
-            if after_step is not None:
-                after_step()
         total_loss += batch_loss * labels.size(0)
         correct += (outputs.argmax(dim=1) == labels).sum().item()
         seen += labels.size(0)
@@ -85,21 +79,7 @@ class EarlyStopping:
         return self.patience > 0 and self.stale >= self.patience
 
 
-@dataclass
-class TrainHooks:
-    """What the loop calls besides its own work, as Lightning's callbacks do: `on_epoch(epoch, metrics,
-    model)` after each epoch (it may raise to stop early, e.g. optuna.TrialPruned), `after_step()` after
-    every optimizer step (a per-step lr schedule, a weight average), `evaluated`, the model that is
-    validated, scored and handed to `on_epoch` instead of the trained one (a weight average of it), and
-    `early_stop(metrics)`, asked after each epoch whether to end the run there (EarlyStopping)."""
-
-    on_epoch: EpochCallback | None = None
-    after_step: Callable[[], None] | None = None
-    evaluated: nn.Module | None = None
-    early_stop: Callable[[dict], bool] | None = None
-
-
-def train_and_evaluate(  # noqa: PLR0913 - the loop's own inputs (DESIGN.md's interface), hooks in one object
+def train_and_evaluate(  # noqa: PLR0913 - the loop's own inputs (DESIGN.md's interface)
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     train_loader: Iterable,
@@ -107,10 +87,11 @@ def train_and_evaluate(  # noqa: PLR0913 - the loop's own inputs (DESIGN.md's in
     criterion: nn.Module,
     num_epochs: int,
     device: torch.device | str,
-    hooks: TrainHooks | EpochCallback | None = None,
+    on_epoch: EpochCallback | None = None,
     *,
     train_eval_loader: Iterable | None = None,
     autocast: torch.dtype | None = None,
+    early_stop: Callable[[dict], bool] | None = None,
 ) -> list[dict]:
     """Train for `num_epochs`, validating after each; returns one metrics dict per epoch.
 
@@ -120,28 +101,24 @@ def train_and_evaluate(  # noqa: PLR0913 - the loop's own inputs (DESIGN.md's in
     are the honest ones when `train_eval_loader` (the plain training images) is given: the model in
     eval mode after the epoch, like validation, so train minus val is a real generalisation gap;
     without it they equal the running ones.
-    `hooks` is a TrainHooks, or just its `on_epoch` callback; raises TrainingDiverged as soon as a
-    loss is not finite. `autocast` (torch.bfloat16) runs the forward passes, training and evaluation,
-    under autocast to that dtype: the weights, their gradients and the optimizer's state stay fp32
-    (mixed precision; no loss scaling, which bf16's fp32-sized exponent does not need).
+    `on_epoch(epoch, metrics, model)` runs after each epoch (it may raise to stop early, e.g.
+    optuna.TrialPruned), then `early_stop(metrics)` says whether to end the run there (EarlyStopping);
+    raises TrainingDiverged as soon as a loss is not finite. `autocast` (torch.bfloat16) runs the
+    forward passes, training and evaluation, under autocast to that dtype: the weights, their
+    gradients and the optimizer's state stay fp32 (mixed precision; no loss scaling, which bf16's
+    fp32-sized exponent does not need).
     """
-    hooks = hooks if isinstance(hooks, TrainHooks) else TrainHooks(on_epoch=hooks)
     device = torch.device(device)
     model.to(device)
-    evaluated = model if hooks.evaluated is None else hooks.evaluated.to(device)
     history = []
     for epoch in range(1, num_epochs + 1):
         model.train()
-        running_loss, running_acc = _run_epoch(
-            model, train_loader, criterion, device, optimizer, hooks.after_step, autocast
-        )
-        evaluated.eval()
+        running_loss, running_acc = _run_epoch(model, train_loader, criterion, device, optimizer, autocast)
+        model.eval()
         with torch.no_grad():
-            val_loss, val_acc = _run_epoch(evaluated, val_loader, criterion, device, None, autocast=autocast)
+            val_loss, val_acc = _run_epoch(model, val_loader, criterion, device, None, autocast)
             if train_eval_loader is not None:
-                train_loss, train_acc = _run_epoch(
-                    evaluated, train_eval_loader, criterion, device, None, autocast=autocast
-                )
+                train_loss, train_acc = _run_epoch(model, train_eval_loader, criterion, device, None, autocast)
             else:
                 train_loss, train_acc = running_loss, running_acc
         metrics = {
@@ -154,9 +131,9 @@ def train_and_evaluate(  # noqa: PLR0913 - the loop's own inputs (DESIGN.md's in
             "running_train_acc": running_acc,
         }
         history.append(metrics)
-        if hooks.on_epoch is not None:
-            hooks.on_epoch(epoch, metrics, evaluated)
-        if hooks.early_stop is not None and hooks.early_stop(metrics):
+        if on_epoch is not None:
+            on_epoch(epoch, metrics, model)
+        if early_stop is not None and early_stop(metrics):
             break
     return history
 
@@ -216,29 +193,3 @@ class FeatureBatches:
 
     def _rows(self, idx: torch.Tensor, view: torch.Tensor | None) -> torch.Tensor:
         return self.features[idx, view[idx]] if view is not None else self.features[idx]
-
-
-class WeightAverage:
-    """An exponential moving average of a model's weights and BatchNorm statistics (EMA, as timm
-    keeps one), updated after every optimizer step: `averaged` is the model to evaluate and keep.
-
-    After n updates each weight is decay**n * its value at the start plus (1 - decay) * decay**(n-k)
-    * its value after step k, summed over k; integer buffers (BatchNorm's batch counter) are copied.
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        if not 0 < decay < 1:
-            raise ValueError(f"the average's decay must be in (0, 1), got {decay}")
-        self.model, self.decay = model, decay
-        self.averaged = copy.deepcopy(model).eval()
-        for param in self.averaged.parameters():
-            param.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self) -> None:
-        current = self.model.state_dict()
-        for name, average in self.averaged.state_dict().items():
-            if average.is_floating_point():
-                average.lerp_(current[name], 1 - self.decay)
-            else:
-                average.copy_(current[name])

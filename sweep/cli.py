@@ -1,4 +1,4 @@
-"""`python -m sweep`: run, best, predict. Thin: parse options, call the library, echo results."""
+"""`python -m sweep`: run, trials, best, predict. Thin: parse options, call the library, echo results."""
 
 from __future__ import annotations
 
@@ -16,19 +16,26 @@ from clothing.engines import EngineError
 from clothing.inference import BatchOptions, find_images, predict_files, write_predictions
 from clothing.model import BackboneError
 from clothing.predict import prediction_lines, unreadable_summary
-from sweep.config import SweepConfig
-from sweep.outages import StoreOutage
+from sweep.best import BestOptions, run_best
+from sweep.config import (
+    SETTINGS,
+    DataSettings,
+    Stage1Settings,
+    Stage2Settings,
+    Stores,
+    SweepConfig,
+    SweepError,
+    SweepFileError,
+    read_sweep_file,
+    resolve_device,
+)
 from sweep.pipeline import quiet_libraries, run_sweep
-from sweep.ranking import rank
+from sweep.ranking import HEAD_STAGE, format_table, rows_to_csv
 from sweep.registry import REGISTRY_FORMATS
-from sweep.select import DEFAULT_TOLERANCE, HEAD_STAGE
-from sweep.settings import options
-from sweep.stores import StorageError
-from sweep.study import SweepError, read_studies, resolve_device
-from sweep.sweepfile import SweepFileError, read_sweep_file
-from sweep.table import format_table, rows_to_csv
+from sweep.settings import GroupedCommand, option, options
+from sweep.stores import StorageError, StoreOutage
+from sweep.study import read_studies
 from sweep.tracking import TrackingError
-from sweep.winner import BestOptions, run_best
 
 USER_ERRORS = (
     DatasetError,
@@ -40,13 +47,11 @@ USER_ERRORS = (
     StorageError,
     StoreOutage,
 )
-STORES = ("study", "storage", "tracking_uri")  # the settings that name a study and its stores
-DATA = ("data_dir", "backbone_weights", "cache_dir", "device")  # ... the data, the backbone, where to compute
-# `best` and `trials` apply the rule the study was run with, unless told otherwise.
-STUDY_TOLERANCE = {
-    "default": None,
-    "show_default": f"the study's own (run --tolerance), {DEFAULT_TOLERANCE} for older studies",
-}
+# `best` and `trials` apply the rule the study was run with, and `best` reads the data the run
+# recorded, unless told otherwise.
+STUDY_TOLERANCE = {"default": None, "show_default": "the study's own (run --tolerance)"}
+RECORDED = {"default": None, "show_default": "what the run recorded"}
+OUTPUT = "Output"
 
 
 def user_errors(command):
@@ -68,17 +73,18 @@ def user_errors(command):
     return wrapper
 
 
-def load_sweep_file(ctx: click.Context, param: click.Parameter, path: Path | None) -> tuple:
-    """--config, read before the other options: its settings become their defaults (so the command
-    line wins, and click converts both with the same types); its search space is the value."""
+def load_sweep_file(ctx: click.Context, param: click.Parameter, path: Path | None) -> tuple[dict, tuple | None]:
+    """--config, read before the other options: its settings become their options' defaults (so the
+    command line wins, and click converts both with the same types); the value is what only a file
+    sets: (those settings, the search space)."""
     if path is None:
-        return ()
+        return {}, None
     try:
-        settings, space = read_sweep_file(path)
+        settings, dimensions = read_sweep_file(path)
     except SweepFileError as exc:
         raise click.BadParameter(str(exc), ctx, param) from exc
     ctx.default_map = {**(ctx.default_map or {}), **settings}
-    return space
+    return {name: value for name, value in settings.items() if not SETTINGS[name][1].cli}, dimensions
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -96,36 +102,43 @@ def cli() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
-WIDE = click.option(
+WIDE = option(
     "--wide",
     is_flag=True,
+    group=OUTPUT,
     help="Show every column of the trials table, the MLflow run ids too (by default it fits 120 columns, the "
     "settings its rows share said once above it).",
 )
 
 
-@cli.command()
-@options(SweepConfig)
-@click.option(
+@cli.command(cls=GroupedCommand)
+@option(
     "--config",
-    "space",
+    "sweep_file",
     type=click.Path(dir_okay=False, path_type=Path),
     is_eager=True,
     callback=load_sweep_file,
-    help="A sweep file (YAML: settings and search space, see sweeps/default.yaml); options given on the "
-    "command line win over it.",
+    group="Sweep file",
+    help="A sweep file (YAML): what differs from the defaults, and stage 1's search space (see sweeps/plain.yaml); "
+    "options given on the command line win over it.",
 )
+@options(Stores)
+@options(DataSettings)
+@options(Stage1Settings)
+@options(Stage2Settings)
+@option("--quiet", is_flag=True, group=OUTPUT, help="No progress output.")
 @WIDE
 @user_errors
-def run(wide: bool, **settings) -> None:
+def run(sweep_file: tuple[dict, tuple | None], quiet: bool, wide: bool, **settings) -> None:
     """Run or resume a study.
 
-    Checks every input, caches the backbone's features once, then trains a head per trial (and with
-    --finetune-blocks, fine-tunes the winner), each trial a nested MLflow run.
+    Checks every input, caches the backbone's features once, trains a head per trial, then fine-tunes
+    the winner's last blocks; each trial is a nested MLflow run. The defaults are the recommended
+    recipe.
     """
-    cfg = SweepConfig(**settings)
-    say = (lambda _: None) if cfg.quiet else click.echo
-    result = run_sweep(cfg, say)
+    file_only, dimensions = sweep_file
+    cfg = SweepConfig.of(dimensions, quiet, **settings, **file_only)
+    result = run_sweep(cfg, (lambda _: None) if quiet else click.echo)
     click.echo(format_table(result.ranking.rows(), wide))
     click.echo(f"\nBrowse the runs: {result.browse}")
     if result.errors and result.finished_here == 0:
@@ -134,47 +147,52 @@ def run(wide: bool, **settings) -> None:
         click.echo(f"{len(result.errors)} trial(s) failed; first error: {result.errors[0]}", err=True)
 
 
-@cli.command()
-@options(SweepConfig, *STORES, *DATA, "tolerance", tolerance=STUDY_TOLERANCE)
-@click.option(
+@cli.command(cls=GroupedCommand)
+@options(Stores, "study", "storage", "tracking_uri")
+@options(
+    DataSettings,
+    "data_dir",
+    "backbone_weights",
+    "cache_dir",
+    "device",
+    **dict.fromkeys(("data_dir", "backbone_weights", "cache_dir"), RECORDED),
+)
+@options(Stage1Settings, "tolerance", tolerance=STUDY_TOLERANCE)
+@option(
     "--export",
     "export_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
+    group=OUTPUT,
     help="Write the winner as a self-contained model file here.",
 )
-@click.option("--tta", is_flag=True, help="Also report val_acc with test-time augmentation (image + mirror).")
-@click.option(
-    "--refit/--no-refit",
-    default=True,
-    show_default=True,
-    help="Export and register the winner's refit on train + validation (`run --refit`) where it has one; "
-    "--no-refit: the chosen trial's own model.",
-)
-@click.option(
+@option("--tta", is_flag=True, group=OUTPUT, help="Also report val_acc with test-time augmentation (image + mirror).")
+@option(
     "--register",
     "register_name",
     default=None,
+    group=OUTPUT,
     help="Also register the winner in the MLflow model registry under this name.",
 )
-@click.option(
+@option(
     "--register-format",
     type=click.Choice(REGISTRY_FORMATS),
     default="pyfunc",
     show_default=True,
+    group=OUTPUT,
     help="How --register stores the model: pyfunc takes image bytes and answers labels (what `mlflow models "
     "serve` serves; nothing unpickled); pytorch is the nn.Module, a pickle that runs code when loaded; pt2 "
     "(torch.export) is a graph with a dynamic batch size; both take normalised tensors.",
 )
 @WIDE
 @user_errors
-def best(**given) -> None:
+def best(study, storage, tracking_uri, **given) -> None:
     """Show the winner; export, register, score it.
 
     Ranks the trials by the winner rule and marks the winner in MLflow; scores it on test/ when the
     data folder has one, and on request exports it (--export) or registers it (--register).
     """
-    run_best(BestOptions(**given), click.echo)
+    run_best(BestOptions(Stores(study, storage, tracking_uri), **given), click.echo)
 
 
 SORT_KEYS = {
@@ -184,33 +202,36 @@ SORT_KEYS = {
 }
 
 
-@cli.command()
-@options(SweepConfig, *STORES, "tolerance", tolerance=STUDY_TOLERANCE)
-@click.option(
+@cli.command(cls=GroupedCommand)
+@options(Stores, "study", "storage")
+@options(Stage1Settings, "tolerance", tolerance=STUDY_TOLERANCE)
+@option(
     "--sort",
     "sort_by",
     type=click.Choice(list(SORT_KEYS)),
     default="number",
     show_default=True,
+    group=OUTPUT,
     help="Order of the rows.",
 )
-@click.option(
+@option(
     "--format",
     "fmt",
     type=click.Choice(["table", "csv", "json"]),
     default="table",
     show_default=True,
+    group=OUTPUT,
     help="Aligned table for a terminal, or CSV / JSON for programs.",
 )
 @WIDE
 @user_errors
-def trials(study, storage, tracking_uri, sort_by, fmt, tolerance, wide) -> None:  # noqa: PLR0913 - its options
+def trials(study, storage, tolerance, sort_by, fmt, wide) -> None:  # noqa: PLR0913 - its options
     """List a study's trials (table, CSV or JSON).
 
     Every trial of both stages with its state, parameters and scores, the winner starred; the MLflow run
     ids with --wide and in CSV and JSON.
     """
-    ranking = rank(read_studies(storage, study), tolerance)
+    ranking = read_studies(Stores(study, storage)).rank(tolerance)
     rows = ranking.rows(sorted(ranking.records, key=SORT_KEYS[sort_by]))
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
@@ -226,20 +247,20 @@ PREDICT_ENGINE = {
 }
 
 
-@cli.command()
+@cli.command(cls=GroupedCommand)
 @click.argument("model_file", metavar="MODEL", type=click.Path(path_type=Path))
 @click.argument("paths", metavar="PATH...", nargs=-1, required=True, type=click.Path())
-@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1), help="Classes to show per image.")
-@click.option("--tta", is_flag=True, help="Average the logits of each image and its mirror image.")
-@click.option(
+@option("--top-k", default=3, show_default=True, type=click.IntRange(min=1), help="Classes to show per image.")
+@option("--tta", is_flag=True, help="Average the logits of each image and its mirror image.")
+@option(
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="Write one CSV row per image here (path,label,probability,top_k,error) instead of printing, with a "
     "progress bar on a terminal; an unreadable file is a row with its error and does not stop the run.",
 )
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096), help="Images per batch.")
-@options(SweepConfig, "device", "engine", engine=PREDICT_ENGINE)
+@option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096), help="Images per batch.")
+@options(DataSettings, "device", "engine", engine=PREDICT_ENGINE)
 @user_errors
 def predict(model_file: Path, paths: tuple[str, ...], output: Path | None, **how) -> None:
     """Classify images with an exported model.
@@ -253,8 +274,7 @@ def predict(model_file: Path, paths: tuple[str, ...], output: Path | None, **how
     files = find_images(paths)
     progress = output is not None and sys.stderr.isatty()  # printed lines are their own progress
     device = str(resolve_device(how.pop("device")))
-    batch = BatchOptions(**how, device=device, progress=progress)
-    results = predict_files(model, spec_of(payload), files, batch)
+    results = predict_files(model, spec_of(payload), files, BatchOptions(**how, device=device, progress=progress))
     if output is not None:
         errors = write_predictions(results, output)
         click.echo(f"Wrote {len(files)} predictions to {shown(output)}")

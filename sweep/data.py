@@ -1,32 +1,45 @@
 """The sweep's data: both splits' cached features (training views, and activations at the fine-tuning
-cut when stage 2 is on), computed once per (images, weights, transforms, views, cut)."""
+cut when stage 2 is on), computed once per (images, weights, transforms, views, cut), and where they
+came from (the splits' digests, the code's commit, the package versions, the cache keys).
+
+The validation split picks the winner, so the winner's val_acc flatters it. For an honest estimate a
+sweep file can leave a stratified part of train/ out of every trial (`holdout`, `holdout_seed`:
+`make bench-accuracy`); the cache still holds all of train/, so seeds share it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import os
+import subprocess
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from clothing.data import IMAGE_SIZE, ClothingDataset, DatasetError, build_transforms, shown
+import clothing
+from clothing.data import ClothingDataset, DatasetError, build_transforms, shown
 from clothing.extract import ExtractionOptions
 from clothing.features import FeatureSet, cached_features
-from clothing.model import finetune_cut, load_backbone, weights_fingerprint
-from sweep.config import SweepConfig
-from sweep.holdout import holdout_rows
-from sweep.lineage import SplitRecord, code_tags, split_record
+from clothing.model import finetune_cut, weights_fingerprint
+from sweep.config import DataSettings
 
 HOLDOUT_TAG = "sweep.held_out"
+PACKAGES = ("torch", "torchvision", "optuna", "mlflow")
+CHECKOUT = Path(clothing.__file__).resolve().parent.parent  # the code's own folder, a git checkout or not
 
 
-@dataclass
-class SweepData:
-    classes: list[str]
-    train: FeatureSet
-    val: FeatureSet
-    backbone_id: str
-    lineage: Lineage
-    image_size: int = IMAGE_SIZE  # the side every image was resized to before the backbone
+@dataclass(frozen=True)
+class SplitRecord:
+    """One split as MLflow's dataset inputs show it: `digest` changes when any file is added,
+    removed, renamed or resized."""
+
+    name: str  # train, validation, test
+    digest: str
+    source: str  # the split's folder
+    profile: dict = field(default_factory=dict)  # image and class counts
 
 
 @dataclass(frozen=True)
@@ -38,20 +51,17 @@ class Lineage:
     tags: dict[str, str]
 
 
-def split_records(data_dir: Path, train: ClothingDataset, val: ClothingDataset) -> tuple[SplitRecord, ...]:
-    """The splits' records; a test/ split (scored by `best`, never seen by a trial) is read here too,
-    so one that cannot be read fails before the extraction, not after it."""
-    splits = [split_record("train", train), split_record("validation", val)]
-    if (data_dir / "test").is_dir():
-        splits.append(split_record("test", ClothingDataset(data_dir / "test", class_to_idx=train.class_to_idx)))
-    return tuple(splits)
+@dataclass
+class SweepData:
+    classes: list[str]
+    train: FeatureSet
+    val: FeatureSet
+    backbone_id: str
+    lineage: Lineage
+    image_size: int  # the side every image was resized to before the backbone
 
 
-def cache_keys(features: dict[str, FeatureSet]) -> dict[str, str]:
-    return {f"sweep.feature_cache.{name}": f.cache_file.stem.removeprefix("features-") for name, f in features.items()}
-
-
-def load_splits(data_dir: Path, image_size: int = IMAGE_SIZE) -> tuple[ClothingDataset, ClothingDataset]:
+def load_splits(data_dir: Path, image_size: int) -> tuple[ClothingDataset, ClothingDataset]:
     """Both splits, resized to `image_size` square, refused when they cannot make a classifier (before
     any store is created)."""
     if not (data_dir / "train").is_dir():
@@ -70,39 +80,101 @@ def load_splits(data_dir: Path, image_size: int = IMAGE_SIZE) -> tuple[ClothingD
     return train, val
 
 
-def prepare_data(
-    cfg: SweepConfig,
+def prepare_data(  # noqa: PLR0913 - the data's settings, where to run, and what prepare has already loaded
+    settings: DataSettings,
+    finetune_blocks: int,
     device: torch.device,
     splits: tuple[ClothingDataset, ClothingDataset],
-    backbone: torch.nn.Module | None = None,
+    backbone: torch.nn.Module,
     progress: bool = True,
 ) -> SweepData:
-    """Cached features of the splits from `load_splits` (one backbone pass on a cold cache)."""
+    """Cached features of the splits from `load_splits` (one backbone pass on a cold cache); with
+    `finetune_blocks`, the same pass caches the activations entering the blocks that train."""
     train_set, val_set = splits
-    records = split_records(cfg.data_dir, train_set, val_set)
-    backbone = backbone if backbone is not None else load_backbone(cfg.backbone_weights)
-    # With fine-tuning on, the same pass also caches the activations entering the blocks that train
-    # (the most a stage-2 search may train: fewer blocks start from these).
-    cut = finetune_cut(cfg.finetune_blocks) if cfg.finetune_blocks else None
+    records = split_records(settings.data_dir, train_set, val_set)
     options = ExtractionOptions(
         device=str(device),
-        precision=cfg.precision,
-        engine=cfg.engine,
-        cut=cut,
-        image_size=cfg.image_size,
-        skip_bad_images=cfg.skip_bad_images,
+        precision=settings.precision,
+        engine=settings.engine,
+        cut=finetune_cut(finetune_blocks) if finetune_blocks else None,
+        image_size=settings.image_size,
+        skip_bad_images=settings.skip_bad_images,
         progress=progress,
     )
-    train = cached_features(train_set, backbone, cfg.cache_dir, options, views=cfg.views)
-    # Validation's features come from the same engine as the training ones, whatever its own size; a
-    # refit trains on them too, so it caches their views as well.
-    val_views = cfg.views if cfg.refit else 1
-    val = cached_features(val_set, backbone, cfg.cache_dir, options, engine=train.engine, views=val_views)
+    train = cached_features(train_set, backbone, settings.cache_dir, options, views=settings.views)
+    # Validation's features come from the same engine as the training ones, whatever its own size.
+    val = cached_features(val_set, backbone, settings.cache_dir, options, engine=train.engine)
     tags = {**code_tags(), **cache_keys({"train": train, "validation": val})}
-    if cfg.holdout:  # cached for all of train/, so every seed shares the cache; trials see the rest
-        kept, held = holdout_rows(train.labels, cfg.holdout, cfg.holdout_seed)
+    if settings.holdout:  # cached for all of train/, so every seed shares the cache; trials see the rest
+        kept, held = holdout_rows(train.labels, settings.holdout, settings.holdout_seed)
         train = train.subset(kept)
         of = f"{len(held)} of {len(kept) + len(held)} training images"
-        tags[HOLDOUT_TAG] = f"{of} (fraction {cfg.holdout:g}, seed {cfg.holdout_seed})"
+        tags[HOLDOUT_TAG] = f"{of} (fraction {settings.holdout:g}, seed {settings.holdout_seed})"
     lineage = Lineage(records, tags)
-    return SweepData(train_set.classes, train, val, weights_fingerprint(backbone), lineage, cfg.image_size)
+    return SweepData(train_set.classes, train, val, weights_fingerprint(backbone), lineage, settings.image_size)
+
+
+def holdout_rows(labels: torch.Tensor | np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept rows, held-out rows), both sorted: `fraction` of each class, rounded, at least one image
+    of any class that has two or more, chosen by a generator seeded with `seed` alone."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    held = []
+    for label in np.unique(labels):  # sorted, so the draws do not depend on the order classes appear
+        rows = np.flatnonzero(labels == label)
+        count = min(max(round(fraction * len(rows)), 1), len(rows) - 1)
+        held.append(rng.permutation(rows)[:count])
+    held_rows = np.sort(np.concatenate(held)) if held else np.empty(0, dtype=np.int64)
+    return np.setdiff1d(np.arange(len(labels)), held_rows), held_rows
+
+
+def split_record(name: str, split: ClothingDataset) -> SplitRecord:
+    digest = hashlib.sha256()
+    for path in split.image_paths:  # sorted by class, then name
+        digest.update(os.fsencode(os.path.relpath(path, split.root)) + b"\0")
+        digest.update(str(os.stat(path).st_size).encode() + b"\n")
+    counts = {shown(c): split.labels.count(i) for c, i in split.class_to_idx.items()}
+    profile = {"images": len(split.image_paths), "classes": counts}
+    return SplitRecord(name, digest.hexdigest()[:16], shown(Path(split.root).resolve()), profile)
+
+
+def split_records(data_dir: Path, train: ClothingDataset, val: ClothingDataset) -> tuple[SplitRecord, ...]:
+    """The splits' records; a test/ split (scored by `best`, never seen by a trial) is read here too,
+    so one that cannot be read fails before the extraction, not after it."""
+    splits = [split_record("train", train), split_record("validation", val)]
+    if (data_dir / "test").is_dir():
+        splits.append(split_record("test", ClothingDataset(data_dir / "test", class_to_idx=train.class_to_idx)))
+    return tuple(splits)
+
+
+def cache_keys(features: dict[str, FeatureSet]) -> dict[str, str]:
+    return {f"sweep.feature_cache.{name}": f.cache_file.stem.removeprefix("features-") for name, f in features.items()}
+
+
+def code_tags() -> dict[str, str]:
+    """The git commit of the code (and whether its tree had changes), when it runs from a checkout,
+    and the versions of the packages that decide the numbers."""
+    tags = {f"sweep.version.{name}": _version(name) for name in (*PACKAGES, "clothing-sweep")}
+    try:
+        git = ["git", "-C", str(CHECKOUT)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):  # no git here
+        return tags
+    if commit.returncode == 0:
+        tags["mlflow.source.git.commit"] = commit.stdout.strip()
+        tags["sweep.git.dirty"] = str(bool(status.stdout.strip())).lower()
+    return tags
+
+
+def _version(name: str) -> str:
+    if name == "clothing-sweep":
+        return clothing.__version__
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 
-from sweep.select import HEAD_STAGE, TrialRecord  # noqa: E402
+from sweep.ranking import HEAD_STAGE, Ranking, TrialRecord  # noqa: E402
 
 
 def learning_curves(history: list[dict], best_epoch: int, path: Path) -> Path:
@@ -32,7 +32,7 @@ def learning_curves(history: list[dict], best_epoch: int, path: Path) -> Path:
     return _save(fig, path, tight=False)
 
 
-def winner_rule(ranking, path: Path) -> Path:
+def winner_rule(ranking: Ranking, path: Path) -> Path:
     """val_acc against gap for every COMPLETE trial of `ranking`, the tolerance band shaded, the winner
     marked."""
     records, tolerance, winner = ranking.records, ranking.tolerance, ranking.winner
@@ -88,9 +88,9 @@ def lr_by_size_inner(records: list[TrialRecord], path: Path) -> Path:
     return _save(fig, path)
 
 
-def study_plots(study: optuna.Study, ranking, folder: Path) -> list[Path]:
-    """All study-level plots of `ranking` (a sweep.ranking.Ranking) into `folder`; Optuna's own (of
-    the stage-1 `study`) where they fit, ours for the rest."""
+def study_plots(study: optuna.Study, ranking: Ranking, folder: Path) -> list[Path]:
+    """All study-level plots of `ranking` into `folder`; Optuna's own (of the stage-1 `study`) where
+    they fit, ours for the rest."""
     folder.mkdir(parents=True, exist_ok=True)
     records = ranking.records
     paths = [

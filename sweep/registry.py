@@ -1,6 +1,9 @@
 """The MLflow model registry: the winner's exported model file logged on its run and registered as a
 new version of a name, with the `champion` alias moved to it. With `sweep.tracking` and
-`sweep.serving` (the served pyfunc), the only modules that import mlflow."""
+`sweep.serving` (the served pyfunc), the only modules that import mlflow.
+
+MLflow's model flavours and the served pyfunc are imported where a model is logged, not with this
+module: they take seconds to import, and only `best --register` needs them."""
 
 from __future__ import annotations
 
@@ -8,38 +11,46 @@ import contextlib
 import importlib.metadata
 import io
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
-import mlflow.pyfunc
-import mlflow.pytorch
 import torch
-from mlflow.models import Model, infer_signature
-from mlflow.models.model import ModelInfo
 
 import clothing
 from clothing.checkpoint import load_checkpoint, load_model, spec_of
-from sweep.serving import IMAGE_COLUMN, MODEL_ARTIFACT, SIGNATURE, input_example
-from sweep.summary import VersionInfo
 from sweep.tracking import Tracker
 
 CHAMPION_ALIAS = "champion"  # `models:/NAME@champion` always loads the latest registered winner
 # pyfunc: image bytes in, labels out, nothing unpickled (sweep.serving). pytorch and pt2: the nn.Module,
 # as MLflow's PyTorch flavour stores it (a pickle, or torch.export's graph), taking normalised tensors.
 REGISTRY_FORMATS = ("pyfunc", "pytorch", "pt2")
-SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")
+SERVED_MODEL_CODE = Path(__file__).with_name("serving.py")  # the models-from-code file
 PACKAGES = [Path(clothing.__file__).parent, Path(__file__).parent]  # the code a registered model ships with
 # What the served model imports, pinned to what this process runs: given, MLflow does not load the
 # model once more to guess them.
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "pillow", "numpy", "pandas", "tqdm")
 
 
+@dataclass(frozen=True)
+class VersionInfo:
+    """What a registered model version says about itself in the registry."""
+
+    description: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+
 def pinned_requirements() -> list[str]:
     return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
 
 
-def log_pyfunc(model_file: Path, run_id: str, model_id: str) -> ModelInfo:
+def log_pyfunc(model_file: Path, run_id: str, model_id: str):
     """The exported file as an image-classifying pyfunc, written as a model from code."""
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    from sweep.serving import IMAGE_COLUMN, MODEL_ARTIFACT, SIGNATURE, input_example
+
     spec = spec_of(load_checkpoint(model_file))
     metadata = {
         "classes": list(spec.classes),
@@ -62,12 +73,15 @@ def log_pyfunc(model_file: Path, run_id: str, model_id: str) -> ModelInfo:
     )
 
 
-def log_pytorch(model_file: Path, run_id: str, model_id: str, serialization_format: str) -> ModelInfo:
+def log_pytorch(model_file: Path, run_id: str, model_id: str, serialization_format: str):
     """The exported model as MLflow's PyTorch flavour: the nn.Module, taking normalised NCHW tensors.
 
     "pickle" loads as the nn.Module users expect (code_paths ships the model's classes with it), and
     like any pickle it runs code when loaded. "pt2" is torch.export's graph: nothing is unpickled, the
     batch size stays dynamic, but it loads as a GraphModule."""
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
     model, payload = load_model(model_file)
     spec = spec_of(payload)
     size = spec.image_size

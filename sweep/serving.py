@@ -1,9 +1,11 @@
 """The registered champion as MLflow serves it: a pyfunc that takes image bytes and answers labels.
 
-Logged as MLflow's "models from code" (sweep/served_model.py is the code file, the exported
-`weights_only` model file the one artifact), so loading it runs this project's code and unpickles
-nothing: it loads with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. The scoring server base64-decodes
-the `image` column (MLflow's `binary` type) before `predict` sees it.
+Logged as MLflow's "models from code": this file is the code file (MLflow runs it to get the model,
+`set_model` at its end), the exported `weights_only` model file the one artifact, so loading it runs
+this project's code and unpickles nothing: it loads with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false.
+The scoring server base64-decodes the `image` column (MLflow's `binary` type) before `predict` sees
+it. Importing this module elsewhere (sweep.registry does, for the signature) only sets the model
+MLflow would take from it.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import io
 import mlflow.pyfunc
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
+from mlflow.models import ModelSignature, set_model
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, Object, Property
 from PIL import Image
 
 from clothing.checkpoint import load_model, spec_of
-from clothing.data import DatasetError, load_image
+from clothing.data import try_image
 from clothing.predict import top_k
 
 MODEL_ARTIFACT = "model"  # the exported model file, in the pyfunc's artifacts
@@ -60,11 +62,11 @@ def decode(value: object, row: int) -> tuple[Image.Image | None, str]:
     """(the row's image, "") or (None, why it is not one)."""
     if not isinstance(value, bytes | bytearray):
         return None, f"row {row}: expected the bytes of an image file, got {type(value).__name__}"
-    try:
-        return load_image(io.BytesIO(value)), ""
-    except DatasetError as exc:
+    image, error = try_image(io.BytesIO(value))
+    if image is None:
         # Pillow's message names the BytesIO object, which tells the caller nothing: its kind does.
-        return None, f"row {row}: not an image Pillow can read ({type(exc.__cause__).__name__})"
+        return None, f"row {row}: not an image Pillow can read ({type(error.__cause__).__name__})"
+    return image, ""
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
@@ -98,3 +100,6 @@ def answer_row(prediction, error: str) -> dict:
     label, probability = prediction[0]
     top = [{"label": name, "probability": p} for name, p in prediction]
     return {"label": label, "probability": probability, "top_k": top, "error": None}
+
+
+set_model(ImageClassifier())

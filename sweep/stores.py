@@ -1,25 +1,63 @@
-"""The two stores' URLs: what of them is safe to show, how to connect, and what a failure means.
+"""The two stores behind a sweep (an Optuna storage, an MLflow tracking store): their URLs, what of
+them may be shown, what a failure means, riding out an outage, and the study's lock.
 
-A URL may carry a password (`postgresql://user:SECRET@db/optuna`, `https://user:SECRET@mlflow`).
-Every URL that leaves the process (a message, a param, a tag, a file) goes through `mask_url` first.
+- A URL may carry a password (`postgresql://user:SECRET@db/optuna`, `https://user:SECRET@mlflow`):
+  every URL that leaves the process (a message, a param, a tag, a file) goes through `mask_url`.
+- Once a sweep has reached its stores, a lost database connection or an unreachable tracking server
+  is retried with backoff for up to `--outage-seconds` (`retrying`, `ride_out_tracking_outages`),
+  and only then does the trial fail, naming the store. At start-up nothing is retried: a mistyped
+  URL stays a one-line error in seconds.
+- The study lock guards "count the finished trials, then create one", so that any number of
+  workers on any number of machines finish a study with exactly its target. It lives where the
+  study does: a PostgreSQL advisory lock (a MySQL named lock) on a connection of its own, or an
+  exclusive lock on a file beside a SQLite database. It dies with its holder either way.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import math
+import os
 import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Protocol, TypeVar
 
+from optuna.exceptions import StorageInternalError
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
+RUNS_DIR = Path("mlruns")  # every piece of run state lives here by default: stores, artifacts, feature cache
 STORAGE_ENV = "OPTUNA_STORAGE"  # the variable Optuna's own CLI reads for --storage
+SQLITE = "sqlite:///"
 CONNECT_TIMEOUT_SECONDS = 10  # a database server that does not answer fails in seconds, not minutes
+DEFAULT_OUTAGE_SECONDS = 120
+MAX_BACKOFF_SECONDS = 8.0
+HTTP_BACKOFF_FACTOR = 2  # MLflow's default: waits of 2, 4, 8, ... s between attempts
 
 _USERINFO_PASSWORD = re.compile(r"(?<=://)([^/@:]*):[^/@]*@")
 _QUERY_PASSWORD = re.compile(r"(?i)(password=)[^&]*")
 
+T = TypeVar("T")
+
 
 class StorageError(RuntimeError):
     """The Optuna storage cannot be opened; the message names it (masked) and the likely fix."""
+
+
+class StoreOutage(RuntimeError):
+    """A store stayed unreachable for longer than the outage budget; the message names it."""
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a `sqlite:///` URL, else None."""
+    return Path(url.removeprefix(SQLITE)) if url.startswith(SQLITE) else None
 
 
 def mask_url(url: str) -> str:
@@ -107,3 +145,183 @@ def _password_of(url: str) -> str | None:
         return make_url(url).password
     except (ArgumentError, ValueError):
         return None
+
+
+def driver_error(exc: BaseException) -> BaseException:
+    """The error underneath Optuna's: RDBStorage wraps every SQLAlchemy error of a session (a refused
+    connect included) in StorageInternalError, whose message blames invalid data."""
+    if isinstance(exc, StorageInternalError) and exc.__cause__ is not None:
+        return exc.__cause__
+    return exc
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """Whether a database error means "the server went away" (worth waiting for) rather than a
+    mistake in the request (never worth repeating)."""
+    exc = driver_error(exc)
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
+def outage_reason(exc: BaseException) -> str:
+    """The driver's own first line ("connection refused", "the database system is shutting down")."""
+    exc = driver_error(exc)
+    return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+
+
+def retrying(call: Callable[[], T], what: str, budget: float, is_transient: Callable[[BaseException], bool]) -> T:
+    """`call()`, repeated with backoff while it fails transiently, for up to `budget` seconds; one
+    line on stderr when an outage starts and one when it ends. StoreOutage after the budget."""
+    deadline, wait, started = time.monotonic() + budget, 0.5, None
+    while True:
+        try:
+            result = call()
+        except Exception as exc:
+            if budget <= 0 or not is_transient(exc):
+                raise
+            if started is None:
+                started = time.monotonic()
+                reason = outage_reason(exc)
+                print(f"{what} unreachable ({reason}); retrying for up to {budget:.0f} s", file=sys.stderr)
+            if time.monotonic() + wait > deadline:
+                raise StoreOutage(f"{what} stayed unreachable for {budget:.0f} s (--outage-seconds)") from exc
+            time.sleep(wait)
+            wait = min(2 * wait, MAX_BACKOFF_SECONDS)
+            continue
+        if started is not None:
+            print(f"{what} reachable again after {time.monotonic() - started:.0f} s", file=sys.stderr)
+        return result
+
+
+def http_retries_for(budget: float, factor: int = HTTP_BACKOFF_FACTOR) -> int:
+    """How many MLflow HTTP retries, waiting factor, 2*factor, 4*factor, ... s, cover `budget` seconds."""
+    if budget <= 0:
+        return 0
+    return max(1, math.ceil(math.log2(budget / factor + 1)))
+
+
+def ride_out_tracking_outages(budget: float) -> None:
+    """Size MLflow's HTTP retries to the outage budget, unless the user set them: from now on a tracking
+    call waits out an unreachable server (or a 5xx) for about `budget` seconds before it fails. The
+    background thread that sends the epochs keeps them in order meanwhile (sweep.tracking)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", str(HTTP_BACKOFF_FACTOR))
+    factor = int(os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"])
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(http_retries_for(budget, factor)))
+
+
+class StudyLock(Protocol):
+    """acquire() blocks until this process holds the lock; release() is idempotent, so it can be
+    handed to the objective (released once the trial exists) and still be called on every way out."""
+
+    def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
+
+    def held(self) -> bool: ...
+
+
+def study_lock(storage: str, study_name: str, outage_seconds: float = 0) -> StudyLock:
+    """The lock that guards `study_name`'s trial count in `storage`, for every worker that shares it;
+    acquiring it waits out a database that is down for `outage_seconds`."""
+    if storage.startswith("postgresql"):
+        sql = ("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)")
+    elif storage.startswith("mysql"):
+        sql = ("SELECT GET_LOCK(:key, -1)", "SELECT RELEASE_LOCK(:key)")
+    else:
+        database = sqlite_path(storage)
+        return FileLock(Path(f"{database}.{study_name}.lock") if database else RUNS_DIR / f"{study_name}.lock")
+    return DatabaseLock(storage, *sql, lock_key(storage, study_name), outage_seconds)
+
+
+def lock_key(storage: str, study_name: str) -> int | str:
+    """PostgreSQL's advisory locks take a 64-bit integer; MySQL's named locks a string of <= 64 chars."""
+    digest = hashlib.blake2b(f"clothing-sweep:{study_name}".encode(), digest_size=8).digest()
+    if storage.startswith("postgresql"):
+        return int.from_bytes(digest, "big", signed=True)
+    return f"clothing-sweep:{digest.hex()}"
+
+
+class DatabaseLock:
+    """A lock held by a connection of its own to the storage's database server.
+
+    A database restart drops that connection, and the server forgets the lock with it: `held()` says
+    whether this holder may still rely on it (sweep.study.run_trials re-checks its trial otherwise)."""
+
+    def __init__(  # noqa: PLR0913 - the statements and key of one kind of database lock
+        self, storage: str, lock_sql: str, unlock_sql: str, key: int | str, outage_seconds: float
+    ) -> None:
+        self._storage = storage
+        # NullPool: closing the connection really disconnects, so nothing is left holding the lock.
+        connect_args = (engine_kwargs(storage) or {}).get("connect_args", {})
+        self._engine = create_engine(storage, poolclass=NullPool, connect_args=connect_args)
+        self._lock, self._unlock = text(lock_sql), text(unlock_sql)
+        self._key = {"key": key}
+        self._connection = None
+        self.outage_seconds = outage_seconds
+
+    def _lock_once(self) -> None:
+        self.release()  # a connection left from a failed attempt
+        self._connection = self._engine.connect()
+        self._connection.execute(self._lock, self._key)
+
+    def acquire(self) -> None:
+        what = f"the Optuna storage {mask_url(self._storage)} (study lock)"
+        try:
+            retrying(self._lock_once, what, self.outage_seconds, lost_connection)
+        except SQLAlchemyError as exc:
+            self.release()
+            raise storage_error(self._storage, exc) from exc
+
+    def held(self) -> bool:
+        """Whether the lock's connection is still alive, and so the lock still ours."""
+        if self._connection is None:
+            return False
+        try:
+            self._connection.execute(text("SELECT 1"))
+            return True
+        except SQLAlchemyError:
+            return False
+
+    def release(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        try:
+            connection.execute(self._unlock, self._key)
+        except SQLAlchemyError:
+            pass  # the connection is gone, and the server released the lock with it
+        finally:
+            connection.close()
+
+
+class FileLock:
+    """An exclusive lock on a file; the OS releases it if the process dies. A file lock has no server
+    to lose, so it has no outage to ride out."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle = None
+
+    def held(self) -> bool:
+        return self._handle is not None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "a")  # noqa: SIM115 - held across calls by design
+        fcntl.flock(self._handle, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+
+@contextmanager
+def holding(lock: StudyLock) -> Iterator[None]:
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

@@ -39,35 +39,35 @@ VIEW = "tests/test_mlflow_view.py"
 MUTANTS = (
     Mutant(
         "MLflow val_acc series logged from train_acc",
-        "sweep/trial.py",
+        "sweep/objective.py",
         '{k: v for k, v in metrics.items() if k != "epoch"}, step=epoch',
         '{**{k: v for k, v in metrics.items() if k != "epoch"}, "val_acc": metrics["train_acc"]}, step=epoch',
         (f"{OBJECTIVE_VALUES}::test_each_epoch_logs_the_accuracies_of_that_epochs_model",),
     ),
     Mutant(
         "the last epoch kept instead of the best",
-        "sweep/trial.py",
+        "sweep/objective.py",
         'if self.metrics is None or metrics["val_acc"] > self.metrics["val_acc"]:',
         "if True:",
         (f"{OBJECTIVE_VALUES}::test_the_best_epoch_is_the_argmax_and_its_checkpoint_reproduces_the_record",),
     ),
     Mutant(
         "the trial's val_acc attribute (what the rule reads) set to train_acc",
-        "sweep/trial.py",
-        '"val_acc": metrics["val_acc"]}',
-        '"val_acc": metrics["train_acc"]}',
+        "sweep/objective.py",
+        '"val_acc": m["val_acc"]}.items():',
+        '"val_acc": m["train_acc"]}.items():',
         (f"{OBJECTIVE_VALUES}::test_the_best_epoch_is_the_argmax_and_its_checkpoint_reproduces_the_record",),
     ),
     Mutant(
         "the checkpoint saved from the last epoch, its metrics from the best",
-        "sweep/trial.py",
+        "sweep/objective.py",
         "            self.metrics = dict(metrics)\n            self.state_dict =",
         "            self.metrics = dict(metrics)\n        if True:\n            self.state_dict =",
         (f"{OBJECTIVE_VALUES}::test_the_checkpoint_holds_the_best_epochs_weights",),
     ),
     Mutant(
         "the objective returns train_acc to Optuna",
-        "sweep/trial.py",
+        "sweep/objective.py",
         'return best.metrics["val_acc"]',
         'return best.metrics["train_acc"]',
         (f"{OBJECTIVE_VALUES}::test_the_best_epoch_is_the_argmax_and_its_checkpoint_reproduces_the_record",),
@@ -81,22 +81,22 @@ MUTANTS = (
     ),
     Mutant(
         "best computes test_acc on validation/",
-        "sweep/winner.py",
-        'return Path(self.data_dir) / "test"\n',
-        'return Path(self.data_dir) / "validation"\n',
+        "sweep/best.py",
+        'device, test_dir = resolve_device(data.device), data.data_dir / "test"',
+        'device, test_dir = resolve_device(data.device), data.data_dir / "validation"',
         ("tests/test_winner.py::test_test_acc_is_the_exported_models_accuracy_on_the_test_split",),
     ),
     Mutant(
-        "best --tta without the mirror",
+        "best --tta without the mirror (the plain cached view twice)",
         "clothing/scoring.py",
-        "build_transforms(spec.image_size, mirror=mirror,",
-        "build_transforms(spec.image_size, mirror=False,",
+        "cached_logits(model, features, int(mirrored))",
+        "cached_logits(model, features, 0)",
         ("tests/test_winner.py::test_tta_averages_each_image_with_its_mirror",),
     ),
     Mutant(
         "the median pruner replaced by no pruning",
         "sweep/study.py",
-        'if cfg.pruner == "median"',
+        'if stage1.pruner == "median"',
         "if False",
         (f"{OBJECTIVE_VALUES}::test_the_median_pruner_stops_trials_early",),
     ),
@@ -137,14 +137,14 @@ MUTANTS = (
     ),
     Mutant(
         "the winner rule ranks by -gap",
-        "sweep/select.py",
+        "sweep/ranking.py",
         "key=lambda r: (r.gap, -r.val_acc,",
         "key=lambda r: (-r.gap, -r.val_acc,",
         ("tests/test_select.py::test_the_winner_is_the_rule_applied_to_what_mlflow_recorded",),
     ),
     Mutant(
         "the winner rule ranks by val_acc alone",
-        "sweep/select.py",
+        "sweep/ranking.py",
         "key=lambda r: (r.gap, -r.val_acc,",
         "key=lambda r: (-r.val_acc, -r.val_acc,",
         ("tests/test_select.py::test_the_winner_is_the_rule_applied_to_what_mlflow_recorded",),
@@ -165,11 +165,11 @@ MUTANTS = (
     ),
     Mutant(
         "the study lock per process instead of in the database (machines overshoot)",
-        "sweep/locks.py",
-        'if storage.startswith("postgresql"):\n        return DatabaseLock(',
-        'if storage.startswith("postgresql") and study_name != "optuna-schema":\n'
-        "        return FileLock(Path(f'/tmp/sweep-mutant-{__import__(\"os\").getpid()}.lock'))\n"
-        '    if storage.startswith("postgresql"):\n        return DatabaseLock(',
+        "sweep/stores.py",
+        "    return DatabaseLock(storage, *sql, lock_key(storage, study_name), outage_seconds)\n",
+        '    if storage.startswith("postgresql") and study_name != "optuna-schema":\n'
+        '        return FileLock(Path(f"/tmp/sweep-mutant-{os.getpid()}.lock"))\n'
+        "    return DatabaseLock(storage, *sql, lock_key(storage, study_name), outage_seconds)\n",
         ("tests/test_cluster.py::test_the_study_lock_is_one_lock_for_every_machine_and_dies_with_its_holder",),
     ),
     Mutant(
@@ -182,9 +182,12 @@ MUTANTS = (
     Mutant(
         "the storage URL logged as a param of the parent run",
         "sweep/config.py",
-        "    return {\n        name: shown_value(getattr(cfg, name))",
-        '    return {"storage": cfg.storage} | {\n        name: shown_value(getattr(cfg, name))',
-        ("tests/test_cluster.py::test_no_password_reaches_the_record_or_the_terminal",),
+        "values = {name: value for name, value in self.settings().items() if not SETTINGS[name][1].secret}",
+        'values = {name: value for name, value in self.settings().items() if name != "tracking_uri"}',
+        (
+            "tests/test_settings.py::test_the_parent_runs_params_are_every_setting_but_the_store_urls",
+            "tests/test_cluster.py::test_no_password_reaches_the_record_or_the_terminal",
+        ),
     ),
     Mutant(
         "Pillow's decompression-bomb error not treated as an unreadable image",
@@ -211,8 +214,8 @@ MUTANTS = (
     Mutant(
         "the served model fails the whole request on one non-image",
         "sweep/serving.py",
-        '        return None, f"row {row}: not an image Pillow can read ({type(exc.__cause__).__name__})"',
-        "        raise",
+        '        return None, f"row {row}: not an image Pillow can read ({type(error.__cause__).__name__})"',
+        "        raise error",
         ("tests/test_serving.py::test_the_served_champion_answers_images_with_the_labels_predict_gives",),
     ),
     Mutant(
@@ -225,13 +228,13 @@ MUTANTS = (
     Mutant(
         "predict --tta averages the image with itself, not its mirror",
         "clothing/inference.py",
-        "torch.cat([pixels, pixels.flip(-1)])",
-        "torch.cat([pixels, pixels])",
+        "(pooled,) = trunk(pixels.flip(-1) if mirrored else pixels)",
+        "(pooled,) = trunk(pixels)",
         ("tests/test_predict_files.py::test_batches_engines_and_mirror_views_change_no_label",),
     ),
     Mutant(
         "a RUNNING trial that never got a heartbeat stays RUNNING forever",
-        "sweep/outages.py",
+        "sweep/storage.py",
         "if not trial.heartbeats and started is not None and now - started > grace:",
         "if False:",
         ("tests/test_outages.py::test_a_trial_that_never_got_a_heartbeat_is_failed_as_stale_with_the_reason",),
@@ -239,8 +242,8 @@ MUTANTS = (
     Mutant(
         "a trial created without the lock counts only finished trials, not running ones",
         "sweep/study.py",
-        "taken = sum((t.state in FINISHED and counts(t)) or t.state == TrialState.RUNNING for t in others)",
-        "taken = sum(t.state in FINISHED and counts(t) for t in others)",
+        "taken = self.finished(others) + sum(t.state == TrialState.RUNNING for t in others)",
+        "taken = self.finished(others)",
         ("tests/test_outages.py::test_a_trial_created_without_the_lock_steps_aside_when_others_reached_the_target",),
     ),
     Mutant(
@@ -253,14 +256,14 @@ MUTANTS = (
     ),
     Mutant(
         "the parent counts pruned trials as failed",
-        "sweep/summary.py",
-        '"trials/failed": failed,',
-        '"trials/failed": failed + pruned,',
+        "sweep/ranking.py",
+        '"trials/failed": states.count("FAIL"),',
+        '"trials/failed": states.count("FAIL") + states.count("PRUNED"),',
         (f"{VIEW}::test_the_parent_run_summarises_the_study_in_metrics_description_and_params",),
     ),
     Mutant(
         "an old winner's test score left on the parent",
-        "sweep/summary.py",
+        "sweep/ranking.py",
         "PARENT_TEST_METRIC: math.nan if test_acc is None else test_acc,",
         "**({PARENT_TEST_METRIC: test_acc} if test_acc is not None else {}),",
         (f"{VIEW}::test_the_parent_gets_the_winners_test_acc_once_best_scored_it",),
@@ -274,15 +277,19 @@ MUTANTS = (
     ),
     Mutant(
         "a missing data folder checked after the stores are created",
-        "sweep/session.py",
-        "    splits = load_splits(cfg.data_dir)\n    backbone = load_backbone(cfg.backbone_weights)\n",
-        "    make_storage(cfg.storage)\n    splits = load_splits(cfg.data_dir)\n"
-        "    backbone = load_backbone(cfg.backbone_weights)\n",
+        "sweep/pipeline.py",
+        "    splits = load_splits(data_settings.data_dir, data_settings.image_size)\n"
+        "    backbone = load_backbone(data_settings.backbone_weights)\n"
+        "    tracker = Tracker(stores.tracking_uri)\n",
+        "    make_storage(stores.storage)\n"
+        "    splits = load_splits(data_settings.data_dir, data_settings.image_size)\n"
+        "    backbone = load_backbone(data_settings.backbone_weights)\n"
+        "    tracker = Tracker(stores.tracking_uri)\n",
         ("tests/test_bad_input.py::test_run_without_data_says_how_to_get_it_and_creates_no_store",),
     ),
     Mutant(
         "a resumed study takes a changed search space",
-        "sweep/study.py",
+        "sweep/pipeline.py",
         "    if recorded is not None and recorded != wanted:",
         "    if False:",
         ("tests/test_sweepfile.py::test_resuming_a_study_with_another_space_is_refused_and_loses_nothing",),
@@ -295,8 +302,15 @@ MUTANTS = (
         ("tests/test_sweepfile.py::test_a_sweep_file_becomes_the_studys_distributions_and_the_parent_runs_record",),
     ),
     Mutant(
+        "a sweep file's file-only settings (holdout) never reach the config",
+        "sweep/cli.py",
+        "    return {name: value for name, value in settings.items() if not SETTINGS[name][1].cli}, dimensions\n",
+        "    return {}, dimensions\n",
+        ("tests/test_holdout.py::test_a_sweep_with_a_held_out_part_records_it_and_refuses_another",),
+    ),
+    Mutant(
         "a split's digest ignores file sizes",
-        "sweep/lineage.py",
+        "sweep/data.py",
         '        digest.update(str(os.stat(path).st_size).encode() + b"\\n")\n',
         "",
         ("tests/test_lineage.py::test_a_splits_digest_changes_when_a_file_changes",),
@@ -317,31 +331,10 @@ MUTANTS = (
     ),
     Mutant(
         "the held-out rows drawn from the whole of train/, not per class",
-        "sweep/holdout.py",
+        "sweep/data.py",
         "rows = np.flatnonzero(labels == label)",
         "rows = np.arange(len(labels))",
         ("tests/test_holdout.py::test_the_held_out_rows_are_stratified_and_fixed_by_the_seed",),
-    ),
-    Mutant(
-        "the weight average checkpointed as the last step's weights",
-        "clothing/train.py",
-        "average.lerp_(current[name], 1 - self.decay)",
-        "average.copy_(current[name])",
-        ("tests/test_finetune.py::test_the_weight_average_is_the_exponential_average_of_every_step",),
-    ),
-    Mutant(
-        "a stage-2 search draws every trial's block count at random",
-        "sweep/pipeline.py",
-        "        enqueue_block_counts(study, cfg, recipe)\n",
-        "",
-        ("tests/test_finetune.py::test_a_stage2_search_tries_two_depths_and_records_each_truthfully",),
-    ),
-    Mutant(
-        "a shallower cut reads the deepest cut's activations as they are",
-        "clothing/features.py",
-        "        if cut == self.cut:\n            return activations\n",
-        "        return activations\n",
-        ("tests/test_finetune.py::test_activations_from_a_deeper_cut_equal_the_ones_cached_at_the_cut",),
     ),
     Mutant(
         "early stopping counts a tie with the best epoch as an improvement",
@@ -352,10 +345,32 @@ MUTANTS = (
     ),
     Mutant(
         "stage 2 records bf16 but trains in fp32",
-        "sweep/finetune.py",
-        "autocast=AUTOCAST[config.train_precision],",
+        "sweep/objective.py",
+        "autocast=AUTOCAST[recipe.train_precision],",
         "autocast=None,",
         ("tests/test_finetune.py::test_bf16_stage2_records_its_precision_and_stays_within_2_percent_of_fp32",),
+    ),
+    Mutant(
+        "a stage-2 trial of another recipe counted as this one (a new recipe never runs)",
+        "sweep/pipeline.py",
+        "        return Stage2Recipe.read(trial.params) == recipe\n",
+        "        return True\n",
+        ("tests/test_finetune.py::test_bf16_stage2_records_its_precision_and_stays_within_2_percent_of_fp32",),
+    ),
+    Mutant(
+        "an older stage-2 trial that ran a retired lever reads as today's recipe",
+        "sweep/objective.py",
+        "        if any(params.get(name, neutral) != neutral for name, neutral in cls.RETIRED.items()):\n"
+        "            return None\n",
+        "",
+        ("tests/test_finetune.py::test_an_older_stage2_trial_reads_as_the_recipe_it_ran",),
+    ),
+    Mutant(
+        "a stage-2 trial from before a param existed reads as no recipe (its source fine-tuned again)",
+        "sweep/objective.py",
+        '            elif f.metadata["older"] is not MISSING:',
+        "            elif False:",
+        ("tests/test_finetune.py::test_an_older_stage2_trial_reads_as_the_recipe_it_ran",),
     ),
     Mutant(
         "a second pass converts the trunk again",
@@ -367,63 +382,38 @@ MUTANTS = (
     Mutant(
         "the sweep's mirror views at 224 px whatever --image-size",
         "sweep/data.py",
-        "        image_size=cfg.image_size,\n",
+        "        image_size=settings.image_size,\n",
         "",
         ("tests/test_image_size.py::test_a_larger_image_size_travels_from_the_features_to_predict",),
     ),
     Mutant(
-        "a refit trains on the training split alone",
-        "sweep/refit.py",
-        "train=data.train.joined(data.val)",
-        "train=data.train",
-        ("tests/test_refit.py::test_refit_trains_the_winner_on_both_splits_and_best_exports_it",),
-    ),
-    Mutant(
-        "best exports the chosen trial, not its refit",
-        "sweep/winner.py",
-        "shipped = tracker.run_checkpoint(refit_id) if refit_id else head",
-        "shipped = head",
-        ("tests/test_refit.py::test_refit_trains_the_winner_on_both_splits_and_best_exports_it",),
-    ),
-    Mutant(
-        "layer decay applied once, not per block",
-        "sweep/finetune.py",
-        '"lr": lr * decay**depth}',
-        '"lr": lr * decay ** min(depth, 1)}',
-        ("tests/test_finetune.py::test_layer_decay_gives_each_block_below_the_top_a_smaller_lr",),
-    ),
-    Mutant(
-        "stage 2 from the winner alone whatever --finetune-sources",
-        "sweep/pipeline.py",
-        "    return [ranking.winner, *others][:count]",
-        "    return [ranking.winner]",
-        ("tests/test_finetune.py::test_stage2_from_several_sources_fine_tunes_the_winner_then_the_next_best",),
-    ),
-    Mutant(
         "a refused connect under Optuna's StorageInternalError not waited out",
-        "sweep/outages.py",
+        "sweep/stores.py",
         "    exc = driver_error(exc)\n    if isinstance(exc, DBAPIError)",
         "    if isinstance(exc, DBAPIError)",
         ("tests/test_outages.py::test_a_heartbeat_waits_out_a_stopped_database_instead_of_dying",),
     ),
     Mutant(
         "a live trial another worker failed left with its run RUNNING",
-        "sweep/trial.py",
-        "            if self._run_id is not None:\n",
-        "            if False:\n",
+        "sweep/tracking.py",
+        "        except BaseException as exc:\n            self.end_trial(run_id, *ending(exc))\n",
+        "        except BaseException as exc:\n"
+        "            if not isinstance(exc, UpdateFinishedTrialError):\n"
+        "                self.end_trial(run_id, *ending(exc))\n",
         ("tests/test_study.py::test_a_live_trial_another_worker_failed_is_stopped_closed_and_replaced",),
     ),
     Mutant(
         "a trial that fails before its run exists records no reason",
-        "sweep/trial.py",
-        '        trial.set_user_attr("error", error)\n',
-        '        if self._run_id is not None:\n            trial.set_user_attr("error", error)\n',
+        "sweep/objective.py",
+        '            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")\n',
+        '            if "mlflow_run_id" in trial.user_attrs:\n'
+        '                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")\n',
         ("tests/test_study.py::test_a_trial_that_fails_before_its_run_exists_still_says_why",),
     ),
     Mutant(
         "orphaned runs of failed trials not closed",
         "sweep/pipeline.py",
-        "        close_orphaned_runs(session)\n",
+        "        close_orphaned_runs(sweep)\n",
         "",
         ("tests/test_study.py::test_a_failed_trials_run_left_running_is_closed_by_the_next_sweep",),
     ),

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import sys
+from pathlib import Path
 
 import optuna
+import yaml
 from click.testing import CliRunner, Result
 from mlflow import MlflowClient
 
 from sweep.cli import cli
+from sweep.config import Stores
+from sweep.study import read_studies
 
-STORE_OPTIONS = {"trials": ("--storage", "--tracking-uri")}  # commands that take fewer than all three
+STORE_OPTIONS = {"trials": ("--storage",)}  # commands that take fewer than all three
+# The mission's head-only sweep (224 px, one view, no stage 2): what the tests run unless they say
+# otherwise, as the recipe's stage 2 at 256 px would cost every test a fine-tuning.
+PLAIN = ("--config", str(Path(__file__).resolve().parent.parent / "sweeps" / "plain.yaml"))
 
 
 def stores_in(folder) -> dict[str, str]:
@@ -22,6 +30,14 @@ def stores_in(folder) -> dict[str, str]:
         "--tracking-uri": f"sqlite:///{folder / 'mlflow.db'}",
         "--cache-dir": str(folder / "cache"),
     }
+
+
+def stores_copied(folder: Path, template: Path) -> dict[str, str]:
+    """`stores_in(folder)`, its MLflow store a copy of `template`, an empty store made once per session
+    (creating one takes MLflow seconds of schema migrations)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, folder / "mlflow.db")
+    return stores_in(folder)
 
 
 def store_args(command: str, stores: dict[str, str]) -> list[str]:
@@ -53,9 +69,17 @@ def data_args(data_dir, weights) -> list[str]:
     return ["--data-dir", str(data_dir), "--backbone-weights", str(weights)]
 
 
+def plain_file(folder, **changes) -> tuple[str, str]:
+    """`--config FILE`: the plain sweep file with `changes` (settings, or a `space`) over it."""
+    document = {**yaml.safe_load(Path(PLAIN[1]).read_text()), **changes}
+    path = Path(folder) / "sweep.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return ("--config", str(path))
+
+
 def run_options(data_dir, weights, trials: int = 3, epochs: int = 2) -> list[str]:
-    """The options of a quiet `run` on tiny data."""
-    return ["--data-dir", data_dir, "--backbone-weights", weights, "--trials", trials, "--epochs", epochs, "--quiet"]
+    """The options of a quiet plain `run` on tiny data."""
+    return [*PLAIN, *data_args(data_dir, weights), "--trials", trials, "--epochs", epochs, "--quiet"]
 
 
 def mlflow_runs(stores, study="clothing"):
@@ -66,6 +90,11 @@ def mlflow_runs(stores, study="clothing"):
 
 def load_study(stores, study="clothing") -> optuna.Study:
     return optuna.load_study(study_name=study, storage=stores["--storage"])
+
+
+def trial_records(stores, study="clothing"):
+    """Both stages' trials of a study, as the winner rule sees them."""
+    return read_studies(Stores(study, stores["--storage"])).records()
 
 
 def assert_one_error(result, *fragments, code=1):

@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-from images import make_split, write_image
 from sweep_helpers import assert_one_error, load_study, mlflow_runs, run_options, sweep
 from torchvision import models
 
+from bench.images import make_split, write_image
 from sweep.cli import cli
 
 

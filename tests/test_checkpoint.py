@@ -2,8 +2,8 @@ import pickle
 
 import pytest
 import torch
-from images import calibrated_backbone
 
+from bench.images import calibrated_backbone
 from clothing.checkpoint import (
     MODEL,
     CheckpointError,

@@ -18,14 +18,14 @@ import optuna
 import pytest
 import requests
 from click.testing import CliRunner
-from images import make_split
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
-from servers import free_port, mlflow_server, postgres_cluster, wait_for
-from sweep_helpers import assert_one_error, data_args
+from sweep_helpers import PLAIN, assert_one_error, data_args
 
+from bench.images import make_split
+from bench.servers import free_port, mlflow_server, postgres_cluster, wait_for
 from sweep.cli import cli
-from sweep.locks import study_lock
+from sweep.stores import study_lock
 
 pytestmark = pytest.mark.slow
 
@@ -133,21 +133,54 @@ def runs_of(server, study: str):
 
 
 def sweep_options(data: Path, weights: Path, study: str, trials: int, epochs: int) -> list[str]:
-    return [*data_args(data, weights), "--study", study, "--trials", trials, "--epochs", epochs, "--pruner", "none"]
+    return [
+        *PLAIN,
+        *data_args(data, weights),
+        "--study",
+        study,
+        "--trials",
+        trials,
+        "--epochs",
+        epochs,
+        "--pruner",
+        "none",
+    ]
+
+
+NO_CREDENTIALS = dict.fromkeys(
+    ("PGPASSWORD", "OPTUNA_STORAGE", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+)
+
+
+def login_url(server) -> str:
+    return server.uri.replace("http://", f"http://admin:{ADMIN_PASSWORD}@")
+
+
+@dataclass(frozen=True)
+class Machines:
+    machines: list[Machine]
+    terminal: list[str]  # what each printed
 
 
 @pytest.fixture(scope="module")
-def three_machines(storage, server, shared_data, tiny_weights, tmp_path_factory):
-    """Three machines started at the same moment on one study (the third with --jobs 2), stage 2 on."""
+def three_machines(storage, server, shared_data, tiny_weights, tmp_path_factory) -> Machines:
+    """Three machines started at the same moment on one study (the third with --jobs 2), stage 2 on.
+    The first has both passwords in the URLs on its command line, the habit the README warns against
+    (test_a_clean_folder_... checks that neither reaches the record); the others read them from the
+    environment, as the README says."""
     root = tmp_path_factory.mktemp("machines")
     options = [*sweep_options(shared_data, tiny_weights, STUDY, TRIALS, 8), "--finetune-blocks", 1]
     options += ["--finetune-epochs", 2, "--quiet"]
-    machines = [machine(root / f"machine-{i}", storage, server) for i in range(3)]
-    processes = [m.start("run", *options, *extra) for m, extra in zip(machines, ([], [], ["--jobs", 2]))]
+    machines = [machine(root / "machine-0", storage, server, **NO_CREDENTIALS)]
+    machines += [machine(root / f"machine-{i}", storage, server) for i in (1, 2)]
+    urls = ["--storage", with_password(storage), "--tracking-uri", login_url(server)]
+    processes = [m.start("run", *options, *extra) for m, extra in zip(machines, (urls, [], ["--jobs", 2]))]
+    terminal = []
     for process in processes:
-        _, stderr = process.communicate(timeout=600)
+        stdout, stderr = process.communicate(timeout=600)
         assert process.returncode == 0, stderr
-    return machines
+        terminal.append(stdout + stderr)
+    return Machines(machines, terminal)
 
 
 def test_three_machines_finish_one_study_with_exactly_its_target_and_one_run_per_trial(three_machines, storage, server):
@@ -173,13 +206,13 @@ def test_three_machines_finish_one_study_with_exactly_its_target_and_one_run_per
         for run in trials:
             assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/head.pt"]
     assert len(list(server.artifacts.rglob("head.pt"))) == len(trials)
-    for m in three_machines:
+    for m in three_machines.machines:
         assert not (m.root / "work" / "mlruns").exists()
 
 
 HOLD_THE_LOCK = """
 import sys, time
-from sweep.locks import study_lock
+from sweep.stores import study_lock
 study_lock(sys.argv[1], sys.argv[2]).acquire()
 print("held", flush=True)
 time.sleep(600)
@@ -204,24 +237,21 @@ def test_the_study_lock_is_one_lock_for_every_machine_and_dies_with_its_holder(s
     waiter.release()
 
 
-def test_a_clean_folder_with_only_the_urls_reads_everything_back(
-    three_machines, storage, server, shared_data, tiny_weights, tmp_path
+def test_a_clean_folder_with_only_the_urls_reads_everything_back_and_no_password_reaches_the_record(
+    three_machines, postgres, storage, server, shared_data, tiny_weights, tmp_path
 ):
-    fresh = machine(tmp_path / "fresh", storage, server)
-    listed = fresh.run("trials", "--study", STUDY, "--format", "json")
+    """A fresh folder with nothing but the two URLs, both passwords in them (the habit the README warns
+    against), lists, exports, registers and predicts; neither password shows up in anything the
+    sweep wrote (the record, the artifacts, the databases) or printed, here or on the machines."""
+    fresh = machine(tmp_path / "fresh", storage, server, **NO_CREDENTIALS)
+    urls = ["--study", STUDY, "--storage", with_password(storage), "--tracking-uri", login_url(server)]
+    listed = fresh.run("trials", *urls[:4], "--format", "json")
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout)
     assert len(rows) == TRIALS + 1 and sum(row["winner"] is True for row in rows) == 1
-
+    as_csv = fresh.run("trials", *urls[:4], "--format", "csv")
     best = fresh.run(
-        "best",
-        *data_args(shared_data, tiny_weights),
-        "--study",
-        STUDY,
-        "--export",
-        "model.pt",
-        "--register",
-        "shared-winner",
+        "best", *data_args(shared_data, tiny_weights), *urls, "--export", "model.pt", "--register", "shared-winner"
     )
     assert best.returncode == 0, best.stderr
     assert "Registered" in best.stdout and "models:/shared-winner/1" in best.stdout
@@ -230,6 +260,8 @@ def test_a_clean_folder_with_only_the_urls_reads_everything_back(
     assert predicted.returncode == 0, predicted.stderr
     assert str(image) in predicted.stdout and len(predicted.stdout.splitlines()) == 4
     assert sorted(os.listdir(fresh.root / "work")) == ["model.pt"]  # everything else came over HTTP
+    unreachable = f"http://admin:{ADMIN_PASSWORD}@127.0.0.1:{free_port()}"
+    failed = fresh.run("best", *urls[:4], "--tracking-uri", unreachable)
 
     client, _, trials = runs_of(server, STUDY)
     winner = [r for r in trials if r.data.tags.get("sweep.winner") == "true"]
@@ -237,6 +269,20 @@ def test_a_clean_folder_with_only_the_urls_reads_everything_back(
     with mock.patch.dict(os.environ, server.credentials()):
         versions = client.search_model_versions("name = 'shared-winner'")
     assert [v.run_id for v in versions] == [winner[0].info.run_id]
+
+    terminal = [*three_machines.terminal, *(r.stdout + r.stderr for r in (listed, as_csv, best, predicted, failed))]
+    assert [t.count("Error:") for t in terminal[3:]] == [0, 0, 0, 0, 1], terminal
+    assert "http://admin:***@127.0.0.1:" in terminal[-1]
+    record = everything_in_the_record(server, STUDY)
+    artifacts = b"".join(path.read_bytes() for path in server.artifacts.rglob("*") if path.is_file())
+    databases = postgres.dump("mlflow") + postgres.dump("optuna")
+    # The search has something to search: the record holds the sweep, the artifacts its files.
+    assert "finetune-000" in record and STUDY in databases and b"val_acc" in artifacts
+    for secret in (PG_PASSWORD, ADMIN_PASSWORD):
+        assert all(secret not in text for text in terminal)
+        assert secret not in record
+        assert secret.encode() not in artifacts
+        assert secret not in databases
 
 
 def test_a_machine_killed_mid_trial_is_failed_by_another_machine_and_the_study_reaches_its_target(
@@ -334,46 +380,3 @@ def everything_in_the_record(server, study: str) -> str:
         parts += [run.info.run_name, repr(run.data.params), repr(run.data.tags), repr(sorted(run.data.metrics))]
     parts += [repr(model.params) + repr(model.tags) for model in models]
     return "\n".join(parts)
-
-
-def test_no_password_reaches_the_record_or_the_terminal(postgres, server, storage, shared_data, tiny_weights, tmp_path):
-    """Both passwords sit in the URLs on the command line (the habit the README warns against):
-    neither may show up in anything the sweep writes or prints."""
-    url = with_password(storage)
-    login = server.uri.replace("http://", f"http://admin:{ADMIN_PASSWORD}@")
-    user = machine(
-        tmp_path / "user",
-        storage,
-        server,
-        PGPASSWORD=None,
-        OPTUNA_STORAGE=None,
-        MLFLOW_TRACKING_URI=None,
-        MLFLOW_TRACKING_USERNAME=None,
-        MLFLOW_TRACKING_PASSWORD=None,
-    )
-    options = ["--study", "secret", "--storage", url, "--tracking-uri", login]
-    run_options = sweep_options(shared_data, tiny_weights, "secret", 2, 2)
-    commands = [
-        ["run", *run_options, "--storage", url, "--tracking-uri", login, "--finetune-blocks", 1],
-        ["best", *data_args(shared_data, tiny_weights), *options, "--export", "model.pt", "--register", "secret"],
-        ["trials", *options],
-        ["trials", *options, "--format", "csv"],
-        ["best", *options[:4], "--tracking-uri", f"http://admin:{ADMIN_PASSWORD}@127.0.0.1:{free_port()}"],  # fails
-    ]
-    terminal = []
-    for argv in commands:
-        result = user.run(*argv)
-        terminal.append(result.stdout + result.stderr)
-    assert [t.count("Error:") for t in terminal] == [0, 0, 0, 0, 1], terminal
-    assert "http://admin:***@127.0.0.1:" in terminal[-1]
-
-    record = everything_in_the_record(server, "secret")
-    artifacts = b"".join(path.read_bytes() for path in server.artifacts.rglob("*") if path.is_file())
-    databases = postgres.dump("mlflow") + postgres.dump("optuna")
-    # The search has something to search: the record holds the sweep, the artifacts its files.
-    assert "finetune-000" in record and "secret" in databases and b"val_acc" in artifacts
-    for secret in (PG_PASSWORD, ADMIN_PASSWORD):
-        assert all(secret not in text for text in terminal)
-        assert secret not in record
-        assert secret.encode() not in artifacts
-        assert secret not in databases

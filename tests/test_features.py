@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from images import calibrated_backbone, write_image
 
 import clothing.engines as engines
 import clothing.features as features_module
+from bench.images import calibrated_backbone, write_image
 from clothing.data import ClothingDataset, build_transforms
 from clothing.engines import EngineError, resolve_engine
 from clothing.features import BadImagesError, cached_features

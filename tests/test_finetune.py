@@ -1,15 +1,16 @@
 """Augmented views in the feature cache, and partial fine-tuning on cached activations (stage 2)."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
-from images import calibrated_backbone
 from mlflow import MlflowClient
-from sweep_helpers import mlflow_runs, output_of, run_options, sweep
+from sweep_helpers import mlflow_runs, output_of, plain_file, run_options, sweep
 from torch import nn
 from torch.utils.data import DataLoader
 
+from bench.images import calibrated_backbone
 from clothing.checkpoint import HEAD, checkpoint, load_model, spec_of
 from clothing.data import ClothingDataset, build_transforms
 from clothing.extract import resolve_precision, resolve_training_precision
@@ -17,17 +18,16 @@ from clothing.features import cached_features
 from clothing.model import (
     ClothingClassifierMobileNet,
     ModelSpec,
-    finetune_cut,
     load_backbone,
     trainable_parameters,
     weights_fingerprint,
 )
 from clothing.scoring import export_model, split_logits
-from clothing.train import FeatureBatches, TrainHooks, WeightAverage, train_and_evaluate
-from sweep.finetune import layer_decayed_groups
-from sweep.select import select_winner
-from sweep.space import FINETUNE_SEARCH_LR, of_recipe
-from sweep.study import describe_trial, read_studies, trial_records
+from clothing.train import FeatureBatches, train_and_evaluate
+from sweep.config import Stores
+from sweep.objective import Stage2Recipe
+from sweep.ranking import select_winner
+from sweep.study import describe_trial, read_studies
 from sweep.tracking import Tracker
 
 
@@ -148,28 +148,24 @@ def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_di
     assert result.exit_code == 0, result.output
 
     # Stage 2 is a study of its own: the stage-1 sampler's history holds no stage-2 trial.
-    studies = read_studies(stores["--storage"], "clothing")
+    studies = read_studies(Stores(storage=stores["--storage"]))
     study, finetune = studies.stage1, studies.stage2
     assert len(study.trials) == 3 and all(set(t.params) == {"lr", "size_inner"} for t in study.trials)
     assert [t.state.name for t in finetune.trials] == ["COMPLETE"]
-    records = trial_records(study, finetune)
+    records = studies.records()
     tuned = next(r for r in records if r.stage == "finetune")
-    source = select_winner([r for r in records if r.stage == "head"])
+    source = select_winner([r for r in records if r.stage == "head"], 0.02)
     assert tuned.name == "finetune-000" and tuned.source_trial == source.number
 
-    # Its Optuna params are what it trained with: its own lr, blocks, epochs and stabilisers, the
-    # source's head.
+    # Its Optuna params are what it trained with: its own lr, blocks, epochs, precision and patience,
+    # the source's head.
     expected = {
         "source_trial": source.number,
         "finetune_blocks": 1,
-        "lr": 3e-5,
+        "lr": 1e-4,
         "epochs": 2,
-        "label_smoothing": 0.0,
-        "average": "none",
-        "schedule": "constant",
         "train_precision": "fp32",  # --precision fp32: stage 2 trains in fp32 too
-        "patience": 0,
-        "lr_decay": 1.0,
+        "patience": 1,
         "size_inner": source.params["size_inner"],
     }
     assert tuned.params == expected
@@ -183,7 +179,8 @@ def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_di
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
     assert sorted(finetune.trials[0].intermediate_values) == [1, 2]  # reported every epoch, like stage 1
     head = Tracker(stores["--tracking-uri"]).fetch_checkpoint(tuned)
-    assert head["train_config"]["lr"] == 3e-5 and head["train_config"]["epochs"] == 2
+    assert head["train_config"]["lr"] == 1e-4 and head["train_config"]["epochs"] == 2
+    assert head["provenance"]["source_trial"] == source.number and head["provenance"]["patience"] == 1
     assert spec_of(head).finetune_blocks == 1 and head["provenance"]["trial"] == "finetune-000"
     assert run.data.params["trainable_parameters"] != run.data.params["total_parameters"]
     # The engine that extracted the features is recorded, and `best` scores with it.
@@ -209,47 +206,13 @@ def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_di
     # Resuming neither adds sweep trials nor repeats stage 2.
     again = sweep("run", *run_options(data_dir, tiny_weights, 3, 2), *extra, stores=stores)
     assert again.exit_code == 0, again.output
-    studies = read_studies(stores["--storage"], "clothing")
+    studies = read_studies(Stores(storage=stores["--storage"]))
     assert [len(studies.stage1.trials), len(studies.stage2.trials)] == [3, 1]
     best = sweep("best", "--tolerance", "1", stores=stores)
     assert best.exit_code == 0, best.output
     shown = f"[stage 2 of trial-{source.number:03d}]" in best.output
     assert shown == (select_winner(records, 1).stage == "finetune")
-
-
-def test_a_stage2_search_tries_two_depths_and_records_each_truthfully(stores, data_dir, tiny_weights):
-    extra = ("--finetune-blocks", "2", "--finetune-trials", "2", "--finetune-epochs", "2", "--precision", "fp32")
-    result = sweep("run", *run_options(data_dir, tiny_weights, 2, 1), *extra, stores=stores)
-    assert result.exit_code == 0, result.output
-    studies = read_studies(stores["--storage"], "clothing")
-    study, finetune = studies.stage1, studies.stage2
-    assert [t.state.name for t in finetune.trials] == ["COMPLETE", "COMPLETE"]  # the pruner let both finish
-    # Deepest first: one cache at the cut for 2 blocks serves the 1-block trial too.
-    assert [t.params["finetune_blocks"] for t in finetune.trials] == [2, 1]
-    lrs = [t.params["lr"] for t in finetune.trials]
-    assert all(FINETUNE_SEARCH_LR[0] <= lr <= FINETUNE_SEARCH_LR[1] for lr in lrs) and lrs[0] != lrs[1]
-    _, runs = mlflow_runs(stores)
-    tracker = Tracker(stores["--tracking-uri"])
-    for trial, record in zip(finetune.trials, [r for r in trial_records(study, finetune) if r.stage == "finetune"]):
-        run = next(r for r in runs if r.info.run_id == trial.user_attrs["mlflow_run_id"])
-        assert run.info.run_name == f"finetune-{trial.number:03d}" and run.info.run_name in result.output
-        assert float(run.data.params["lr"]) == trial.params["lr"]
-        assert int(run.data.params["finetune_blocks"]) == trial.params["finetune_blocks"]
-        head = tracker.fetch_checkpoint(record)  # the checkpoint is the model it says it is
-        assert spec_of(head).finetune_blocks == trial.params["finetune_blocks"]
-        assert head["train_config"]["lr"] == trial.params["lr"]
-        blocks = {int(k.split(".")[1]) for k in head["state_dict"] if k.startswith("blocks.")}
-        assert len(blocks) == trial.params["finetune_blocks"] + 1  # the blocks and the closing 1x1 conv
-    # Resuming the search adds nothing; asking for a third trial adds the next depth of the cycle.
-    again = sweep("run", *run_options(data_dir, tiny_weights, 2, 1), *extra, stores=stores)
-    assert again.exit_code == 0 and len(read_studies(stores["--storage"], "clothing").stage2.trials) == 2
-    more = sweep("run", *run_options(data_dir, tiny_weights, 2, 1), *extra, "--finetune-trials", "3", stores=stores)
-    assert more.exit_code == 0, more.output
-    assert [t.params["finetune_blocks"] for t in read_studies(stores["--storage"], "clothing").stage2.trials] == [
-        2,
-        1,
-        2,
-    ]
+    assert Stage2Recipe.read(finetune.trials[0].params).pinned() == finetune.trials[0].params
 
 
 def test_activations_are_cached_in_half_precision_except_in_exact(train_set, tmp_path):
@@ -262,47 +225,6 @@ def test_activations_are_cached_in_half_precision_except_in_exact(train_set, tmp
     scale = exact.activations().abs().max()
     assert scale > 0.1  # informative activations: the comparison below means something
     torch.testing.assert_close(fast.activations().float(), exact.activations(), rtol=2e-3, atol=2e-3 * scale)
-    bridged = fast.activations_at(17, backbone.features)  # through a frozen block, stored fp16 again
-    assert bridged.dtype == torch.float16
-    reference = exact.activations_at(17, backbone.features)
-    torch.testing.assert_close(bridged.float(), reference, rtol=1e-2, atol=1e-2 * reference.abs().max())
-
-
-def test_activations_from_a_deeper_cut_equal_the_ones_cached_at_the_cut(train_set, tmp_path):
-    backbone = load_backbone(None)
-    options = dict(precision="exact", progress=False, views=2)
-    deep = cached_features(train_set, backbone, tmp_path, cut=15, **options)
-    shallow = cached_features(train_set, backbone, tmp_path, cut=17, **options)
-    torch.testing.assert_close(deep.activations_at(17, backbone.features), shallow.activations(), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(deep.activations_at(17, backbone.features, view=1), shallow.activations()[:, 1])
-    with pytest.raises(ValueError, match="cannot give"):
-        shallow.activations_at(15, backbone.features)
-
-
-def test_the_weight_average_is_the_exponential_average_of_every_step(train_set):
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-    x, y = torch.randn(24, 4), torch.randint(0, 3, (24,))
-    average = WeightAverage(model, decay=0.9)
-    expected = {k: v.clone() for k, v in model.state_dict().items()}  # the start, where it begins
-
-    def after_step():
-        average.update()
-        for name, value in model.state_dict().items():
-            expected[name] = 0.9 * expected[name] + 0.1 * value if value.is_floating_point() else value.clone()
-
-    seen = []
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    batches = FeatureBatches(x, y, 6)
-    train_and_evaluate(
-        model, optimizer, batches, batches, nn.CrossEntropyLoss(), 2, "cpu",
-        TrainHooks(lambda epoch, metrics, evaluated: seen.append(evaluated), after_step, average.averaged),
-    )  # fmt: skip
-    assert seen == [average.averaged, average.averaged]  # validated and checkpointed: the average
-    for name, value in average.averaged.state_dict().items():
-        torch.testing.assert_close(value, expected[name])
-    assert not torch.allclose(average.averaged[0].weight, model[0].weight)  # not the last step's weights
-    assert average.averaged.state_dict()["1.num_batches_tracked"] == 8  # 2 epochs x 4 steps, copied
 
 
 def stage2_runs(stores) -> dict[str, object]:
@@ -311,15 +233,15 @@ def stage2_runs(stores) -> dict[str, object]:
     return {r.info.run_name: r for r in runs if r.data.tags.get("stage") == "finetune"}
 
 
-def test_bf16_stage2_records_its_precision_and_stays_within_2_percent_of_fp32(stores, data_dir, tiny_weights):
-    # The same stage 2 of the same source twice, once per training precision: each is its own recipe,
-    # so the second run adds finetune-001 next to finetune-000.
+def test_bf16_stage2_records_its_precision_and_stays_within_2_percent_of_fp32(stores, data_dir, tiny_weights, tmp_path):
+    # The same stage 2 of the same source twice, once per training precision (a sweep file's setting):
+    # each is its own recipe, so the second run adds finetune-001 next to finetune-000.
     options = (*run_options(data_dir, tiny_weights, 3, 2), "--finetune-blocks", "2", "--finetune-epochs", "3")
-    options += ("--finetune-lr", "1e-3")
+    options += ("--finetune-lr", "1e-3", "--finetune-patience", "0")
     for precision in ("fp32", "bf16"):
-        result = sweep("run", *options, "--finetune-precision", precision, stores=stores)
+        result = sweep("run", *options, *plain_file(tmp_path, finetune_precision=precision), stores=stores)
         assert result.exit_code == 0, output_of(result)
-    finetune = read_studies(stores["--storage"], "clothing").stage2
+    finetune = read_studies(Stores(storage=stores["--storage"])).stage2
     assert [(t.params["train_precision"], t.state.name) for t in finetune.trials] == [
         ("fp32", "COMPLETE"),
         ("bf16", "COMPLETE"),
@@ -357,7 +279,7 @@ def test_patience_stops_a_stalled_stage2_and_keeps_the_best_epochs_checkpoint(st
     options = (*run_options(data_dir, tiny_weights, 3, 2), "--finetune-blocks", "1", "--finetune-epochs", "10")
     result = sweep("run", *options, "--finetune-lr", "1e-7", "--finetune-patience", "2", stores=stores)
     assert result.exit_code == 0, output_of(result)
-    (trial,) = read_studies(stores["--storage"], "clothing").stage2.trials
+    (trial,) = read_studies(Stores(storage=stores["--storage"])).stage2.trials
     assert trial.state.name == "COMPLETE" and trial.params["patience"] == 2
     best_epoch = trial.user_attrs["best_epoch"]
     epochs_run = sorted(trial.intermediate_values)
@@ -369,74 +291,21 @@ def test_patience_stops_a_stalled_stage2_and_keeps_the_best_epochs_checkpoint(st
     history = client.get_metric_history(run.info.run_id, "val_acc")
     assert sorted(m.step for m in history) == epochs_run
     assert run.data.params["patience"] == "2" and run.data.metrics["best/epoch"] == best_epoch
-    tuned = next(r for r in read_studies(stores["--storage"], "clothing").records() if r.stage == "finetune")
+    tuned = next(r for r in read_studies(Stores(storage=stores["--storage"])).records() if r.stage == "finetune")
     head = Tracker(stores["--tracking-uri"]).fetch_checkpoint(tuned)
     assert head["metrics"]["epoch"] == best_epoch
     assert head["metrics"]["val_acc"] == max(m.value for m in history)
 
 
-def test_layer_decay_gives_each_block_below_the_top_a_smaller_lr(tiny_weights):
-    model = ClothingClassifierMobileNet(4, 10, backbone=load_backbone(tiny_weights), finetune_blocks=3)
-    tail = model.tail()
-    groups = layer_decayed_groups(tail, 1e-3, 0.5)
-    # The head, the final 1x1 conv, then blocks 17, 16, 15: each at half the lr of the one above.
-    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4, 1.25e-4])
-    assert [id(p) for g in groups[1:] for p in g["params"]] == [
-        id(p) for layer in reversed(list(model.features[model.cut :])) for p in layer.parameters()
-    ]
-    # Every trainable parameter is in exactly one group; with decay 1 all share the lr.
-    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(map(id, trainable_parameters(tail)))
-    assert {g["lr"] for g in layer_decayed_groups(tail, 1e-3, 1.0)} == {1e-3}
-
-
-def test_a_stage2_with_layer_decay_records_it_and_moves_earlier_blocks_less(stores, data_dir, tiny_weights):
-    options = (*run_options(data_dir, tiny_weights, 2, 1), "--finetune-blocks", "2", "--finetune-epochs", "2")
-    result = sweep("run", *options, "--finetune-lr", "1e-3", "--finetune-lr-decay", "0.01", stores=stores)
-    assert result.exit_code == 0, output_of(result)
-    (trial,) = read_studies(stores["--storage"], "clothing").stage2.trials
-    assert trial.params["lr_decay"] == 0.01
-    assert stage2_runs(stores)["finetune-000"].data.params["lr_decay"] == "0.01"
-    tuned = next(r for r in read_studies(stores["--storage"], "clothing").records() if r.stage == "finetune")
-    trained = Tracker(stores["--tracking-uri"]).fetch_checkpoint(tuned)["state_dict"]
-    before = load_backbone(tiny_weights).features
-
-    def moved(index: int) -> float:
-        """The mean step training took the weights of trunk layer `index` (AdamW's steps scale with the lr)."""
-        original = dict(before[index].named_parameters())
-        steps = [(trained[f"blocks.{index}.{k}"] - v).abs().flatten() for k, v in original.items()]
-        return float(torch.cat(steps).mean())
-
-    # The final conv (18) trains at 1e-3, block 17 at 1e-3 x 0.01, block 16 (the cut) at 1e-3 x 0.01^2.
-    assert finetune_cut(2) == 16
-    assert moved(18) > 10 * moved(17) > 100 * moved(16) > 0
-
-
-def test_a_stage2_trial_from_before_lr_decay_counts_as_the_recipe_without_decay():
-    recipe = {"lr": 1e-4, "finetune_blocks": 3, "lr_decay": 1.0}
-    older = {"lr": 1e-4, "finetune_blocks": 3}  # recorded before the param existed: one lr for all
-    assert of_recipe(older, recipe)  # a resumed study does not fine-tune it again
-    assert not of_recipe(older, {**recipe, "lr_decay": 0.7})
-    assert not of_recipe({**older, "lr_decay": 0.7}, recipe)
-
-
-def test_stage2_from_several_sources_fine_tunes_the_winner_then_the_next_best(stores, data_dir, tiny_weights):
-    """--finetune-sources 2: the rule's winner and the next COMPLETE trial by val_acc, one stage-2 trial
-    each, each recorded with its source and the source's head; a re-run adds nothing."""
-    extra = ("--finetune-blocks", "1", "--finetune-epochs", "1", "--finetune-sources", "2", "--pruner", "none")
-    options = (*run_options(data_dir, tiny_weights, 3, 1), *extra, "--precision", "fp32")
-    result = sweep("run", *options, stores=stores)
-    assert result.exit_code == 0, result.output
-    studies = read_studies(stores["--storage"], "clothing")
-    records = trial_records(studies.stage1)
-    winner = select_winner(records, 0.02)
-    others = [r for r in records if r.state == "COMPLETE" and r.number != winner.number]
-    runner_up = max(others, key=lambda r: (r.val_acc, -r.gap))
-    sources = [t.params["source_trial"] for t in studies.stage2.trials]
-    assert sources == [winner.number, runner_up.number], result.output
-    for trial in studies.stage2.trials:
-        source = studies.stage1.trials[trial.params["source_trial"]]
-        assert trial.params["size_inner"] == source.params["size_inner"]  # the source's head, not another's
-    runs = stage2_runs(stores)
-    assert [runs[f"finetune-{n:03d}"].data.params["source_trial"] for n in (0, 1)] == [str(s) for s in sources]
-    again = sweep("run", *options, stores=stores)
-    assert again.exit_code == 0 and len(read_studies(stores["--storage"], "clothing").stage2.trials) == 2
+def test_an_older_stage2_trial_reads_as_the_recipe_it_ran():
+    """A resumed study does not fine-tune a source again because a param was added since its trial, and
+    a trial that ran a lever since removed is another recipe."""
+    recipe = Stage2Recipe(3, 3, 1e-4, 6, "fp32", 1, {"size_inner": 100})
+    assert Stage2Recipe.read(recipe.pinned()) == recipe
+    older = {k: v for k, v in recipe.pinned().items() if k not in ("train_precision", "patience")}
+    assert Stage2Recipe.read(older) == replace(recipe, patience=0)  # from before patience: it ran them all
+    retired = {"average": "none", "schedule": "constant", "lr_decay": 1.0, "label_smoothing": 0.0}
+    assert Stage2Recipe.read({**recipe.pinned(), **retired}) == recipe  # the removed levers at their neutral value
+    assert Stage2Recipe.read({**recipe.pinned(), "average": "ema"}) is None
+    assert Stage2Recipe.read({**recipe.pinned(), "lr_decay": 0.7}) is None
+    assert Stage2Recipe.read({**recipe.pinned(), "size_inner": 10}) != recipe  # another source's head

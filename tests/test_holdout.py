@@ -1,17 +1,17 @@
-"""The held-out part of train/ (`run --holdout`): stratified, deterministic, and never seen by a trial."""
+"""The held-out part of train/ (a sweep file's `holdout`): stratified, deterministic, and never seen by a trial."""
 
 import numpy as np
 import pytest
-from images import make_split
-from sweep_helpers import data_args, mlflow_runs, sweep
+import torch
+import yaml
+from sweep_helpers import PLAIN, data_args, load_study, mlflow_runs, sweep
 
+from bench.images import make_split
 from clothing.data import ClothingDataset, build_transforms
 from clothing.features import cached_features
 from clothing.model import load_backbone
-from sweep.config import SweepConfig
-from sweep.data import HOLDOUT_TAG, load_splits, prepare_data
-from sweep.holdout import holdout_rows
-from sweep.study import read_studies
+from sweep.config import DataSettings
+from sweep.data import HOLDOUT_TAG, holdout_rows, load_splits, prepare_data
 
 
 def test_the_held_out_rows_are_stratified_and_fixed_by_the_seed():
@@ -31,9 +31,9 @@ def test_no_trial_trains_on_a_held_out_image(tmp_path, tiny_weights):
     data = tmp_path / "data"
     make_split(data / "train", per_class=10)
     make_split(data / "validation", per_class=2, seed=1000)
-    cfg = SweepConfig(data_dir=data, backbone_weights=str(tiny_weights), cache_dir=tmp_path / "cache", holdout=0.2)
-    cfg = SweepConfig(**{**cfg.__dict__, "precision": "fp32", "quiet": True, "finetune_blocks": 1})
-    prepared = prepare_data(cfg, "cpu", load_splits(data), load_backbone(str(tiny_weights)))
+    settings = DataSettings(data, str(tiny_weights), tmp_path / "cache", 224, views=1, precision="fp32", holdout=0.2)
+    splits = load_splits(data, 224)
+    prepared = prepare_data(settings, 1, torch.device("cpu"), splits, load_backbone(str(tiny_weights)), progress=False)
 
     # The cache holds every training image; the trials get all but the held-out ones.
     full = cached_features(
@@ -58,7 +58,9 @@ def test_a_sweep_with_a_held_out_part_records_it_and_refuses_another(tmp_path, t
     data = tmp_path / "data"
     make_split(data / "train", per_class=10)
     make_split(data / "validation", per_class=2, seed=1000)
-    options = [*data_args(data, tiny_weights), "--trials", "2", "--epochs", "1", "--quiet", "--holdout", "0.2"]
+    held_out = tmp_path / "held_out.yaml"
+    held_out.write_text(yaml.safe_dump({**yaml.safe_load(open(PLAIN[1])), "holdout": 0.2}))
+    options = ["--config", held_out, *data_args(data, tiny_weights), "--trials", "2", "--epochs", "1", "--quiet"]
     result = sweep("run", *options, stores=stores)
     assert result.exit_code == 0, result.output
     _, runs = mlflow_runs(stores)
@@ -69,6 +71,7 @@ def test_a_sweep_with_a_held_out_part_records_it_and_refuses_another(tmp_path, t
     assert all(r.data.tags[HOLDOUT_TAG].startswith("6 of 30") for r in [parent, *trials])
 
     # Resuming with other held-out images would mix trials trained on different data: refused.
-    again = sweep("run", *options, "--holdout-seed", "1", "--trials", "3", stores=stores)
+    held_out.write_text(yaml.safe_dump({**yaml.safe_load(open(PLAIN[1])), "holdout": 0.2, "holdout_seed": 1}))
+    again = sweep("run", *options, "--trials", "3", stores=stores)
     assert again.exit_code == 1 and "held-out split" in again.output and "holdout" in again.output
-    assert len(read_studies(stores["--storage"], "clothing").stage1.trials) == 2
+    assert len(load_study(stores).trials) == 2

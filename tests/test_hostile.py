@@ -13,17 +13,19 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
-from images import HOSTILE_KINDS, UNREADABLE_KINDS, make_split, write_bomb_png, write_hostile_file
 from sweep_helpers import (
+    PLAIN,
     assert_clean_outcome,
     assert_one_error,
     mlflow_runs,
     recorded,
     run_options,
+    stores_copied,
     stores_in,
     sweep,
 )
 
+from bench.images import HOSTILE_KINDS, UNREADABLE_KINDS, make_split, write_bomb_png, write_hostile_file
 from clothing.__main__ import cli as clothing_cli
 from clothing.data import shown
 from sweep.cli import cli
@@ -131,7 +133,6 @@ RUN_NUMBERS = (
     "--trials",
     "--epochs",
     "--seed",
-    "--batch-size",
     "--jobs",
     "--views",
     "--finetune-blocks",
@@ -183,13 +184,15 @@ def odd_path(root: Path, kind: str, data: Path) -> Path:
 
 
 @given(option=st.sampled_from(["--data-dir", "--cache-dir", "--backbone-weights"]), kind=st.sampled_from(PATH_KINDS))
-def test_any_path_given_to_run_works_or_is_refused_in_one_line(option, kind, tmp_path, data_dir, tiny_weights):
+def test_any_path_given_to_run_works_or_is_refused_in_one_line(
+    option, kind, tmp_path, data_dir, tiny_weights, empty_tracking_store
+):
     root = fresh_folder(tmp_path)
-    stores = stores_in(root / "runs")
+    stores = stores_copied(root / "runs", empty_tracking_store)
     options = {"--data-dir": data_dir, "--cache-dir": root / "cache", "--backbone-weights": tiny_weights}
     options[option] = odd_path(root, kind, data_dir)
     argv = [item for pair in options.items() for item in pair]
-    result = sweep("run", *argv, "--trials", 1, "--epochs", 1, "--quiet", *stores_options(stores))
+    result = sweep("run", *PLAIN, *argv, "--trials", 1, "--epochs", 1, "--quiet", *stores_options(stores))
     assert_clean_outcome(result)
     if result.exit_code != 0:
         assert recorded(stores) == ((), ())
@@ -219,7 +222,9 @@ def test_any_path_given_to_predict_or_best_works_or_is_refused_in_one_line(kind,
     names=st.lists(st.sampled_from(["a.jpg", "b.png", f"{NOT_UTF8}.jpg", "c.JPEG"]), min_size=3, max_size=3),
     skip=st.booleans(),
 )
-def test_any_file_in_an_image_folder_is_an_image_or_unreadable(kinds, names, skip, tmp_path, tiny_weights, exported):
+def test_any_file_in_an_image_folder_is_an_image_or_unreadable(
+    kinds, names, skip, tmp_path, tiny_weights, exported, empty_tracking_store
+):
     root = fresh_folder(tmp_path)
     data = root / "data"
     make_split(data / "train", per_class=3)
@@ -229,7 +234,7 @@ def test_any_file_in_an_image_folder_is_an_image_or_unreadable(kinds, names, ski
         for i, (kind, name) in enumerate(zip(kinds, names))
     ]
     unreadable = [path for path, kind in zip(files, kinds) if kind in UNREADABLE_KINDS]
-    stores = stores_in(root / "runs")
+    stores = stores_copied(root / "runs", empty_tracking_store)
     result = sweep("run", *run_options(data, tiny_weights, 1, 1), *(["--skip-bad-images"] if skip else []),
                    stores=stores)  # fmt: skip
     assert_clean_outcome(result)

@@ -14,6 +14,7 @@ from clothing.features import cached_features
 from clothing.model import finetune_cut, load_backbone
 from clothing.scoring import cached_logits, export_model, split_logits, validate
 from sweep.cli import cli
+from sweep.config import Stores
 from sweep.study import read_studies
 from sweep.tracking import Tracker
 
@@ -46,7 +47,7 @@ def test_a_larger_image_size_travels_from_the_features_to_predict(stores, data_d
     best = sweep("best", "--export", tmp_path / "best.pt", "--data-dir", data_dir, *weights, stores=stores)
     assert best.exit_code == 0, output_of(best)
     assert spec_of(load_model(tmp_path / "best.pt")[1]).image_size == SIZE
-    (tuned,) = [r for r in read_studies(stores["--storage"], "clothing").records() if r.stage == "finetune"]
+    (tuned,) = [r for r in read_studies(Stores(storage=stores["--storage"])).records() if r.stage == "finetune"]
     head, backbone = Tracker(stores["--tracking-uri"]).fetch_checkpoint(tuned), load_backbone(tiny_weights)
     model_file = export_model(head, backbone, tmp_path / "model.pt", {})
     model, payload = load_model(model_file)
@@ -108,4 +109,4 @@ def test_a_study_resumes_only_at_the_size_it_was_run_with(stores, data_dir, tiny
     assert first.exit_code == 0, output_of(first)
     again = sweep("run", *run_options(data_dir, tiny_weights, 2, 1), stores=stores)  # 224, the default
     assert_one_error(again, "image_size", "--study NEW_NAME")
-    assert len(read_studies(stores["--storage"], "clothing").stage1.trials) == 1  # nothing added
+    assert len(read_studies(Stores(storage=stores["--storage"])).stage1.trials) == 1  # nothing added

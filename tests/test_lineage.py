@@ -8,8 +8,9 @@ import subprocess
 from importlib.metadata import version
 from pathlib import Path
 
-from images import make_split
 from sweep_helpers import mlflow_runs, run_options, sweep
+
+from bench.images import make_split
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,8 +72,8 @@ def test_system_metrics_are_logged_on_the_parent_run_unless_switched_off(monkeyp
     parent = next(r for r in mlflow_runs(stores)[1] if r.data.tags["sweep.role"] == "study")
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(parent.data.metrics)
 
-    options = ["--study", "quiet", "--no-system-metrics", *run_options(data_dir, tiny_weights, 3, 2)]
-    off = sweep("run", *options, stores=stores)
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")  # MLflow's own switch
+    off = sweep("run", "--study", "quiet", *run_options(data_dir, tiny_weights, 3, 2), stores=stores)
     assert off.exit_code == 0
     parent = next(r for r in mlflow_runs(stores, "quiet")[1] if r.data.tags["sweep.role"] == "study")
     assert not any(k.startswith("system/") for k in parent.data.metrics)

@@ -11,14 +11,13 @@ import copy
 
 import pytest
 import torch
-from sweep_helpers import load_study, mlflow_runs
+from sweep_helpers import load_study, mlflow_runs, trial_records
 
 from clothing.data import ClothingDataset, build_transforms
 from clothing.features import cached_features
 from clothing.model import build_head, load_backbone
 from clothing.scoring import model_from_checkpoint
 from clothing.train import set_seed
-from sweep.study import trial_records
 from sweep.tracking import Tracker
 
 
@@ -85,7 +84,7 @@ def test_the_best_epoch_is_the_argmax_and_its_checkpoint_reproduces_the_record(s
     client, runs = trial_runs(swept)
     tracker = Tracker(swept.stores["--tracking-uri"])
     study = load_study(swept.stores)
-    records = {r.run_id: r for r in trial_records(study)}
+    records = {r.run_id: r for r in trial_records(swept.stores)}
     for run in runs:
         history = [h.value for h in sorted(client.get_metric_history(run.info.run_id, "val_acc"), key=lambda h: h.step)]
         best_epoch = history.index(max(history)) + 1  # the first epoch that reached the best
@@ -104,7 +103,7 @@ def test_the_checkpoint_holds_the_best_epochs_weights(swept, features):
     train_x, train_y, _, _ = features
     client, runs = trial_runs(swept)
     tracker = Tracker(swept.stores["--tracking-uri"])
-    records = {r.run_id: r for r in trial_records(load_study(swept.stores))}
+    records = {r.run_id: r for r in trial_records(swept.stores)}
     later_best = [
         r for r in runs if records[r.info.run_id].best_epoch < len(client.get_metric_history(r.info.run_id, "val_acc"))
     ]

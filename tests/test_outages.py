@@ -9,21 +9,14 @@ import psycopg
 import pytest
 from optuna.exceptions import StorageInternalError
 from optuna.trial import TrialState
-from servers import postgres_cluster
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sweep_helpers import assert_one_error, run_options, sweep
 
-from sweep.locks import FileLock, study_lock
-from sweep.outages import (
-    STALE_REASON,
-    OutageTolerantStorage,
-    StoreOutage,
-    http_retries_for,
-    lost_connection,
-    outage_reason,
-    retrying,
-)
-from sweep.study import SurplusTrial, refuse_surplus
+from bench.servers import postgres_cluster
+from sweep import storage as storage_module
+from sweep.storage import DATABASE_CALLS, LOCAL_CALLS, STALE_REASON, OutageTolerantStorage
+from sweep.stores import FileLock, StoreOutage, http_retries_for, lost_connection, outage_reason, retrying, study_lock
+from sweep.study import Studies, SurplusTrial, TrialLoop
 
 
 def flaky(failures: int, error: Exception):
@@ -132,17 +125,33 @@ def test_a_trial_that_never_got_a_heartbeat_is_failed_as_stale_with_the_reason(t
 
 
 def test_a_trial_created_without_the_lock_steps_aside_when_others_reached_the_target(tmp_path):
-    study = optuna.create_study(study_name="s", storage=sqlite_storage(tmp_path, grace=60))
+    storage = sqlite_storage(tmp_path, grace=60)
+    study = optuna.create_study(study_name="s", storage=storage)
     for _ in range(2):
         study.tell(study.ask(), 1.0)
     other = study.ask()  # another worker's trial, RUNNING: it counts toward the target
     mine = study.ask()
     lock = FileLock(tmp_path / "lock")
+    loop = TrialLoop(Studies(storage, study), study, objective=None, target=3, lock=lock)
     with pytest.raises(SurplusTrial, match="3 other trials already finish or run toward the target of 3"):
-        refuse_surplus(study, mine.number, 3, lock, lambda _: True)
+        loop.refuse_surplus(mine.number)
     study.tell(other, state=TrialState.FAIL)  # that worker died: the target needs this trial after all
-    refuse_surplus(study, mine.number, 3, lock, lambda _: True)
+    loop.refuse_surplus(mine.number)
     assert not lock.held()  # taken for the count only
+
+
+def test_every_reach_into_optuna_is_still_there_and_every_database_call_is_retried():
+    """sweep.storage is the one module that relies on Optuna's internals; this fails when an Optuna
+    upgrade changes one of them (the behaviour they give is tested above and in test_study)."""
+    rdb = optuna.storages.RDBStorage
+    public = {name for name in dir(rdb) if not name.startswith("_") and callable(getattr(rdb, name))}
+    assert public == set(DATABASE_CALLS) | set(LOCAL_CALLS), "a call of RDBStorage is neither retried nor named"
+    assert all(getattr(OutageTolerantStorage, name) is not getattr(rdb, name) for name in DATABASE_CALLS)
+    # The stale check fail_stale_trials runs, which OutageTolerantStorage extends, and the model it queries.
+    assert callable(rdb._get_stale_trial_ids)  # noqa: SLF001
+    assert "_get_stale_trial_ids" in optuna.storages.fail_stale_trials.__wrapped__.__code__.co_names
+    model = storage_module.models.TrialModel
+    assert {"trial_id", "study_id", "state", "datetime_start", "heartbeats"} <= set(vars(model))
 
 
 @pytest.mark.slow  # a PostgreSQL cluster of its own
@@ -164,7 +173,7 @@ def test_the_study_lock_knows_when_a_restart_took_it(tmp_path):
         other.release()
         lock.release()  # on a dead connection: a no-op, no error
         pg.restart()
-        lock.ride_out_outages(30)
+        lock = study_lock(url, "s", outage_seconds=30)
         lock.acquire()  # after a restart, on a fresh connection
         assert lock.held()
         lock.release()

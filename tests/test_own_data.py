@@ -5,15 +5,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from images import styled_pixels
 from PIL import Image
 from sweep_helpers import data_args, output_of, stores_in, sweep
 
+from bench.images import styled_pixels
 from clothing.checkpoint import load_model, spec_of
 from sweep.cli import cli
 
@@ -34,23 +33,16 @@ def write_own_split(root, per_class: int, seed: int):
     return root
 
 
-@pytest.mark.slow  # the default sweep file's two stages, then the registered model in a fresh process
-def test_the_default_sweep_runs_on_your_own_image_folders(tmp_path, tiny_weights):
+@pytest.mark.slow  # the recipe's two stages, then the registered model in a fresh process
+def test_the_recipe_runs_on_your_own_image_folders(tmp_path, tiny_weights):
     data = tmp_path / "my-images"
     write_own_split(data / "train", per_class=9, seed=0)
     write_own_split(data / "validation", per_class=6, seed=5000)
     stores = stores_in(tmp_path / "runs")
     fewer = ("--trials", "3", "--epochs", "3", "--finetune-epochs", "2", "--precision", "fp32", "--quiet")
-    result = sweep(
-        "run",
-        "--config",
-        Path(__file__).parents[1] / "sweeps" / "default.yaml",
-        *fewer,
-        *data_args(data, tiny_weights),
-        stores=stores,
-    )
+    result = sweep("run", *fewer, *data_args(data, tiny_weights), stores=stores)  # the defaults: the recipe
     assert result.exit_code == 0, output_of(result)
-    assert "finetune-000" in result.output  # the sweep file's stage 2 ran too
+    assert "finetune-000" in result.output  # the recipe's stage 2 ran too
 
     model_file = tmp_path / "model.pt"
     argv = ["best", "--export", str(model_file), "--register", "my-classifier", *data_args(data, tiny_weights)]

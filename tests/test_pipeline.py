@@ -2,9 +2,7 @@ import json
 import re
 
 import pytest
-from sweep_helpers import load_study, mlflow_runs, run_options, sweep
-
-from sweep.study import trial_records
+from sweep_helpers import load_study, mlflow_runs, plain_file, run_options, sweep, trial_records
 
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 
@@ -46,9 +44,12 @@ def test_rerunning_with_a_higher_target_adds_only_the_missing_trials(three_trial
     assert sorted(c.info.run_name for c in children)[-2:] == ["trial-003", "trial-004"]
 
 
-def test_opt_in_dimensions_are_searched_and_recorded(stores, data_dir, tiny_weights):
+def test_opt_in_dimensions_are_searched_and_recorded(stores, data_dir, tiny_weights, tmp_path):
     with_progress = [a for a in run_options(data_dir, tiny_weights, 2, 1) if a != "--quiet"]
-    result = sweep("run", *with_progress, "--search", "dropout", "--search", "label_smoothing", stores=stores)
+    dims = {"dropout": {"type": "categorical", "choices": [0.0, 0.2, 0.5]}}
+    dims["label_smoothing"] = {"type": "categorical", "choices": [0.0, 0.1, 0.2]}
+    searched = plain_file(tmp_path, space=dims)
+    result = sweep("run", *with_progress, *searched, stores=stores)
     assert result.exit_code == 0, result.output
     study = load_study(stores)
     assert all({"lr", "size_inner", "dropout", "label_smoothing"} == set(t.params) for t in study.trials)
@@ -73,14 +74,13 @@ def test_opt_in_dimensions_are_searched_and_recorded(stores, data_dir, tiny_weig
         assert float(child.data.params["weight_decay"]) == 0.0  # not searched: stays off
 
 
-def test_the_rule_reads_the_eval_mode_train_acc_that_each_trial_logs(stores, data_dir, tiny_weights):
-    result = sweep(
-        "run", *run_options(data_dir, tiny_weights, 2, 2), "--search", "dropout", "--views", "2", stores=stores
-    )
+def test_the_rule_reads_the_eval_mode_train_acc_that_each_trial_logs(stores, data_dir, tiny_weights, tmp_path):
+    with_dropout = plain_file(tmp_path, space={"dropout": {"type": "categorical", "choices": [0.0, 0.2, 0.5]}})
+    result = sweep("run", *run_options(data_dir, tiny_weights, 2, 2), *with_dropout, "--views", "2", stores=stores)
     assert result.exit_code == 0, result.output
     client, runs = mlflow_runs(stores)
     by_id = {r.info.run_id: r for r in runs}
-    for record in trial_records(load_study(stores)):
+    for record in trial_records(stores):
         history = {m.step: m.value for m in client.get_metric_history(record.run_id, "train_acc")}
         assert record.train_acc == pytest.approx(history[record.best_epoch])
         assert by_id[record.run_id].data.metrics["best/gap"] == pytest.approx(record.gap)

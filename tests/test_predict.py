@@ -1,13 +1,13 @@
 import numpy as np
 import torch
 from click.testing import CliRunner
-from images import calibrated_backbone
 from PIL import Image
 
+from bench.images import calibrated_backbone
 from clothing.__main__ import cli as clothing_cli
 from clothing.data import build_transforms, load_image
 from clothing.model import ClothingClassifierMobileNet
-from clothing.predict import mirror_averaged_logits, top_k
+from clothing.predict import mirror_tta, top_k
 
 CLASSES = ["a", "b", "c"]
 
@@ -31,7 +31,7 @@ def test_tta_averages_the_logits_of_the_image_and_its_mirror():
     net, images = model(), torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         expected = (net(images) + net(torch.flip(images, dims=[3]))) / 2
-        torch.testing.assert_close(mirror_averaged_logits(net, images), expected)
+        torch.testing.assert_close(mirror_tta(lambda mirrored: net(images.flip(-1) if mirrored else images)), expected)
 
 
 def test_tta_changes_the_probabilities_of_an_asymmetric_image(tmp_path):

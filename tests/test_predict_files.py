@@ -13,12 +13,12 @@ import termios
 import pytest
 import torch
 from click.testing import CliRunner
-from images import write_hostile_file, write_image
 from sweep_helpers import assert_one_error
 
+from bench.images import write_hostile_file, write_image
 from clothing.checkpoint import spec_of
 from clothing.data import load_image
-from clothing.predict import mirror_averaged_logits
+from clothing.predict import mirror_tta
 from sweep.cli import cli
 
 
@@ -87,7 +87,7 @@ def test_batches_engines_and_mirror_views_change_no_label(photos, exported, tmp_
     spec, paths = spec_of(exported.payload), sorted(map(str, folder.rglob("*.jpg")))
     batch = torch.stack([spec.transform()(load_image(p)) for p in paths])
     with torch.no_grad():
-        probs = torch.softmax(mirror_averaged_logits(exported.model, batch), 1)
+        probs = torch.softmax(mirror_tta(lambda mirrored: exported.model(batch.flip(-1) if mirrored else batch)), 1)
     assert [label for label, _ in with_tta] == [spec.classes[i] for i in probs.argmax(1)]
     assert [p for _, p in with_tta] == pytest.approx(probs.max(1).values.tolist(), abs=1e-3)
 

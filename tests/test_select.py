@@ -1,7 +1,7 @@
 import pytest
 from sweep_helpers import mlflow_runs, output_of, sweep
 
-from sweep.select import TrialRecord, eligible, select_winner
+from sweep.ranking import TrialRecord, eligible, select_winner
 
 
 def record(number, val_acc, train_acc, state="COMPLETE"):
@@ -16,18 +16,18 @@ def test_smallest_gap_within_tolerance_of_the_best_wins():
 def test_a_diverged_trial_with_a_tiny_gap_never_wins():
     diverged = record(3, 0.10, 0.10)  # learned nothing: zero gap
     records = [record(0, 0.85, 0.95), diverged]
-    assert select_winner(records).number == 0
-    assert diverged not in eligible(records)
+    assert select_winner(records, 0.02).number == 0
+    assert diverged not in eligible(records, 0.02)
 
 
 def test_only_complete_trials_compete():
     records = [record(0, 0.90, 0.90, state="PRUNED"), record(1, 0.80, 0.95), record(2, 0.95, 0.95, state="FAIL")]
-    assert select_winner(records).number == 1
+    assert select_winner(records, 0.02).number == 1
 
 
 def test_ties_go_to_higher_val_acc_then_lower_number():
-    assert select_winner([record(4, 0.84, 0.86), record(2, 0.85, 0.87)]).number == 2  # same gap, higher val
-    assert select_winner([record(7, 0.85, 0.87), record(5, 0.85, 0.87)]).number == 5  # full tie: lower number
+    assert select_winner([record(4, 0.84, 0.86), record(2, 0.85, 0.87)], 0.02).number == 2  # same gap, higher val
+    assert select_winner([record(7, 0.85, 0.87), record(5, 0.85, 0.87)], 0.02).number == 5  # full tie: lower number
 
 
 def test_tolerance_zero_means_best_accuracy_wins():
@@ -35,19 +35,19 @@ def test_tolerance_zero_means_best_accuracy_wins():
 
 
 def test_no_complete_trial_means_no_winner():
-    assert select_winner([record(0, 0.9, 0.9, state="PRUNED")]) is None
+    assert select_winner([record(0, 0.9, 0.9, state="PRUNED")], 0.02) is None
     with pytest.raises(ValueError):
         select_winner([record(0, 0.9, 0.9)], tolerance=-1)
 
 
 def test_a_stage_1_trial_wins_a_full_tie_with_a_stage_2_one():
     stage2 = TrialRecord(0, "COMPLETE", {"source_trial": 3}, 1, 0.87, 0.85, stage="finetune")
-    assert select_winner([stage2, record(3, 0.85, 0.87)]).name == "trial-003"
+    assert select_winner([stage2, record(3, 0.85, 0.87)], 0.02).name == "trial-003"
     assert stage2.name == "finetune-000" and stage2.source_trial == 3
 
 
 def rule_by_hand(rows: list[dict], tolerance: float) -> str:
-    """The README's rule, written out again without sweep.select."""
+    """The README's rule, written out again without sweep.ranking."""
     best = max(r["val_acc"] for r in rows)
     band = [r for r in rows if r["val_acc"] >= best - tolerance - 1e-12]
     return min(band, key=lambda r: (r["train_acc"] - r["val_acc"], -r["val_acc"], r["number"]))["name"]

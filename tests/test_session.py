@@ -1,5 +1,6 @@
-"""One sweep session per process, one ranking: the storage is built once, each study loaded once and
-the winner derived once, and every view of the winner (run's table, the parent run, `best`) agrees."""
+"""One sweep's state per process, one ranking per command: the storage is built once, each study loaded
+once and the winner derived once, and every view of the winner (run's table, the parent run, `best`)
+agrees."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from collections import Counter
 import optuna
 import pytest
 import yaml
-from images import ALL_CLASSES, make_split
-from sweep_helpers import data_args, mlflow_runs, output_of, sweep
+from sweep_helpers import PLAIN, data_args, mlflow_runs, output_of, sweep, trial_records
 
-from sweep import ranking, session
+from bench.images import ALL_CLASSES, make_split
+from sweep import pipeline, ranking
 from sweep import study as study_module
-from sweep.select import DEFAULT_TOLERANCE, select_winner
-from sweep.study import read_studies
+from sweep.config import Stage1Settings
+from sweep.ranking import select_winner
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def counted(monkeypatch) -> Counter:
         return wrapper
 
     make_storage = counting("make_storage", study_module.make_storage)
-    for module in (study_module, session):
+    for module in (study_module, pipeline):
         monkeypatch.setattr(module, "make_storage", make_storage)
     monkeypatch.setattr(optuna, "create_study", counting("create_study", optuna.create_study))
     monkeypatch.setattr(optuna, "load_study", counting("load_study", optuna.load_study))
@@ -40,7 +41,7 @@ def counted(monkeypatch) -> Counter:
 
 
 def test_a_sweep_builds_its_storage_once_opens_each_study_once_and_ranks_once(counted, stores, data_dir, tiny_weights):
-    options = [*data_args(data_dir, tiny_weights), "--trials", "3", "--epochs", "2", "--quiet"]
+    options = [*PLAIN, *data_args(data_dir, tiny_weights), "--trials", "3", "--epochs", "2", "--quiet"]
     result = sweep("run", *options, stores=stores)
     assert result.exit_code == 0, output_of(result)
     # A new study: looked for once (not there), then created once; one ranking for the table and MLflow.
@@ -49,7 +50,8 @@ def test_a_sweep_builds_its_storage_once_opens_each_study_once_and_ranks_once(co
     counted.clear()
     resumed = sweep("run", *options, "--trials", "4", "--finetune-blocks", "1", "--finetune-epochs", "1", stores=stores)
     assert resumed.exit_code == 0, output_of(resumed)
-    # Resumed: stage 1 loaded once, stage 2 created once; stage 2's source and the final ranking.
+    # Resumed: stage 1 loaded once, stage 2 created once; two rankings of two records: stage 1's alone
+    # (stage 2's source), then both stages' (the table and MLflow).
     assert counted == {"make_storage": 1, "load_study": 1, "create_study": 1, "select_winner": 2}
 
     counted.clear()
@@ -67,16 +69,17 @@ def test_runs_star_the_parent_run_and_best_name_one_winner_under_the_recipes_tol
     data_dir = tmp_path / "data"
     make_split(data_dir / "train", classes=ALL_CLASSES, per_class=8)
     make_split(data_dir / "validation", classes=ALL_CLASSES, per_class=6, seed=50_000)
-    tolerance = 0.1  # a recipe's band, wider than run's default
+    tolerance = 0.1  # a band wider than the default
     config = tmp_path / "sweep.yaml"
-    config.write_text(yaml.safe_dump({"trials": 6, "epochs": 3, "tolerance": tolerance, "precision": "fp32"}))
+    plain = yaml.safe_load(open(PLAIN[1]))
+    config.write_text(yaml.safe_dump({**plain, "trials": 6, "epochs": 3, "tolerance": tolerance, "precision": "fp32"}))
     result = sweep("run", "--config", config, *data_args(data_dir, tiny_weights), "--quiet", stores=stores)
     assert result.exit_code == 0, output_of(result)
-    records = read_studies(stores["--storage"], "clothing").records()
+    records = trial_records(stores)
     winner = select_winner(records, tolerance)
     # The sweep is one where the band matters: the default band would pick another trial (as run's
     # table did before it read the one ranking).
-    assert select_winner(records, DEFAULT_TOLERANCE).name != winner.name
+    assert select_winner(records, Stage1Settings().tolerance).name != winner.name
 
     assert starred(result.output) == winner.name
     _, runs = mlflow_runs(stores)

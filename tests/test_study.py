@@ -10,12 +10,12 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from servers import mlflow_server as start_mlflow_server
-from servers import wait_for
-from sweep_helpers import load_study, mlflow_runs, run_options, sweep, sweep_argv
+from sweep_helpers import load_study, mlflow_runs, output_of, run_options, sweep, sweep_argv
 
 import sweep.objective as objective_module
-from sweep.outages import STALE_REASON, TAKEN_OVER_REASON
+from bench.servers import mlflow_server as start_mlflow_server
+from bench.servers import wait_for
+from sweep.storage import STALE_REASON, TAKEN_OVER_REASON
 from sweep.tracking import ParentRun, Tracker
 
 pytestmark = pytest.mark.slow
@@ -49,10 +49,14 @@ def assert_no_repeated_configuration(study):
     assert len(set(configurations)) == len(configurations), configurations
 
 
-def test_a_sweep_killed_mid_trial_resumes_to_its_target_without_repeating_a_configuration(
+def test_a_sweep_killed_in_either_stage_resumes_to_its_target_without_repeating_a_configuration(
     stores, data_dir, tiny_weights
 ):
-    command = sweep_argv("run", *run_options(data_dir, tiny_weights, 3, 150), "--pruner", "none", stores=stores)
+    """Killed during a stage-1 trial, then during the stage-2 trial: each resume fails the dead trial
+    (its heartbeat stopped), closes its run FAILED, runs a replacement and draws no configuration
+    again; a finished study never runs stage 2 twice."""
+    options = ["--pruner", "none", "--finetune-blocks", "1", "--finetune-epochs", "120", "--finetune-patience", "0"]
+    command = sweep_argv("run", *run_options(data_dir, tiny_weights, 3, 150), *options, stores=stores)
     victim = subprocess.Popen(command, env=worker_env())
     killed = wait_for(
         lambda: (t := running_trial_with_epochs(stores, 3)) and t.number == 1 and t, what="trial 1 in progress"
@@ -62,85 +66,61 @@ def test_a_sweep_killed_mid_trial_resumes_to_its_target_without_repeating_a_conf
     runs, _, _ = children_by_trial(stores)
     assert runs[killed.number].info.status == "RUNNING"  # what a crash leaves behind
 
-    resumed = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-
+    resumed = subprocess.Popen(command, env=worker_env())  # finishes stage 1; killed again in stage 2
+    wait_for(lambda: running_trial_with_epochs(stores, 2, "clothing.finetune"), what="stage 2 in progress")
+    resumed.send_signal(signal.SIGKILL)
+    resumed.wait()
     study = load_study(stores)
-    states = {t.number: t.state.name for t in study.trials}
-    assert states == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE", 3: "COMPLETE"}
+    assert {t.number: t.state.name for t in study.trials} == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE", 3: "COMPLETE"}
     # The resumed process seeds each trial from its number: it never draws trial 0's or 1's again.
     assert_no_repeated_configuration(study)
-    runs, parents, n_children = children_by_trial(stores)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert n_children == len(study.trials)  # exactly one run per trial, none duplicated
+    runs, _, _ = children_by_trial(stores)
     assert runs[killed.number].info.status == "FAILED"
     assert "heartbeat" in runs[killed.number].data.tags["sweep.error"]
     assert all(runs[t.number].info.status == "FINISHED" for t in study.trials if t.state.name == "COMPLETE")
 
+    finished = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    assert "finetune-001" in finished.stdout
+    finetune = load_study(stores, "clothing.finetune")
+    assert [t.state.name for t in finetune.trials] == ["FAIL", "COMPLETE"]
+    assert finetune.trials[0].params == finetune.trials[1].params  # the same recipe, run once more
+    runs, parents, n_children = children_by_trial(stores, stage="finetune")
+    assert {n: r.info.status for n, r in runs.items()} == {0: "FAILED", 1: "FINISHED"}
+    assert [r.info.run_name for _, r in sorted(runs.items())] == ["finetune-000", "finetune-001"]
+    _, all_runs = mlflow_runs(stores)
+    assert "RUNNING" not in {r.info.status for r in all_runs}
+    assert n_children == len(study.trials) + 2  # exactly one run per trial of both stages, none duplicated
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+    # A finished study never runs stage 2 twice.
+    again = sweep("run", *run_options(data_dir, tiny_weights, 3, 150), *options, stores=stores)
+    assert again.exit_code == 0, output_of(again)
+    assert len(load_study(stores, "clothing.finetune").trials) == 2
+
 
 def test_the_same_seed_draws_the_same_configurations_in_an_uninterrupted_run(stores, data_dir, tiny_weights, tmp_path):
-    other = {key: value.replace(str(tmp_path / "runs"), str(tmp_path / "again")) for key, value in stores.items()}
+    other = {**stores, "--storage": f"sqlite:///{tmp_path / 'again.db'}"}  # a new study, the same cache
+    other["--tracking-uri"] = f"sqlite:///{tmp_path / 'again-mlflow.db'}"
     sequences = []
     for store in (stores, other):
-        result = subprocess.run(
-            sweep_argv("run", *run_options(data_dir, tiny_weights, 4, 1), "--pruner", "none", stores=store),
-            env=worker_env(),
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 0, result.stderr
+        result = sweep("run", *run_options(data_dir, tiny_weights, 4, 1), "--pruner", "none", stores=store)
+        assert result.exit_code == 0, output_of(result)
         sequences.append([t.params for t in load_study(store).trials])
     assert sequences[0] == sequences[1] and len(sequences[0]) == 4
     assert_no_repeated_configuration(load_study(stores))
 
 
-def test_a_kill_during_stage_2_is_recovered_like_any_trial(stores, data_dir, tiny_weights):
-    command = sweep_argv(
-        "run",
-        *run_options(data_dir, tiny_weights, 2, 1),
-        "--pruner",
-        "none",
-        "--finetune-blocks",
-        "1",
-        "--finetune-epochs",
-        "120",
-        stores=stores,
-    )
-    victim = subprocess.Popen(command, env=worker_env())
-    wait_for(lambda: running_trial_with_epochs(stores, 2, "clothing.finetune"), what="stage 2 in progress")
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-
-    resumed = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "finetune-001" in resumed.stdout
-
-    finetune = load_study(stores, "clothing.finetune")
-    assert [t.state.name for t in finetune.trials] == ["FAIL", "COMPLETE"]
-    assert finetune.trials[0].params == finetune.trials[1].params  # the same recipe, run once more
-    runs, parents, _ = children_by_trial(stores, stage="finetune")
-    assert {n: r.info.status for n, r in runs.items()} == {0: "FAILED", 1: "FINISHED"}
-    assert [r.info.run_name for _, r in sorted(runs.items())] == ["finetune-000", "finetune-001"]
-    _, all_runs = mlflow_runs(stores)
-    assert "RUNNING" not in {r.info.status for r in all_runs}
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-
-    # A finished study never runs stage 2 twice.
-    again = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr
-    assert len(load_study(stores, "clothing.finetune").trials) == 2
-
-
 def rig_trials(monkeypatch, plan):
     """Make chosen trials diverge or raise, through the real search space and training code."""
-    real_suggest = objective_module.suggest
+    real_suggest = objective_module.HeadTrial.suggest
 
-    def rigged(trial, cfg):
-        config = real_suggest(trial, cfg)
+    def rigged(self, trial):
+        config = real_suggest(self, trial)
         change = plan(trial.number)
         return dataclasses.replace(config, **change) if change else config
 
-    monkeypatch.setattr(objective_module, "suggest", rigged)
+    monkeypatch.setattr(objective_module.HeadTrial, "suggest", rigged)
 
 
 def test_diverging_and_raising_trials_are_recorded_and_the_sweep_goes_on(stores, data_dir, tiny_weights, monkeypatch):
@@ -167,14 +147,14 @@ def test_a_run_whose_every_trial_fails_exits_non_zero_with_the_first_error(store
 def test_a_trial_that_fails_before_its_run_exists_still_says_why(stores, data_dir, tiny_weights, monkeypatch):
     """A failure before the trial's run is created (here in its suggest; in a cluster, a store that
     refuses the write) still leaves the trial's reason in Optuna, and no run to leave RUNNING."""
-    real_suggest = objective_module.suggest
+    real_suggest = objective_module.HeadTrial.suggest
 
-    def suggest(trial, cfg):
+    def suggest(self, trial):
         if trial.number == 1:
             raise RuntimeError("no configuration drawn")
-        return real_suggest(trial, cfg)
+        return real_suggest(self, trial)
 
-    monkeypatch.setattr(objective_module, "suggest", suggest)
+    monkeypatch.setattr(objective_module.HeadTrial, "suggest", suggest)
     result = sweep("run", *run_options(data_dir, tiny_weights, 3, 1), "--pruner", "none", stores=stores)
     assert result.exit_code == 0, result.output
     trials = load_study(stores).trials
@@ -235,7 +215,8 @@ def test_a_failed_trials_run_left_running_is_closed_by_the_next_sweep(stores, da
     tracker = Tracker(stores["--tracking-uri"])
     experiment_id = tracker.experiment_id("clothing")
     parent = ParentRun(experiment_id, tracker.find_parent(experiment_id), "clothing")
-    orphan = tracker.start_trial(parent, "trial-001", dead.number, {}, "head")
+    in_its_run = tracker.trial_run(parent, "trial-001", dead.number, "head", {})  # its worker died in it
+    orphan = in_its_run.__enter__()
     fail_as_another_worker_would(stores, dead.number)
     assert tracker.client.get_run(orphan).info.status == "RUNNING"
     result = sweep("run", *run_options(data_dir, tiny_weights, 2, 1), stores=stores)
@@ -246,44 +227,23 @@ def test_a_failed_trials_run_left_running_is_closed_by_the_next_sweep(stores, da
     assert "RUNNING" not in {r.info.status for r in runs}
 
 
-def assert_exact_counts(stores, target):
-    study = load_study(stores)
-    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
-    assert len(finished) == target
-    assert len({t.number for t in study.trials}) == len(study.trials)
-    runs, parents, n_children = children_by_trial(stores)
-    assert len(parents) == 1
-    assert n_children == len(study.trials) == len(runs)  # one run per trial, no duplicates
-    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {parents[0].info.run_id}
-    assert {r.data.tags["optuna.trial_number"] for r in runs.values()} == {str(t.number) for t in study.trials}
+@pytest.fixture
+def mlflow_server(tmp_path):
+    with start_mlflow_server(tmp_path / "server", f"sqlite:///{tmp_path / 'server.db'}") as server:
+        yield server.uri
 
 
-def test_jobs_two_finishes_exactly_the_target_without_repeating_a_configuration(stores, data_dir, tiny_weights):
-    command = sweep_argv(
-        "run", *run_options(data_dir, tiny_weights, 6, 20), "--pruner", "none", "--jobs", "2", stores=stores
-    )
-    result = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert_exact_counts(stores, 6)
-    assert_no_repeated_configuration(load_study(stores))
-
-
-def test_the_parent_run_stays_running_until_the_main_process_ends(stores, data_dir, tiny_weights):
-    """Workers only run trials: the main process alone closes the parent run, after its stage 2."""
-    command = sweep_argv(
-        "run",
-        *run_options(data_dir, tiny_weights, 4, 5),
-        "--pruner",
-        "none",
-        "--jobs",
-        "2",
-        "--finetune-blocks",
-        "1",
-        "--finetune-epochs",
-        "40",
-        stores=stores,
-    )
-    main = subprocess.Popen(command, env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def test_jobs_two_on_a_tracking_server_finish_exactly_the_target_and_the_main_process_closes_the_parent(
+    stores, data_dir, tiny_weights, mlflow_server
+):
+    """`--jobs 2`: two processes, one study, exactly its target, no configuration twice, every
+    checkpoint over HTTP; the workers only run trials, so the parent run stays RUNNING until the main
+    process has run stage 2 and published."""
+    stores = {**stores, "--tracking-uri": mlflow_server}
+    options = ["--pruner", "none", "--jobs", "2", "--finetune-blocks", "1", "--finetune-epochs", "40"]
+    command = sweep_argv("run", *run_options(data_dir, tiny_weights, 6, 10), *options, stores=stores)
+    env = {**worker_env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+    main = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     closed_early = []
     while main.poll() is None:
         try:
@@ -297,44 +257,18 @@ def test_the_parent_run_stays_running_until_the_main_process_ends(stores, data_d
         )
         if parent and parent[0] != "RUNNING" and work_left:
             closed_early.append((parent[0], [(r.info.run_name, r.info.status) for r in trials]))
-        time.sleep(0.1)
+        time.sleep(0.2)
     assert main.returncode == 0, main.stderr.read()
     assert closed_early == []
-    _, parents, _ = children_by_trial(stores)
+    study = load_study(stores)
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 6 and len({t.number for t in study.trials}) == len(study.trials)
+    assert_no_repeated_configuration(study)
+    runs, parents, n_children = children_by_trial(stores)
     assert [p.info.status for p in parents] == ["FINISHED"]
-
-
-def test_two_independent_invocations_cooperate_on_one_study(stores, data_dir, tiny_weights):
-    command = sweep_argv("run", *run_options(data_dir, tiny_weights, 6, 20), "--pruner", "none", stores=stores)
-    # Warm the feature cache and create the study first, as a user's first terminal would.
-    first = subprocess.run(
-        sweep_argv("run", *run_options(data_dir, tiny_weights, 1, 1), "--pruner", "none", stores=stores),
-        env=worker_env(),
-        timeout=600,
-    )
-    assert first.returncode == 0
-    workers = [subprocess.Popen(command, env=worker_env(), stderr=subprocess.PIPE) for _ in range(2)]
-    for worker in workers:
-        assert worker.wait(timeout=600) == 0, worker.stderr.read()
-    assert_exact_counts(stores, 6)
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    with start_mlflow_server(tmp_path / "server", f"sqlite:///{tmp_path / 'server.db'}") as server:
-        yield server.uri
-
-
-def test_two_workers_share_one_mlflow_server(stores, data_dir, tiny_weights, mlflow_server):
-    stores = {**stores, "--tracking-uri": mlflow_server}
-    command = sweep_argv(
-        "run", *run_options(data_dir, tiny_weights, 4, 10), "--pruner", "none", "--jobs", "2", stores=stores
-    )
-    env = {**worker_env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert_exact_counts(stores, 4)
-    runs, _, _ = children_by_trial(stores)
+    assert n_children == len(study.trials) + 1 == len(runs) + 1  # one run per trial, and stage 2's
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {parents[0].info.run_id}
+    assert {r.data.tags["optuna.trial_number"] for r in runs.values()} == {str(t.number) for t in study.trials}
     client = MlflowClient(mlflow_server)
     for run in runs.values():
         assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/head.pt"]

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution
-from sweep_helpers import assert_one_error, data_args, load_study, mlflow_runs, recorded, run_options, sweep
-
-from sweep.sweepfile import read_sweep_file
+from sweep_helpers import assert_one_error, data_args, load_study, mlflow_runs, plain_file, recorded, run_options, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "tests" / "recipe.yaml"  # a sweep file that changes nothing: the defaults, the recipe's space
 
 
 def write(path: Path, document) -> Path:
@@ -24,6 +23,8 @@ SWEEP = {
     "trials": 3,
     "epochs": 1,
     "tolerance": 0.05,
+    "image_size": 224,
+    "finetune_blocks": 0,  # stage 1 only: the file's settings are what this test reads
     "space": {
         "lr": {"type": "log-float", "low": 1e-3, "high": 1e-2},
         "size_inner": {"type": "categorical", "choices": [10, 100]},
@@ -86,7 +87,7 @@ BAD_FILES = {
 def test_a_bad_sweep_file_is_one_error_naming_the_key_before_any_work(case, tmp_path, stores, data_dir, tiny_weights):
     text, *fragments = BAD_FILES[case]
     config = write(tmp_path / "bad.yaml", text + "\n")
-    result = sweep("run", "--config", config, *run_options(data_dir, tiny_weights, 2, 1), stores=stores)
+    result = sweep("run", *run_options(data_dir, tiny_weights, 2, 1), "--config", config, stores=stores)
     assert_one_error(result, "--config", *fragments, code=2)
     assert recorded(stores) == ((), ())
 
@@ -94,25 +95,19 @@ def test_a_bad_sweep_file_is_one_error_naming_the_key_before_any_work(case, tmp_
 def test_resuming_a_study_with_another_space_is_refused_and_loses_nothing(tmp_path, stores, data_dir, tiny_weights):
     assert sweep("run", *run_options(data_dir, tiny_weights, 2, 1), stores=stores).exit_code == 0
     before = recorded(stores)
-    narrower = write(tmp_path / "narrow.yaml", {"space": {"lr": {"type": "log-float", "low": 1e-3, "high": 1e-2}}})
-    result = sweep("run", "--config", narrower, *run_options(data_dir, tiny_weights, 4, 1), stores=stores)
+    narrower = plain_file(tmp_path, space={"lr": {"type": "log-float", "low": 1e-3, "high": 1e-2}})[1]
+    result = sweep("run", *run_options(data_dir, tiny_weights, 4, 1), "--config", narrower, stores=stores)
     assert_one_error(result, "another search space", "lr", "--study NEW_NAME")
     assert recorded(stores) == before
-    with_dropout = sweep("run", "--search", "dropout", *run_options(data_dir, tiny_weights, 4, 1), stores=stores)
-    assert_one_error(with_dropout, "another search space", "dropout")
+    with_dropout = sweep("run", *run_options(data_dir, tiny_weights, 4, 1), "--config", RECIPE, stores=stores)
+    assert_one_error(with_dropout, "another search space", "dropout")  # the recipe's space searches dropout
     # The same space resumes; a new study name takes the new space.
     assert sweep("run", *run_options(data_dir, tiny_weights, 3, 1), stores=stores).exit_code == 0
-    assert sweep("run", "--config", narrower, "--study", "narrow", *run_options(data_dir, tiny_weights, 2, 1),
+    assert sweep("run", "--study", "narrow", *run_options(data_dir, tiny_weights, 2, 1), "--config", narrower,
                  stores=stores).exit_code == 0  # fmt: skip
     assert len(load_study(stores).trials) == 3 and len(load_study(stores, "narrow").trials) == 2
 
 
-def test_the_checked_in_default_file_is_the_make_sweep_recipe():
-    settings, space = read_sweep_file(ROOT / "sweeps" / "default.yaml")
-    assert (settings["views"], settings["finetune_blocks"], settings["trials"], settings["epochs"]) == (2, 3, 20, 10)
-    assert (settings["finetune_epochs"], settings["finetune_lr"], settings["tolerance"]) == (6, 1e-4, 0.01)
-    assert (settings["finetune_schedule"], settings["finetune_average"]) == ("constant", "none")
-    assert (settings["finetune_precision"], settings["finetune_patience"]) == ("auto", 1)
-    assert (settings["image_size"], settings["finetune_lr_decay"], settings["refit"]) == (256, 1.0, False)
-    assert [d.name for d in space] == ["lr", "size_inner", "dropout"]
-    assert "--config sweeps/default.yaml" in (ROOT / "Makefile").read_text()
+def test_make_sweep_runs_the_defaults_which_are_the_recipe():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "$(PY) -m sweep run $(SWEEP_OPTIONS)" in makefile and "SWEEP_OPTIONS ?=\n" in makefile

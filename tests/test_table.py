@@ -8,8 +8,7 @@ from sweep_helpers import output_of, sweep
 from clothing.features import cached_features
 from clothing.model import load_backbone
 from clothing.progress import progress
-from sweep.select import TrialRecord
-from sweep.table import format_params, format_table, record_rows
+from sweep.ranking import TrialRecord, format_params, format_table, record_rows
 
 RUN_ID = "0123456789abcdef0123456789abcdef"
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from images import make_split
 
 import clothing
+from bench.images import make_split
 from clothing.__main__ import cli as clothing_cli
 from sweep.cli import cli
 
@@ -66,7 +66,7 @@ def make_sweep(tmp_path, tiny_weights, data_url):
         f"DATA_DIR={tmp_path / 'data' / 'clothing-dataset-small'}",
         f"MODEL={tmp_path / 'model.pt'}",
         f"PY={sys.executable}",
-        "SWEEP_OPTIONS=--trials 2 --epochs 1 --quiet --precision fp32",
+        "SWEEP_OPTIONS=--trials 2 --epochs 1 --finetune-epochs 1 --quiet --precision fp32",
     ]
     # -o: the environment running the tests is installed already; never reinstall it from here.
     command = ["make", "--no-print-directory", "-C", str(ROOT), "-o", ".venv/.installed", "sweep", *variables]

@@ -2,10 +2,10 @@ import copy
 
 import pytest
 import torch
-from images import calibrated_backbone
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from bench.images import calibrated_backbone
 from clothing.data import ClothingDataset, build_transforms
 from clothing.features import cached_features
 from clothing.model import (
@@ -15,7 +15,7 @@ from clothing.model import (
     load_backbone,
     trainable_parameters,
 )
-from clothing.train import EarlyStopping, FeatureBatches, TrainHooks, TrainingDiverged, set_seed, train_and_evaluate
+from clothing.train import EarlyStopping, FeatureBatches, TrainingDiverged, set_seed, train_and_evaluate
 
 KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "running_train_loss", "running_train_acc"}
 
@@ -46,7 +46,7 @@ def test_train_acc_is_the_eval_mode_accuracy_on_the_plain_training_data():
         nn.CrossEntropyLoss(),
         num_epochs=4,
         device="cpu",
-        hooks=lambda epoch, metrics, model: snapshots.append(copy.deepcopy(model)),
+        on_epoch=lambda epoch, metrics, model: snapshots.append(copy.deepcopy(model)),
         train_eval_loader=FeatureBatches(x, y, 50),
     )
     for h, model in zip(history, snapshots):
@@ -72,7 +72,7 @@ def test_history_has_one_entry_per_epoch_and_learns_a_separable_problem():
         nn.CrossEntropyLoss(),
         num_epochs=3,
         device="cpu",
-        hooks=lambda epoch, metrics, model: calls.append(epoch),
+        on_epoch=lambda epoch, metrics, model: calls.append(epoch),
     )
     assert [h["epoch"] for h in history] == [1, 2, 3] == calls
     assert all(set(h) == KEYS for h in history)
@@ -95,7 +95,7 @@ def test_a_non_finite_loss_stops_training_at_once():
             nn.CrossEntropyLoss(),
             5,
             "cpu",
-            hooks=lambda e, m, model: epochs.append(e),
+            on_epoch=lambda e, m, model: epochs.append(e),
         )
     assert epochs == []
 
@@ -122,7 +122,8 @@ def test_the_loop_stops_when_validation_stalls():
         nn.CrossEntropyLoss(),
         10,
         "cpu",
-        TrainHooks(on_epoch=lambda e, m, model: epochs.append(e), early_stop=EarlyStopping(3)),
+        lambda e, m, model: epochs.append(e),
+        early_stop=EarlyStopping(3),
     )
     assert [h["epoch"] for h in history] == epochs == [1, 2, 3, 4]
 

@@ -9,14 +9,13 @@ import optuna
 import pytest
 import torch
 from click.testing import CliRunner
-from sweep_helpers import load_study, mlflow_runs, sweep
+from sweep_helpers import mlflow_runs, sweep, trial_records
 
 from clothing.checkpoint import load_model, spec_of
 from clothing.data import ClothingDataset, build_transforms
 from clothing.model import load_backbone
 from clothing.scoring import model_from_checkpoint
 from sweep.cli import cli
-from sweep.study import trial_records
 from sweep.tracking import Tracker
 
 
@@ -90,7 +89,7 @@ def test_best_names_the_winner_tags_it_and_exports_an_equivalent_model(
     assert {"study", "mlflow_run_id", "backbone_fingerprint"} <= set(payload["provenance"])
 
     exported, _ = load_model(out)
-    record = next(r for r in trial_records(load_study(stores)) if r.name == winner_name)
+    record = next(r for r in trial_records(stores) if r.name == winner_name)
     head = Tracker(stores["--tracking-uri"]).fetch_checkpoint(record)
     in_memory = model_from_checkpoint(head, load_backbone(tiny_weights))
     x = torch.randn(3, 3, 224, 224)

@@ -1,106 +1,42 @@
-"""Riding out a store that goes away for a while, once a sweep has reached it.
+"""Our Optuna storage: RDBStorage that rides out a lost database connection. The one module that reaches
+into Optuna's internals; each reach-in is named here and pinned by tests/test_outages.py, which fails
+when Optuna changes what it relies on:
 
-A database restart (a failover, a maintenance window) drops every connection; a redeployed MLflow
-server refuses connections for half a minute. A worker that has already reached its stores then
-retries, with backoff, for up to `--outage-seconds` (one setting, default 120 s), and only then lets
-the trial fail with a reason that names the store. At start-up nothing is retried: a mistyped URL
-stays a one-line error in seconds.
+- `OutageTolerantStorage` subclasses RDBStorage and retries the calls listed in DATABASE_CALLS (the
+  test checks every public call of RDBStorage is listed or named as not reaching the database);
+- it overrides `RDBStorage._get_stale_trial_ids` (what `optuna.storages.fail_stale_trials` calls) and
+  queries `optuna.storages._rdb.models.TrialModel` there.
 
-- The Optuna storage: `OutageTolerantStorage`, Optuna's RDBStorage with every call that reaches the
-  database retried on a lost connection (SQLAlchemy's `pool_pre_ping` replaces the dead pooled
-  connections), and heartbeat-less RUNNING trials treated as stale (see `_get_stale_trial_ids`).
-- The tracking server: MLflow's own HTTP retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _BACKOFF_FACTOR),
-  sized by `http_retries_for` to cover the same budget; the background thread that sends the epochs
-  keeps them in order meanwhile (sweep.tracking).
+Everything else in the project uses Optuna's public API.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import sys
-import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import optuna
-from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._rdb import models
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import orm
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from sweep.stores import mask_url
+from sweep.stores import lost_connection, mask_url, retrying
 
-DEFAULT_OUTAGE_SECONDS = 120
-MAX_BACKOFF_SECONDS = 8.0
-HTTP_BACKOFF_FACTOR = 2  # MLflow's default: waits of 2, 4, 8, ... s between attempts
+# A trial whose process died stops sending heartbeats; after the grace period the next worker to
+# look marks it FAIL (and the stale callback closes its MLflow run). Short enough that a resume right
+# after a crash finds it soon, long enough that a busy worker never looks dead.
+HEARTBEAT_SECONDS = int(os.environ.get("SWEEP_HEARTBEAT_SECONDS", "5"))
+GRACE_SECONDS = 4 * HEARTBEAT_SECONDS
 STALE_REASON = "no heartbeat within the grace period: its worker stopped, or could not reach the database"
 TAKEN_OVER_REASON = (
     "failed as stale by another worker while it still ran: its heartbeat did not reach the database "
     "within the grace period (a database outage, or an overloaded machine)"
 )
 
-T = TypeVar("T")
-
-
-class StoreOutage(RuntimeError):
-    """A store stayed unreachable for longer than the outage budget; the message names it."""
-
-
-class TrialTakenOver(RuntimeError):
-    """This process's trial was failed as stale by another worker; it was stopped and its run closed."""
-
-
-def driver_error(exc: BaseException) -> BaseException:
-    """The error underneath Optuna's: RDBStorage wraps every SQLAlchemy error of a session (a refused
-    connect included) in StorageInternalError, whose message blames invalid data."""
-    if isinstance(exc, StorageInternalError) and exc.__cause__ is not None:
-        return exc.__cause__
-    return exc
-
-
-def lost_connection(exc: BaseException) -> bool:
-    """Whether a database error means "the server went away" (worth waiting for) rather than a
-    mistake in the request (never worth repeating)."""
-    exc = driver_error(exc)
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, OperationalError | InterfaceError)
-
-
-def outage_reason(exc: BaseException) -> str:
-    """The driver's own first line ("connection refused", "the database system is shutting down")."""
-    exc = driver_error(exc)
-    return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
-
-
-def retrying(call: Callable[[], T], what: str, budget: float, is_transient: Callable[[BaseException], bool]) -> T:
-    """`call()`, repeated with backoff while it fails transiently, for up to `budget` seconds; one
-    line on stderr when an outage starts and one when it ends. StoreOutage after the budget."""
-    deadline, wait, started = time.monotonic() + budget, 0.5, None
-    while True:
-        try:
-            result = call()
-        except Exception as exc:
-            if budget <= 0 or not is_transient(exc):
-                raise
-            if started is None:
-                started = time.monotonic()
-                reason = outage_reason(exc)
-                print(f"{what} unreachable ({reason}); retrying for up to {budget:.0f} s", file=sys.stderr)
-            if time.monotonic() + wait > deadline:
-                raise StoreOutage(f"{what} stayed unreachable for {budget:.0f} s (--outage-seconds)") from exc
-            time.sleep(wait)
-            wait = min(2 * wait, MAX_BACKOFF_SECONDS)
-            continue
-        if started is not None:
-            print(f"{what} reachable again after {time.monotonic() - started:.0f} s", file=sys.stderr)
-        return result
-
-
-# RDBStorage's calls that reach the database (the rest read settings or manage the session).
+# RDBStorage's calls that reach the database, retried through an outage.
 DATABASE_CALLS = (
     "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
     "get_study_id_from_name", "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
@@ -109,6 +45,12 @@ DATABASE_CALLS = (
     "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr", "get_trial",
     "get_all_trials", "get_n_trials", "get_best_trial", "get_trial_params", "get_trial_user_attrs",
     "get_trial_system_attrs", "check_trial_is_updatable", "record_heartbeat",
+)  # fmt: skip
+# ... and those that do not (settings, the session's life, schema upgrades, run by hand).
+LOCAL_CALLS = (
+    "get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "get_failed_trial_callback",
+    "remove_session", "upgrade", "get_current_version", "get_head_version", "get_all_versions",
+    "set_trial_state_values",  # retried by its own override below
 )  # fmt: skip
 
 
@@ -158,9 +100,9 @@ class OutageTolerantStorage(optuna.storages.RDBStorage):
             found = set(optuna.storages.RDBStorage._get_stale_trial_ids(self, study_id))
             grace = timedelta(seconds=self.grace_period or 2 * (self.heartbeat_interval or 0))
             now = datetime.now()  # datetime_start is this clock's (Optuna's client-side now()), not the server's
-            with orm.Session(self.engine) as session:
+            with orm.sessionmaker(self.engine).begin() as db:
                 running = (
-                    session.query(models.TrialModel)
+                    db.query(models.TrialModel)
                     .options(orm.selectinload(models.TrialModel.heartbeats))
                     .filter(models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.RUNNING)
                     .all()
@@ -193,16 +135,10 @@ for _name in DATABASE_CALLS:
     setattr(OutageTolerantStorage, _name, _retry_method(_name))
 
 
-def http_retries_for(budget: float, factor: int = HTTP_BACKOFF_FACTOR) -> int:
-    """How many MLflow HTTP retries, waiting factor, 2*factor, 4*factor, ... s, cover `budget` seconds."""
-    if budget <= 0:
-        return 0
-    return max(1, math.ceil(math.log2(budget / factor + 1)))
-
-
-def ride_out_tracking_outages(budget: float) -> None:
-    """Size MLflow's HTTP retries to the outage budget, unless the user set them: from now on a tracking
-    call waits out an unreachable server (or a 5xx) for about `budget` seconds before it fails."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", str(HTTP_BACKOFF_FACTOR))
-    factor = int(os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"])
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(http_retries_for(budget, factor)))
+def latest_trials(storage: optuna.storages.BaseStorage, study: optuna.Study) -> list[FrozenTrial]:
+    """Every trial of `study` as the database holds it now, read from `storage` (the one the study was
+    opened on) past the per-process cache Optuna wraps around it: that cache can miss a trial another
+    process created (seen here as a 7th trial of 6 when four processes on a busy 2-core machine shared
+    a PostgreSQL study), so the count that guards the target reads past it."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    return storage.get_all_trials(study_id, deepcopy=False)

@@ -1,4 +1,5 @@
-"""Throwaway PostgreSQL clusters and MLflow tracking servers, started and stopped by the tests.
+"""Throwaway PostgreSQL clusters and MLflow tracking servers, started and stopped by the tests and the
+benchmarks (bench.cluster, bench.soak).
 
 They are real: PostgreSQL 15 from the machine's binaries (password authentication, scram-sha-256),
 and `mlflow server` with the basic-auth app, a PostgreSQL backend store and artifact serving, so
@@ -20,7 +21,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import requests
 
 ADMIN_USER = "admin"
@@ -42,16 +42,18 @@ def wait_for(condition, timeout=120, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+class PostgresMissing(RuntimeError):
+    """No PostgreSQL binaries here (the tests skip on it, or fail where CI sets SWEEP_REQUIRE_POSTGRES)."""
+
+
 def postgres_bin() -> Path:
-    """The folder of initdb and pg_ctl; skips the test where PostgreSQL is not installed (CI sets
-    SWEEP_REQUIRE_POSTGRES, so there a missing install fails instead of skipping)."""
+    """The folder of initdb and pg_ctl."""
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb") or ""]
     if found[-1]:
         return Path(found[-1]).parent
-    reason = "PostgreSQL binaries (initdb, pg_ctl) not found; install them (Debian: apt-get install postgresql)"
-    if os.environ.get("SWEEP_REQUIRE_POSTGRES"):
-        pytest.fail(reason)
-    pytest.skip(reason)
+    raise PostgresMissing(
+        "PostgreSQL binaries (initdb, pg_ctl) not found; install them (Debian: apt-get install postgresql)"
+    )
 
 
 @dataclass(frozen=True)
