@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import requests
 
 ADMIN_USER = "admin"
@@ -44,6 +45,12 @@ def wait_for(condition, timeout=120, what="condition"):
 
 class PostgresMissing(RuntimeError):
     """No PostgreSQL binaries here (the tests skip on it, or fail where CI sets SWEEP_REQUIRE_POSTGRES)."""
+
+
+def spawned_workers(pid: int) -> list[psutil.Process]:
+    """The `--jobs` workers process `pid` has spawned so far (not any other child, such as a `uname`
+    a library runs while it starts)."""
+    return [c for c in psutil.Process(pid).children() if "spawn_main" in " ".join(c.cmdline())]
 
 
 def postgres_bin() -> Path:

@@ -25,6 +25,7 @@ from unittest import mock
 
 import click
 import optuna
+import psutil
 import psycopg
 import torch
 from mlflow import MlflowClient
@@ -32,7 +33,7 @@ from mlflow.entities import ViewType
 
 from bench import PLAIN
 from bench.images import calibrated_backbone, make_split
-from bench.servers import Postgres, free_port, mlflow_server, postgres_cluster, wait_for
+from bench.servers import Postgres, free_port, mlflow_server, postgres_cluster, spawned_workers, wait_for
 
 STUDY = "soak"
 PG_PASSWORD, ADMIN_PASSWORD = "soak-pg-Secret-1", "soak-Admin-Secret-2"
@@ -41,11 +42,12 @@ FINISHED = ("COMPLETE", "PRUNED")
 
 @dataclass(frozen=True)
 class SoakPlan:
-    workers: int  # processes on the study at any time
+    workers: int  # machines (`sweep run` processes) on the study at any time
     trials: int  # the study's target of finished stage-1 trials
+    jobs: int = 1  # each one's --jobs: it spawns jobs - 1 worker processes once it has reached its stores
     epochs: int = 3
     kills: int = 8  # workers SIGKILLed in all (one event kills two at once)
-    pg_restart: bool = True
+    pg_restart: bool = True  # with jobs > 1: timed into a replacement's worker start-ups (restart_postgres)
     outage: float = 30.0  # seconds the tracking server is down; 0: no outage
     timeout: float = 900.0
     entry: tuple[str, ...] = ("-m", "sweep")  # what a worker runs (the bench times calls in a wrapper)
@@ -58,6 +60,7 @@ class SoakLog:
     killed: int = 0
     double_kills: int = 0
     pg_restarts: int = 0
+    workers_started_into_outage: int = 0  # --jobs workers whose first call met the restart
     outages: int = 0
     starts: int = 0
     exits: Counter = field(default_factory=Counter)  # return code -> count, for processes not killed
@@ -82,7 +85,13 @@ class Worker:
         self.killed = False
 
     def kill(self) -> None:
+        """The machine dies: its process and the --jobs workers it spawned."""
         self.killed = True
+        try:
+            for worker in spawned_workers(self.process.pid):
+                worker.kill()
+        except psutil.NoSuchProcess:
+            pass  # one had just ended
         self.process.kill()
 
     def finish(self) -> str:
@@ -163,6 +172,9 @@ class Supervisor:
             time.sleep(0.1)
 
     def kill(self, count: int) -> None:
+        # Replace what just ended first (a start-up refused during an outage): there is then a machine
+        # to kill, and the test's count of kills holds.
+        self.supervise()
         alive = [w for w in self.workers if w.process.poll() is None]
         victims = self.rng.sample(alive, min(count, len(alive)))
         for victim in victims:
@@ -184,7 +196,40 @@ def worker_command(plan: SoakPlan, data_dir: Path, weights: Path, cache: Path) -
     command = [sys.executable, *plan.entry, "run", "--quiet", "--study", STUDY, "--trials", str(plan.trials)]
     command += ["--epochs", str(plan.epochs), "--data-dir", str(data_dir), "--backbone-weights", str(weights)]
     command += ["--config", str(PLAIN), "--cache-dir", str(cache), "--precision", "fp32", "--outage-seconds", "120"]
-    return command
+    return command + ["--jobs", str(plan.jobs)]
+
+
+WORKER_WAITS = "(lock 'optuna-schema') unreachable"  # a --jobs worker's first call, waiting out an outage
+
+
+def restart_postgres(pg: Postgres, supervisor: Supervisor, plan: SoakPlan, log: SoakLog) -> str:
+    """Restart PostgreSQL; with --jobs, timed into a machine's worker start-ups: the newest machine (a
+    replacement for a killed one) sees the database go down just as it spawns its workers, and it
+    stays down until each of them has met the outage in its first call (which it must wait out like
+    every later one), or the machine stopped."""
+    if plan.jobs == 1:
+        pg.restart()
+        return "PostgreSQL restarted"
+    newest = supervisor.workers[-1]
+
+    def spawned() -> bool:
+        try:
+            return newest.process.poll() is not None or bool(spawned_workers(newest.process.pid))
+        except psutil.NoSuchProcess:
+            return True
+
+    def workers_wait() -> bool:
+        supervisor.supervise()
+        text = newest.log.read_text(errors="replace")
+        stopped = "Traceback" in text or "Error:" in text or newest.process.poll() is not None
+        return text.count(WORKER_WAITS) == plan.jobs - 1 or stopped
+
+    wait_for(spawned, what="a machine spawning its workers")
+    started = time.monotonic()
+    with pg.stopped():
+        wait_for(workers_wait, what="the machine's workers meeting the outage")
+    log.workers_started_into_outage = newest.log.read_text(errors="replace").count(WORKER_WAITS)
+    return f"PostgreSQL down {time.monotonic() - started:.0f} s as a machine spawned its --jobs workers"
 
 
 def run_soak(root: Path, pg: Postgres, data_dir: Path, weights: Path, plan: SoakPlan, seed: int = 0) -> SoakLog:
@@ -227,9 +272,9 @@ def run_soak(root: Path, pg: Postgres, data_dir: Path, weights: Path, plan: Soak
             progress(f"killed {count}")
             supervisor.wait(rng.uniform(1.0, 3.0))
         if plan.pg_restart:
-            pg.restart()
+            restarted = restart_postgres(pg, supervisor, plan, log)
             log.pg_restarts += 1
-            progress("PostgreSQL restarted")
+            progress(restarted)
             supervisor.wait(3.0)
         if plan.outage:
             server_up.close()  # the tracking server goes away ...
@@ -283,11 +328,13 @@ def check_record(storage: str, tracking: str, credentials: dict, plan: SoakPlan)
         for trial in trials:
             run = by_id.get(trial.user_attrs.get("mlflow_run_id"))
             if trial.state.name == "FAIL":
-                reason = trial.user_attrs.get("error") or trial.system_attrs.get("fail_reason")
-                run_tags = run.data.tags if run is not None else None
-                details = f"user attrs {trial.user_attrs}, system attrs {trial.system_attrs}, run tags {run_tags}"
-                assert reason, f"trial {trial.number} failed without a reason: {details}"
-                assert run is None or (run.info.status == "FAILED" and run.data.tags.get("sweep.error")), trial.number
+                # Its worker's error in both records, or, failed as stale by another worker, none in
+                # Optuna (as Optuna records it) and the stale reason on its run, if it had one.
+                run_tags = run.data.tags if run is not None else {}
+                details = f"user attrs {trial.user_attrs}, run tags {run_tags}"
+                reason = trial.user_attrs.get("error") or run_tags.get("sweep.error")
+                assert reason or run is None, f"trial {trial.number} failed without a reason: {details}"
+                assert run is None or (run.info.status == "FAILED" and run_tags.get("sweep.error")), details
                 continue
             assert run is not None, f"finished trial {trial.number} has no run"
             steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]

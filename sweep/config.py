@@ -97,7 +97,7 @@ class Stores:
         click.IntRange(0, 24 * 3600),
         "How long a worker that has reached its stores waits out a lost database connection or an "
         "unreachable tracking server (retrying with backoff) before the trial fails; 0: fail at once. "
-        "At start-up an unreachable store is an error at once.",
+        "At start-up an unreachable store is an error at once (a --jobs worker's start waits it out).",
     )
 
     @cached_property

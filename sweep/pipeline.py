@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -162,12 +163,14 @@ def close_stale_run(tracker: Tracker, study: str):
 
 
 def open_worker(cfg: SweepConfig, parent: ParentRun, report: Report) -> Sweep:
-    """A `--jobs` worker's own state: stage 1 only, on the main process's parent run and cache."""
+    """A `--jobs` worker's own state: stage 1 only, on the main process's parent run and cache. The
+    main process has reached both stores, so an outage met here is waited out like any later one."""
     stores, data_settings = cfg.stores, cfg.data
     device = resolve_device(data_settings.device)
-    tracker = Tracker(stores.tracking_uri)
-    storage = make_storage(stores.storage, stores.outage_seconds, close_stale_run(tracker, stores.study))
     ride_out_tracking_outages(stores.outage_seconds)
+    tracker = Tracker(stores.tracking_uri)
+    on_stale = close_stale_run(tracker, stores.study)
+    storage = make_storage(stores.storage, stores.outage_seconds, on_stale, reached=True)
     splits = load_splits(data_settings.data_dir, data_settings.image_size)
     backbone = load_backbone(data_settings.backbone_weights)
     data = prepare_data(data_settings, cfg.stage2.finetune_blocks, device, splits, backbone, progress=False)
@@ -235,20 +238,26 @@ def describe_study(study: optuna.Study, cfg: SweepConfig, stage: str) -> None:
 
 
 def run_stage1(sweep: Sweep) -> tuple[int, list[str]]:
-    """Stage-1 trials to `--trials` finished, here and in `jobs - 1` spawned workers."""
+    """Stage-1 trials to `--trials` finished, here and in `jobs - 1` spawned workers. A worker that
+    stops on an error says why in one `Error:` line, printed here as it arrives; the others (and this
+    process) still reach the target."""
     jobs = sweep.cfg.stage1.jobs
-    workers = []
-    if jobs > 1:
-        # Spawned, not forked: a fresh interpreter gets the frozen config as an object (pickled), and
-        # never inherits this process's open database connections or torch thread pools.
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        context = multiprocessing.get_context("spawn")
-        workers = [
-            context.Process(target=stage1_worker, args=(sweep.cfg, sweep.parent, threads)) for _ in range(1, jobs)
-        ]
-        for worker in workers:
-            worker.start()
-        torch.set_num_threads(max(1, torch.get_num_threads() // jobs))
+    if jobs == 1:
+        return stage1_trials(sweep)
+    # Spawned, not forked: a fresh interpreter gets the frozen config as an object (pickled), and
+    # never inherits this process's open database connections or torch thread pools.
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    errors = context.SimpleQueue()
+    workers = [
+        context.Process(target=stage1_worker, args=(sweep.cfg, sweep.parent, threads, number, errors))
+        for number in range(1, jobs)
+    ]
+    printer = threading.Thread(target=print_worker_errors, args=(errors,), daemon=True)
+    printer.start()
+    for worker in workers:
+        worker.start()
+    torch.set_num_threads(max(1, torch.get_num_threads() // jobs))
     try:
         result = stage1_trials(sweep)
         for worker in workers:
@@ -258,7 +267,14 @@ def run_stage1(sweep: Sweep) -> tuple[int, list[str]]:
             if worker.is_alive():
                 worker.terminate()
                 worker.join()
+        errors.put(None)
+        printer.join()
     return result
+
+
+def print_worker_errors(errors) -> None:
+    for message in iter(errors.get, None):
+        print(f"Error: {message}", file=sys.stderr, flush=True)
 
 
 def stage1_trials(sweep: Sweep) -> tuple[int, list[str]]:
@@ -269,12 +285,21 @@ def stage1_trials(sweep: Sweep) -> tuple[int, list[str]]:
     return run_trials(TrialLoop(sweep.studies, study, objective, cfg.stage1.trials, lock), sweep.report)
 
 
-def stage1_worker(cfg: SweepConfig, parent: ParentRun, threads: int) -> None:
-    """A `--jobs` worker (a spawned process): stage-1 trials only, on the main process's parent run."""
+def stage1_worker(cfg: SweepConfig, parent: ParentRun, threads: int, number: int, errors) -> None:
+    """A `--jobs` worker (a spawned process): stage-1 trials only, on the main process's parent run.
+    An error goes to the main process as one line (`errors`), not as multiprocessing's traceback."""
     quiet_libraries()
     torch.set_num_threads(threads)
-    stage1_trials(open_worker(cfg, parent, (lambda _: None) if cfg.quiet else print))
-    sys.stdout.flush()
+    try:
+        stage1_trials(open_worker(cfg, parent, (lambda _: None) if cfg.quiet else print))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C reached the whole process group: the main process reports the interruption
+    except Exception as exc:  # noqa: BLE001 - whatever stopped the worker, in one line
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        errors.put(f"--jobs worker {number} stopped: {type(exc).__name__}: {first_line}")
+        sys.exit(1)
+    finally:
+        sys.stdout.flush()
 
 
 def run_stage2(sweep: Sweep) -> tuple[int, list[str]]:

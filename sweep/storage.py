@@ -3,18 +3,21 @@ into Optuna's internals; each reach-in is named here and pinned by tests/test_ou
 when Optuna changes what it relies on:
 
 - `OutageTolerantStorage` subclasses RDBStorage and retries the calls listed in DATABASE_CALLS (the
-  test checks every public call of RDBStorage is listed or named as not reaching the database);
-- it overrides `RDBStorage._get_stale_trial_ids` (what `optuna.storages.fail_stale_trials` calls) and
-  queries `optuna.storages._rdb.models.TrialModel` there.
+  test checks every public call of RDBStorage is listed or named as not reaching the database) and
+  the private ones Optuna's per-process cache (`optuna.storages._CachedStorage`, which every study
+  wraps around an RDBStorage) makes instead of public ones, CACHE_CALLS;
+- it overrides `RDBStorage._create_new_trial` (the cache's way to create a trial) to mark the trials
+  this tool creates, and `RDBStorage._get_stale_trial_ids` (what `optuna.storages.fail_stale_trials`
+  calls), querying `optuna.storages._rdb.models` there.
 
-Everything else in the project uses Optuna's public API.
+Optuna's own storage tests run against this class (tests/test_optuna_storage.py). Everything else in
+the project uses Optuna's public API.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from datetime import datetime, timedelta
 from typing import Any
 
 import optuna
@@ -35,6 +38,8 @@ TAKEN_OVER_REASON = (
     "failed as stale by another worker while it still ran: its heartbeat did not reach the database "
     "within the grace period (a database outage, or an overloaded machine)"
 )
+# The system attribute of every trial this tool creates: its worker sends heartbeats (study.optimize).
+BEATS = "sweep:beats"
 
 # RDBStorage's calls that reach the database, retried through an outage.
 DATABASE_CALLS = (
@@ -52,6 +57,9 @@ LOCAL_CALLS = (
     "remove_session", "upgrade", "get_current_version", "get_head_version", "get_all_versions",
     "set_trial_state_values",  # retried by its own override below
 )  # fmt: skip
+# The private calls Optuna's cache makes in place of public ones (set_trial_param, get_all_trials,
+# get_best_trial), retried the same way; _create_new_trial has its own override below.
+CACHE_CALLS = ("_set_trial_param", "_get_trials", "_get_best_trial_id")
 
 
 class OutageTolerantStorage(optuna.storages.RDBStorage):
@@ -61,9 +69,11 @@ class OutageTolerantStorage(optuna.storages.RDBStorage):
     A retried write may have been committed just before the connection broke. For most calls that is
     harmless (they set a value again); `set_trial_state_values` then finds the trial already in the
     state it asked for and counts that as done; `create_new_trial` may leave a second trial that no
-    worker owns, which never gets a heartbeat and so is failed as stale like a killed worker's."""
+    worker owns: it carries the BEATS mark like every trial the sweep creates (`marks_trials`), never
+    gets a heartbeat, and so is failed as stale like a killed worker's."""
 
     outage_seconds: float = 0.0
+    marks_trials: bool = False  # set by sweep.study.make_storage: the sweep's trials all send heartbeats
 
     def ride_out_outages(self, seconds: float) -> None:
         self.outage_seconds = seconds
@@ -75,51 +85,53 @@ class OutageTolerantStorage(optuna.storages.RDBStorage):
     def _what(self) -> str:
         return f"the Optuna storage {mask_url(self.url)}"
 
+    def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
+        if template_trial is None and self.marks_trials:
+            # The mark goes in with the trial, in one transaction: a worker that dies right after
+            # creating it (or a retried create's first, orphaned copy) leaves a marked trial.
+            template_trial = optuna.trial.create_trial(state=TrialState.RUNNING, system_attrs={BEATS: True})
+        return self._retried("_create_new_trial", study_id, template_trial)
+
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
-        attempts = []
+        attempts, rdb = [], super()
 
         def once() -> bool:
             attempts.append(1)
             try:
-                return optuna.storages.RDBStorage.set_trial_state_values(self, trial_id, state, values)
+                return rdb.set_trial_state_values(trial_id, state, values)
             except UpdateFinishedTrialError:
                 # On a retry, the first attempt may have been committed before its connection broke.
-                if len(attempts) > 1 and optuna.storages.RDBStorage.get_trial(self, trial_id).state == state:
+                if len(attempts) > 1 and rdb.get_trial(trial_id).state == state:
                     return True
                 raise
 
         return retrying(once, self._what(), self.outage_seconds, lost_connection)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        """Optuna's stale trials (a heartbeat older than the grace period), and also RUNNING trials
-        that never got a heartbeat and started longer ago than that: their worker died between
-        creating the trial and its first beat (or a retried create made a second one). Optuna skips
-        those, and they would stay RUNNING, counted as in progress, forever."""
+        """Optuna's stale trials (a heartbeat older than the grace period, by the database's clock),
+        which also catches a worker that died between creating its trial and its first beat: a RUNNING
+        trial with the BEATS mark and no heartbeat gets one here, from the first worker that sees it,
+        so Optuna's rule fails it a grace period later unless its own worker beats by then. Trials
+        without the mark (another client's `study.ask()`, which never beats) keep Optuna's contract:
+        they stay RUNNING until their client finishes them."""
 
-        def stale() -> list[int]:
-            found = set(optuna.storages.RDBStorage._get_stale_trial_ids(self, study_id))
-            grace = timedelta(seconds=self.grace_period or 2 * (self.heartbeat_interval or 0))
-            now = datetime.now()  # datetime_start is this clock's (Optuna's client-side now()), not the server's
+        def never_beaten() -> list[int]:
             with orm.sessionmaker(self.engine).begin() as db:
-                running = (
-                    db.query(models.TrialModel)
-                    .options(orm.selectinload(models.TrialModel.heartbeats))
-                    .filter(models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.RUNNING)
-                    .all()
+                query = (
+                    db.query(models.TrialModel.trial_id)
+                    .join(models.TrialSystemAttributeModel)
+                    .filter(
+                        models.TrialModel.study_id == study_id,
+                        models.TrialModel.state == TrialState.RUNNING,
+                        models.TrialSystemAttributeModel.key == BEATS,
+                        ~models.TrialModel.heartbeats.any(),
+                    )
                 )
-                for trial in running:
-                    started = trial.datetime_start
-                    if not trial.heartbeats and started is not None and now - started > grace:
-                        found.add(trial.trial_id)
-            return sorted(found)
+                return [trial_id for (trial_id,) in query.all()]
 
-        stale_ids = retrying(stale, self._what(), self.outage_seconds, lost_connection)
-        for trial_id in stale_ids:  # the reason, while the trial can still take it (Optuna records none)
-            try:
-                self.set_trial_user_attr(trial_id, "error", STALE_REASON)
-            except UpdateFinishedTrialError:
-                pass  # another worker failed it first
-        return stale_ids
+        for trial_id in retrying(never_beaten, self._what(), self.outage_seconds, lost_connection):
+            self.record_heartbeat(trial_id)
+        return self._retried("_get_stale_trial_ids", study_id)
 
 
 def _retry_method(name: str) -> Callable:
@@ -131,7 +143,7 @@ def _retry_method(name: str) -> Callable:
     return method
 
 
-for _name in DATABASE_CALLS:
+for _name in DATABASE_CALLS + CACHE_CALLS:
     setattr(OutageTolerantStorage, _name, _retry_method(_name))
 
 

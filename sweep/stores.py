@@ -131,6 +131,7 @@ def _hint(reason: str) -> str:
 
 def storage_error(url: str, exc: BaseException) -> StorageError:
     """One line that says which storage failed, why (in the driver's words), and what to do."""
+    exc = driver_error(exc)
     cause = getattr(exc, "orig", None) or exc
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()] or [type(cause).__name__]
     reason = re.sub(r"\s+", " ", lines[0].removeprefix("connection failed: "))
@@ -231,7 +232,7 @@ def study_lock(storage: str, study_name: str, outage_seconds: float = 0) -> Stud
     else:
         database = sqlite_path(storage)
         return FileLock(Path(f"{database}.{study_name}.lock") if database else RUNS_DIR / f"{study_name}.lock")
-    return DatabaseLock(storage, *sql, lock_key(storage, study_name), outage_seconds)
+    return DatabaseLock(storage, *sql, study_name, outage_seconds)
 
 
 def lock_key(storage: str, study_name: str) -> int | str:
@@ -249,14 +250,14 @@ class DatabaseLock:
     whether this holder may still rely on it (sweep.study.run_trials re-checks its trial otherwise)."""
 
     def __init__(  # noqa: PLR0913 - the statements and key of one kind of database lock
-        self, storage: str, lock_sql: str, unlock_sql: str, key: int | str, outage_seconds: float
+        self, storage: str, lock_sql: str, unlock_sql: str, name: str, outage_seconds: float
     ) -> None:
         self._storage = storage
         # NullPool: closing the connection really disconnects, so nothing is left holding the lock.
         connect_args = (engine_kwargs(storage) or {}).get("connect_args", {})
         self._engine = create_engine(storage, poolclass=NullPool, connect_args=connect_args)
         self._lock, self._unlock = text(lock_sql), text(unlock_sql)
-        self._key = {"key": key}
+        self._name, self._key = name, {"key": lock_key(storage, name)}
         self._connection = None
         self.outage_seconds = outage_seconds
 
@@ -266,7 +267,7 @@ class DatabaseLock:
         self._connection.execute(self._lock, self._key)
 
     def acquire(self) -> None:
-        what = f"the Optuna storage {mask_url(self._storage)} (study lock)"
+        what = f"the Optuna storage {mask_url(self._storage)} (lock {self._name!r})"
         try:
             retrying(self._lock_once, what, self.outage_seconds, lost_connection)
         except SQLAlchemyError as exc:

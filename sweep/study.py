@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import optuna
+from optuna.exceptions import StorageInternalError
 from optuna.samplers import BaseSampler, PartialFixedSampler, TPESampler
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
@@ -24,7 +25,18 @@ from clothing.data import shown
 from sweep.config import Stage1Settings, Stores, SweepError
 from sweep.ranking import FINETUNE_STAGE, HEAD_STAGE, Ranking, TrialRecord, format_params, rank, trial_name
 from sweep.storage import GRACE_SECONDS, HEARTBEAT_SECONDS, TAKEN_OVER_REASON, OutageTolerantStorage, latest_trials
-from sweep.stores import StorageError, StudyLock, engine_kwargs, holding, not_utf8, storage_error, study_lock
+from sweep.stores import (
+    StorageError,
+    StudyLock,
+    engine_kwargs,
+    holding,
+    lost_connection,
+    mask_url,
+    not_utf8,
+    retrying,
+    storage_error,
+    study_lock,
+)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")  # the storages with heartbeats (RDBStorage)
@@ -77,32 +89,47 @@ class TrialSeededSampler(BaseSampler):
 
 
 def make_storage(
-    url: str, outage_seconds: float = 0, on_stale_trial: StaleTrialCallback | None = None
+    url: str, outage_seconds: float = 0, on_stale_trial: StaleTrialCallback | None = None, *, reached: bool = False
 ) -> optuna.storages.BaseStorage:
     """An Optuna storage with heartbeats, so that a crashed trial does not stay RUNNING forever
     (`on_stale_trial` runs for each one failed that way); from then on its calls wait out a lost
-    connection for `outage_seconds`. Built once per process: every study of a sweep is opened on it. A
-    storage that cannot be opened raises StorageError, which names it (password masked) and the fix."""
+    connection for `outage_seconds`. Built once per process: every study of a sweep is opened on it.
+
+    A first contact (`reached` false: the command line's) fails at once: a storage that cannot be
+    opened raises StorageError, which names it (password masked) and the fix. A process whose sweep
+    has reached the storage already (a `--jobs` worker the main process spawned) waits out an outage
+    here too, as every later call does."""
     if not_utf8(url):
         raise StorageError(f"the Optuna storage {shown(url)} is not valid UTF-8; put it in a folder whose name is")
     database = Stores(storage=url).storage_file
     if database is not None:
         database.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if not url.startswith(RDB_SCHEMES):
+    if not url.startswith(RDB_SCHEMES):
+        try:
             return optuna.storages.get_storage(url)
+        except (SQLAlchemyError, ImportError, ValueError) as exc:
+            raise storage_error(url, exc) from exc
+    budget = outage_seconds if reached else 0
+
+    def opened() -> OutageTolerantStorage:
         # Optuna creates its tables on first use; machines that start together on an empty database
         # would race to create them, so they take turns (a lock that needs no table).
-        with holding(study_lock(url, "optuna-schema")):
-            storage = OutageTolerantStorage(
+        with holding(study_lock(url, "optuna-schema", budget)):
+            return OutageTolerantStorage(
                 url,
                 engine_kwargs=engine_kwargs(url),
                 heartbeat_interval=HEARTBEAT_SECONDS,
                 grace_period=GRACE_SECONDS,
                 heartbeat_stale_trial_callback=on_stale_trial,
             )
-    except (SQLAlchemyError, ImportError, ValueError) as exc:
+
+    try:
+        storage = retrying(opened, f"the Optuna storage {mask_url(url)}", budget, lost_connection)
+    # Optuna wraps an error met mid-session (a connection lost while it checks its tables) in
+    # StorageInternalError; storage_error names the driver's error underneath.
+    except (SQLAlchemyError, StorageInternalError, ImportError, ValueError) as exc:
         raise storage_error(url, exc) from exc
+    storage.marks_trials = True  # every trial of the sweep runs under study.optimize, which beats
     storage.ride_out_outages(outage_seconds)  # reached: from now on a lost connection is waited out
     return storage
 

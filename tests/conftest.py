@@ -132,9 +132,11 @@ def winner_restored(swept):
 
 
 def pytest_collection_modifyitems(items):
-    """The slow tests first (the soak, the longest, at the very front): the two pytest workers then
-    share them from the start, and the short tests fill the end instead of one long tail."""
-    items.sort(key=lambda item: (item.path.name != "test_soak.py", item.get_closest_marker("slow") is None))
+    """The slow tests first (the longest, the soak and Optuna's storage tests, at the very front): the
+    two pytest workers then share them from the start, and the short tests fill the end instead of
+    one long tail."""
+    longest = ("test_soak.py", "test_optuna_storage.py")
+    items.sort(key=lambda item: (item.path.name not in longest, item.get_closest_marker("slow") is None))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -36,6 +36,9 @@ class Mutant:
 
 OBJECTIVE_VALUES = "tests/test_objective.py"
 VIEW = "tests/test_mlflow_view.py"
+NEVER_BEATEN = (
+    "tests/test_outages.py::test_only_the_sweeps_own_trials_are_failed_for_never_beating_and_by_the_databases_clock"
+)
 MUTANTS = (
     Mutant(
         "MLflow val_acc series logged from train_acc",
@@ -166,10 +169,10 @@ MUTANTS = (
     Mutant(
         "the study lock per process instead of in the database (machines overshoot)",
         "sweep/stores.py",
-        "    return DatabaseLock(storage, *sql, lock_key(storage, study_name), outage_seconds)\n",
+        "    return DatabaseLock(storage, *sql, study_name, outage_seconds)\n",
         '    if storage.startswith("postgresql") and study_name != "optuna-schema":\n'
         '        return FileLock(Path(f"/tmp/sweep-mutant-{os.getpid()}.lock"))\n'
-        "    return DatabaseLock(storage, *sql, lock_key(storage, study_name), outage_seconds)\n",
+        "    return DatabaseLock(storage, *sql, study_name, outage_seconds)\n",
         ("tests/test_cluster.py::test_the_study_lock_is_one_lock_for_every_machine_and_dies_with_its_holder",),
     ),
     Mutant(
@@ -233,11 +236,40 @@ MUTANTS = (
         ("tests/test_predict_files.py::test_batches_engines_and_mirror_views_change_no_label",),
     ),
     Mutant(
-        "a RUNNING trial that never got a heartbeat stays RUNNING forever",
+        "a RUNNING trial of the sweep's that never got a heartbeat stays RUNNING forever",
         "sweep/storage.py",
-        "if not trial.heartbeats and started is not None and now - started > grace:",
-        "if False:",
-        ("tests/test_outages.py::test_a_trial_that_never_got_a_heartbeat_is_failed_as_stale_with_the_reason",),
+        "            self.record_heartbeat(trial_id)\n",
+        "            pass\n",
+        (NEVER_BEATEN,),
+    ),
+    Mutant(
+        "another client's study.ask() trial failed as stale for never beating",
+        "sweep/storage.py",
+        "                    .join(models.TrialSystemAttributeModel)\n"
+        "                    .filter(\n"
+        "                        models.TrialModel.study_id == study_id,\n"
+        "                        models.TrialModel.state == TrialState.RUNNING,\n"
+        "                        models.TrialSystemAttributeModel.key == BEATS,\n",
+        "                    .filter(\n"
+        "                        models.TrialModel.study_id == study_id,\n"
+        "                        models.TrialModel.state == TrialState.RUNNING,\n",
+        (NEVER_BEATEN,),
+    ),
+    Mutant(
+        "a --jobs worker's first call fails at once in an outage",
+        "sweep/study.py",
+        "    budget = outage_seconds if reached else 0\n",
+        "    budget = 0\n",
+        ("tests/test_cluster.py::test_jobs_workers_that_start_while_postgresql_is_down_wait_it_out",),
+    ),
+    Mutant(
+        "a --jobs worker's error left to multiprocessing's traceback",
+        "sweep/pipeline.py",
+        "    except Exception as exc:  # noqa: BLE001 - whatever stopped the worker, in one line\n",
+        "    except ZeroDivisionError as exc:\n",
+        (
+            "tests/test_study.py::test_a_jobs_worker_that_stops_on_an_error_says_why_in_one_line_and_the_main_process_finishes",
+        ),
     ),
     Mutant(
         "a trial created without the lock counts only finished trials, not running ones",

@@ -21,7 +21,8 @@ OTHER_TOOLS_OPTIONS = {
     "--app-name", "--host", "--port", "--backend-store-uri", "--artifacts-destination",  # mlflow server / ui
     "--env-manager",  # mlflow models serve
     "--auth", "--pwfile",  # initdb
-    "--hypothesis-profile",  # pytest with Hypothesis
+    "--hypothesis-profile", "--dist",  # pytest with Hypothesis, pytest-xdist
+    "--no-deps", "--no-binary",  # pip download
 }  # fmt: skip
 GROUPS = {"sweep": cli, "clothing": clothing_cli}
 BENCH_COMMANDS = (bench_main, accuracy_main)

@@ -1,5 +1,6 @@
 """Riding out outages: the retry budget, heartbeat-less trials, and the count when the lock was lost."""
 
+import inspect
 import threading
 import time
 from datetime import datetime, timedelta
@@ -14,8 +15,17 @@ from sweep_helpers import assert_one_error, run_options, sweep
 
 from bench.servers import postgres_cluster
 from sweep import storage as storage_module
-from sweep.storage import DATABASE_CALLS, LOCAL_CALLS, STALE_REASON, OutageTolerantStorage
-from sweep.stores import FileLock, StoreOutage, http_retries_for, lost_connection, outage_reason, retrying, study_lock
+from sweep.storage import BEATS, CACHE_CALLS, DATABASE_CALLS, LOCAL_CALLS, OutageTolerantStorage
+from sweep.stores import (
+    FileLock,
+    StoreOutage,
+    http_retries_for,
+    lost_connection,
+    outage_reason,
+    retrying,
+    storage_error,
+    study_lock,
+)
 from sweep.study import Studies, SurplusTrial, TrialLoop
 
 
@@ -59,6 +69,10 @@ def test_a_lost_connection_under_optunas_wrapping_is_still_a_lost_connection():
     mistake = StorageInternalError("An exception is raised during the commit.")
     mistake.__cause__ = ProgrammingError("SELECT nope", {}, Exception("syntax error"))
     assert not lost_connection(mistake)
+    # At start-up nothing is waited out; the one line names the driver's reason, not Optuna's wrapper.
+    message = str(storage_error("postgresql://sweep:pw-Secret@db/optuna", wrapped))
+    assert message.startswith("cannot open the Optuna storage postgresql://sweep:***@db/optuna: server closed")
+    assert "invalid data" not in message and "pw-Secret" not in message
 
 
 @pytest.mark.slow  # a PostgreSQL cluster of its own
@@ -107,21 +121,32 @@ def sqlite_storage(tmp_path, grace=2) -> OutageTolerantStorage:
     return OutageTolerantStorage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1, grace_period=grace)
 
 
-def test_a_trial_that_never_got_a_heartbeat_is_failed_as_stale_with_the_reason(tmp_path):
+def test_only_the_sweeps_own_trials_are_failed_for_never_beating_and_by_the_databases_clock(tmp_path):
     """A worker killed between creating its trial and its first heartbeat leaves a RUNNING trial that
-    Optuna's own stale check skips forever."""
+    Optuna's own stale check skips forever; a trial another client made with `study.ask()` (no
+    heartbeats, by Optuna's contract) must stay RUNNING all the same."""
     storage = sqlite_storage(tmp_path)
+    storage.marks_trials = True  # as sweep.study.make_storage sets it
     study = optuna.create_study(study_name="s", storage=storage)
-    orphan = study.ask()  # created, never beaten for, owner gone
-    study.ask()  # another trial, started just now: not stale
-    with storage.engine.begin() as connection:  # the orphan started long ago; `young` just now
+    orphan = study.ask()  # the sweep's trial: created, never beaten for, owner gone
+    notebook = optuna.load_study(study_name="s", storage=optuna.storages.RDBStorage(storage.url)).ask()
+    with storage.engine.begin() as connection:  # this machine's clock says it started an hour ago
         connection.exec_driver_sql(
             "UPDATE trials SET datetime_start = ? WHERE trial_id = ?",
-            (datetime.now() - timedelta(seconds=30), orphan._trial_id),
+            (datetime.now() - timedelta(hours=1), orphan._trial_id),
         )
+
+    def states() -> dict:
+        return {t.number: (t.state, t.user_attrs) for t in study.get_trials()}
+
+    optuna.storages.fail_stale_trials(study)  # first seen: the database's clock starts now
+    assert states() == {0: (TrialState.RUNNING, {}), 1: (TrialState.RUNNING, {})}
+    time.sleep(storage.grace_period + 1)
     optuna.storages.fail_stale_trials(study)
-    states = {t.number: (t.state, t.user_attrs.get("error")) for t in study.get_trials()}
-    assert states == {0: (TrialState.FAIL, STALE_REASON), 1: (TrialState.RUNNING, None)}
+    # Optuna records no reason on the trial (a retry callback would copy it onto the retried trial);
+    # the MLflow run and the terminal say why (sweep.pipeline).
+    assert states() == {0: (TrialState.FAIL, {}), 1: (TrialState.RUNNING, {})}
+    assert notebook.number == 1 and BEATS not in study.get_trials()[1].system_attrs
 
 
 def test_a_trial_created_without_the_lock_steps_aside_when_others_reached_the_target(tmp_path):
@@ -142,16 +167,26 @@ def test_a_trial_created_without_the_lock_steps_aside_when_others_reached_the_ta
 
 def test_every_reach_into_optuna_is_still_there_and_every_database_call_is_retried():
     """sweep.storage is the one module that relies on Optuna's internals; this fails when an Optuna
-    upgrade changes one of them (the behaviour they give is tested above and in test_study)."""
-    rdb = optuna.storages.RDBStorage
+    upgrade changes one of them (the behaviour they give is tested above, in test_study and by
+    Optuna's own storage tests in test_optuna_storage)."""
+    rdb, cache = optuna.storages.RDBStorage, optuna.storages._CachedStorage  # noqa: SLF001
     public = {name for name in dir(rdb) if not name.startswith("_") and callable(getattr(rdb, name))}
     assert public == set(DATABASE_CALLS) | set(LOCAL_CALLS), "a call of RDBStorage is neither retried nor named"
-    assert all(getattr(OutageTolerantStorage, name) is not getattr(rdb, name) for name in DATABASE_CALLS)
-    # The stale check fail_stale_trials runs, which OutageTolerantStorage extends, and the model it queries.
-    assert callable(rdb._get_stale_trial_ids)  # noqa: SLF001
+    retried = (*DATABASE_CALLS, *CACHE_CALLS, "_create_new_trial", "_get_stale_trial_ids")
+    assert all(getattr(OutageTolerantStorage, name) is not getattr(rdb, name) for name in retried)
+    # The private calls the cache makes on its backend are the ones retried, and nothing else.
+    called = set()
+    for method in vars(cache).values():
+        names = getattr(getattr(method, "__code__", None), "co_names", ())
+        called |= {name for name in names if name.startswith("_") and callable(getattr(rdb, name, None))}
+    called -= {name for name in called if name.startswith("__")}
+    assert called == {*CACHE_CALLS, "_create_new_trial", "_get_stale_trial_ids"}
+    assert list(inspect.signature(rdb._create_new_trial).parameters) == ["self", "study_id", "template_trial"]  # noqa: SLF001
+    # The stale check fail_stale_trials runs, which OutageTolerantStorage extends, and the models it queries.
     assert "_get_stale_trial_ids" in optuna.storages.fail_stale_trials.__wrapped__.__code__.co_names
-    model = storage_module.models.TrialModel
-    assert {"trial_id", "study_id", "state", "datetime_start", "heartbeats"} <= set(vars(model))
+    models = storage_module.models
+    assert {"trial_id", "study_id", "state", "heartbeats"} <= set(vars(models.TrialModel))
+    assert {"trial_id", "key"} <= set(vars(models.TrialSystemAttributeModel))
 
 
 @pytest.mark.slow  # a PostgreSQL cluster of its own

@@ -14,7 +14,7 @@ from sweep_helpers import load_study, mlflow_runs, output_of, run_options, sweep
 
 import sweep.objective as objective_module
 from bench.servers import mlflow_server as start_mlflow_server
-from bench.servers import wait_for
+from bench.servers import spawned_workers, wait_for
 from sweep.storage import STALE_REASON, TAKEN_OVER_REASON
 from sweep.tracking import ParentRun, Tracker
 
@@ -165,11 +165,10 @@ def test_a_trial_that_fails_before_its_run_exists_still_says_why(stores, data_di
 
 
 def fail_as_another_worker_would(stores, number, study="clothing"):
-    """What another worker's stale check does to a trial whose heartbeat it has not seen in time: the
-    reason, then FAIL, through that worker's own connection to the study."""
+    """What another worker's stale check does to a trial whose heartbeat it has not seen in time: FAIL,
+    through that worker's own connection to the study."""
     other = optuna.storages.RDBStorage(stores["--storage"])
     trial_id = other.get_trial_id_from_study_id_trial_number(other.get_study_id_from_name(study), number)
-    other.set_trial_user_attr(trial_id, "error", STALE_REASON)
     other.set_trial_state_values(trial_id, TrialState.FAIL)
 
 
@@ -225,6 +224,30 @@ def test_a_failed_trials_run_left_running_is_closed_by_the_next_sweep(stores, da
     assert run.info.status == "FAILED" and run.data.tags["sweep.error"] == STALE_REASON
     _, runs = mlflow_runs(stores)
     assert "RUNNING" not in {r.info.status for r in runs}
+
+
+def test_a_jobs_worker_that_stops_on_an_error_says_why_in_one_line_and_the_main_process_finishes(
+    stores, data_dir, tiny_weights, tmp_path
+):
+    """A `--jobs` worker whose backbone file vanished after the main process loaded it: the worker's
+    error reaches the terminal as one `Error:` line from the main process (no multiprocessing
+    traceback), and the main process still runs the study to its target."""
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(tiny_weights.read_bytes())
+    command = sweep_argv("run", *run_options(data_dir, weights, 4, 2), "--pruner", "none", "--jobs", "2", stores=stores)
+    main = subprocess.Popen(command, env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The main process has loaded the backbone before it spawns its workers; they load it seconds
+    # later, after their imports.
+    wait_for(lambda: spawned_workers(main.pid), what="the main process spawning its workers")
+    weights.unlink()
+    _, stderr = main.communicate(timeout=600)
+    assert main.returncode == 0, stderr
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: --jobs worker 1 stopped: BackboneError: backbone weights file {weights} does not exist; "
+                      "pass a MobileNetV2 state_dict (CLOTHING_BACKBONE_WEIGHTS) or IMAGENET1K_V1 to download "
+                      "torchvision's"], stderr  # fmt: skip
+    assert sorted(t.state.name for t in load_study(stores).trials) == ["COMPLETE"] * 4
 
 
 @pytest.fixture
