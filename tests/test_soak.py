@@ -19,7 +19,7 @@ def test_workers_ride_out_kills_a_database_restart_and_a_tracking_outage(tmp_pat
     with postgres_cluster(PG_PASSWORD) as pg:
         log = run_soak(tmp_path / "soak", pg, data, tiny_weights, plan)  # checks the record itself
     assert (log.killed, log.double_kills, log.pg_restarts, log.outages) == (4, 1, 1, 1)
-    assert log.workers_started_into_outage == 1, log.events  # the restart met a worker's start-up
+    assert log.workers_started_into_outage >= 1, log.events  # the restart met a worker's start-up
     # Only two ways out: the target reached (0), or, for a worker started while a store was down, the
     # start-up check's one line (1): at start-up nothing is waited for. Never a traceback.
     assert set(log.exits) <= {0, 1}, log.exits
