@@ -252,7 +252,9 @@ def run_soak(root: Path, pg: Postgres, data_dir: Path, weights: Path, plan: Soak
             **server.credentials(),
             "OPTUNA_STORAGE": pg.url(database),  # as users set it: the password comes from PGPASSWORD
             "MLFLOW_TRACKING_URI": server.uri,
-            "SWEEP_HEARTBEAT_SECONDS": "2",  # a killed worker's trial is failed within seconds
+            # A killed worker's trial is failed within 20 s (the grace period, 4 beats); a live one outlasts
+            # the database's downtime at a worker start-up (up to 15 s seen) without being taken over.
+            "SWEEP_HEARTBEAT_SECONDS": "5",
             "OMP_NUM_THREADS": "1",  # many processes on few cores
         }
         command = worker_command(plan, data_dir, weights, root / "cache")
@@ -292,7 +294,7 @@ def run_soak(root: Path, pg: Postgres, data_dir: Path, weights: Path, plan: Soak
         progress(f"all workers done: {log.starts} started, exits {dict(log.exits)}")
         stop.set()
         # The sweeper: one last run, once a killed worker's trial is stale, fails what is left RUNNING.
-        time.sleep(10)
+        time.sleep(25)  # past the grace period (20 s) since the last kill's last beat
         last = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         log.exits[last.returncode] += 1
         log.stderr.append(last.stderr)
