@@ -49,8 +49,19 @@ class PostgresMissing(RuntimeError):
 
 def spawned_workers(pid: int) -> list[psutil.Process]:
     """The `--jobs` workers process `pid` has spawned so far (not any other child, such as a `uname`
-    a library runs while it starts)."""
-    return [c for c in psutil.Process(pid).children() if "spawn_main" in " ".join(c.cmdline())]
+    a library runs while it starts); none once `pid` has ended."""
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    workers = []
+    for child in children:
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                workers.append(child)
+        except psutil.NoSuchProcess:
+            pass  # it ended between the listing and the look (a short-lived `uname`)
+    return workers
 
 
 def postgres_bin() -> Path:

@@ -9,6 +9,7 @@ tracking and storage calls (bench.soak_worker).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -87,11 +88,9 @@ class Worker:
     def kill(self) -> None:
         """The machine dies: its process and the --jobs workers it spawned."""
         self.killed = True
-        try:
-            for worker in spawned_workers(self.process.pid):
+        for worker in spawned_workers(self.process.pid):
+            with contextlib.suppress(psutil.NoSuchProcess):  # it had just ended
                 worker.kill()
-        except psutil.NoSuchProcess:
-            pass  # one had just ended
         self.process.kill()
 
     def finish(self) -> str:
@@ -213,10 +212,7 @@ def restart_postgres(pg: Postgres, supervisor: Supervisor, plan: SoakPlan, log: 
     newest = supervisor.workers[-1]
 
     def spawned() -> bool:
-        try:
-            return newest.process.poll() is not None or bool(spawned_workers(newest.process.pid))
-        except psutil.NoSuchProcess:
-            return True
+        return newest.process.poll() is not None or bool(spawned_workers(newest.process.pid))
 
     def workers_wait() -> bool:
         supervisor.supervise()

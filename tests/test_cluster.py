@@ -24,6 +24,7 @@ from sweep_helpers import PLAIN, assert_one_error, data_args
 
 from bench.images import make_split
 from bench.servers import free_port, mlflow_server, postgres_cluster, spawned_workers, wait_for
+from bench.soak import WORKER_WAITS
 from sweep.cli import cli
 from sweep.stores import study_lock
 
@@ -337,7 +338,7 @@ def test_jobs_workers_that_start_while_postgresql_is_down_wait_it_out(
     def workers_waiting() -> int:
         """Workers that met the outage in their first call (the lock on Optuna's tables, seconds after
         their spawn: imports come first) and said so."""
-        return sum("(lock 'optuna-schema') unreachable" in line for line in lines)
+        return sum(WORKER_WAITS in line for line in lines)
 
     def workers_wait() -> bool:
         stopped = any(line.startswith(("Error", "Traceback")) for line in lines)
