@@ -223,7 +223,7 @@ def restart_postgres(pg: Postgres, supervisor: Supervisor, plan: SoakPlan, log: 
     wait_for(spawned, what="a machine spawning its workers")
     started = time.monotonic()
     with pg.stopped():
-        wait_for(workers_wait, what="the machine's workers meeting the outage")
+        wait_for(workers_wait, what=f"the machine's workers meeting the outage (its stderr: {newest.log})")
     log.workers_started_into_outage = newest.log.read_text(errors="replace").count(WORKER_WAITS)
     return f"PostgreSQL down {time.monotonic() - started:.0f} s as a machine spawned its --jobs workers"
 

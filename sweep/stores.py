@@ -30,7 +30,14 @@ from typing import Protocol, TypeVar
 from optuna.exceptions import StorageInternalError
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InterfaceError,
+    OperationalError,
+    PendingRollbackError,
+    SQLAlchemyError,
+)
 from sqlalchemy.pool import NullPool
 
 RUNS_DIR = Path("mlruns")  # every piece of run state lives here by default: stores, artifacts, feature cache
@@ -150,9 +157,13 @@ def _password_of(url: str) -> str | None:
 
 def driver_error(exc: BaseException) -> BaseException:
     """The error underneath Optuna's: RDBStorage wraps every SQLAlchemy error of a session (a refused
-    connect included) in StorageInternalError, whose message blames invalid data."""
+    connect included) in StorageInternalError, whose message blames invalid data. Its trial read
+    answers an OperationalError by trying a slower query on the same session, which then fails with
+    PendingRollbackError: the error it was handling (a lost connection, say) is the one that counts."""
     if isinstance(exc, StorageInternalError) and exc.__cause__ is not None:
-        return exc.__cause__
+        return driver_error(exc.__cause__)
+    if isinstance(exc, PendingRollbackError) and exc.__context__ is not None:
+        return driver_error(exc.__context__)
     return exc
 
 

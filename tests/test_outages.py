@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 import optuna
 import psycopg
 import pytest
+import sqlalchemy
 from optuna.exceptions import StorageInternalError
 from optuna.trial import TrialState
 from sqlalchemy.exc import OperationalError, ProgrammingError
@@ -95,6 +96,35 @@ def test_a_heartbeat_waits_out_a_stopped_database_instead_of_dying(tmp_path):
         beating.join(60)
         assert not beating.is_alive() and beats == [None]  # the beat landed once the database was back
         assert storage.get_trial(trial_id).state == TrialState.RUNNING
+
+
+@pytest.mark.slow  # a PostgreSQL cluster of its own
+def test_a_connection_dropped_while_optuna_reads_trials_is_waited_out(tmp_path, capsys):
+    """Optuna's trial read answers an OperationalError by trying a slower query on the same session,
+    which then fails with PendingRollbackError: under it is still the lost connection (seen in the
+    soak as a worker stopping with a traceback when PostgreSQL went down mid-read)."""
+    password = "outage-Secret-6"
+    with postgres_cluster(password) as pg:
+        storage = OutageTolerantStorage(pg.url(pg.create_database("optuna"), password=password))
+        storage.ride_out_outages(30)
+        study = optuna.create_study(study_name="s", storage=storage)
+        study.enqueue_trial({"x": 1.0})  # a trial with system attributes: the read that loads them
+        dropped = []
+
+        def drop_the_connection(connection, cursor, statement, *args) -> None:
+            if "FROM trial_system_attributes" in statement and not dropped:
+                backend = connection.connection.dbapi_connection.info.backend_pid
+                login = {"host": pg.host, "port": pg.port, "user": pg.user, "password": password}
+                with psycopg.connect(**login, dbname="postgres", autocommit=True) as admin:
+                    dropped.extend(admin.execute("SELECT pg_terminate_backend(%s, 5000)", (backend,)).fetchall())
+
+        sqlalchemy.event.listen(storage.engine, "before_cursor_execute", drop_the_connection)
+        trials = storage.get_all_trials(study._study_id)
+    assert dropped == [(True,)]  # the read really lost its connection ...
+    assert [t.system_attrs["fixed_params"] for t in trials] == [{"x": 1.0}]  # ... and was retried
+    err = capsys.readouterr().err
+    assert "unreachable (terminating connection due to administrator command)" in err
+    assert "reachable again" in err
 
 
 def test_an_outage_longer_than_the_budget_fails_naming_the_store_and_a_zero_budget_fails_at_once():
