@@ -26,7 +26,7 @@ from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import orm
 
-from sweep.stores import lost_connection, mask_url, retrying
+from sweep.stores import MAX_BACKOFF_SECONDS, lost_connection_to, mask_url, retrying, seconds_since_outage
 
 # A trial whose process died stops sending heartbeats; after the grace period the next worker to
 # look marks it FAIL (and the stale callback closes its MLflow run). Short enough that a resume right
@@ -80,7 +80,7 @@ class OutageTolerantStorage(optuna.storages.RDBStorage):
 
     def _retried(self, name: str, *args: Any, **kwargs: Any) -> Any:
         call = getattr(super(), name)
-        return retrying(lambda: call(*args, **kwargs), self._what(), self.outage_seconds, lost_connection)
+        return retrying(lambda: call(*args, **kwargs), self._what(), self.outage_seconds, lost_connection_to(self.url))
 
     def _what(self) -> str:
         return f"the Optuna storage {mask_url(self.url)}"
@@ -105,7 +105,7 @@ class OutageTolerantStorage(optuna.storages.RDBStorage):
                     return True
                 raise
 
-        return retrying(once, self._what(), self.outage_seconds, lost_connection)
+        return retrying(once, self._what(), self.outage_seconds, lost_connection_to(self.url))
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         """Optuna's stale trials (a heartbeat older than the grace period, by the database's clock),
@@ -113,7 +113,14 @@ class OutageTolerantStorage(optuna.storages.RDBStorage):
         trial with the BEATS mark and no heartbeat gets one here, from the first worker that sees it,
         so Optuna's rule fails it a grace period later unless its own worker beats by then. Trials
         without the mark (another client's `study.ask()`, which never beats) keep Optuna's contract:
-        they stay RUNNING until their client finishes them."""
+        they stay RUNNING until their client finishes them.
+
+        Right after this process saw the database down, none: every worker's heartbeats stopped with
+        it, and a live worker's next beat may still be waiting out its retry's backoff. Trials are
+        judged again once a grace period has passed since the beats could land."""
+        grace = self.grace_period or 2 * (self.heartbeat_interval or 0)  # Optuna's default grace
+        if seconds_since_outage(self.url) < MAX_BACKOFF_SECONDS + grace:
+            return []
 
         def never_beaten() -> list[int]:
             with orm.sessionmaker(self.engine).begin() as db:
@@ -129,7 +136,7 @@ class OutageTolerantStorage(optuna.storages.RDBStorage):
                 )
                 return [trial_id for (trial_id,) in query.all()]
 
-        for trial_id in retrying(never_beaten, self._what(), self.outage_seconds, lost_connection):
+        for trial_id in retrying(never_beaten, self._what(), self.outage_seconds, lost_connection_to(self.url)):
             self.record_heartbeat(trial_id)
         return self._retried("_get_stale_trial_ids", study_id)
 

@@ -176,6 +176,28 @@ def lost_connection(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError | InterfaceError)
 
 
+# When this process last saw each database (by URL) unreachable: a stale check right after an outage
+# would take the trials of live workers whose heartbeats are still on their way back.
+_last_seen_down: dict[str, float] = {}
+
+
+def lost_connection_to(url: str) -> Callable[[BaseException], bool]:
+    """lost_connection, noting the time when it is one (seconds_since_outage)."""
+
+    def lost(exc: BaseException) -> bool:
+        if lost_connection(exc):
+            _last_seen_down[url] = time.monotonic()
+            return True
+        return False
+
+    return lost
+
+
+def seconds_since_outage(url: str) -> float:
+    """Seconds since this process last saw the database at `url` unreachable (inf: never)."""
+    return time.monotonic() - _last_seen_down.get(url, -math.inf)
+
+
 def outage_reason(exc: BaseException) -> str:
     """The driver's own first line ("connection refused", "the database system is shutting down")."""
     exc = driver_error(exc)
@@ -280,7 +302,7 @@ class DatabaseLock:
     def acquire(self) -> None:
         what = f"the Optuna storage {mask_url(self._storage)} (lock {self._name!r})"
         try:
-            retrying(self._lock_once, what, self.outage_seconds, lost_connection)
+            retrying(self._lock_once, what, self.outage_seconds, lost_connection_to(self._storage))
         except SQLAlchemyError as exc:
             self.release()
             raise storage_error(self._storage, exc) from exc

@@ -30,7 +30,7 @@ from sweep.stores import (
     StudyLock,
     engine_kwargs,
     holding,
-    lost_connection,
+    lost_connection_to,
     mask_url,
     not_utf8,
     retrying,
@@ -124,7 +124,7 @@ def make_storage(
             )
 
     try:
-        storage = retrying(opened, f"the Optuna storage {mask_url(url)}", budget, lost_connection)
+        storage = retrying(opened, f"the Optuna storage {mask_url(url)}", budget, lost_connection_to(url))
     # Optuna wraps an error met mid-session (a connection lost while it checks its tables) in
     # StorageInternalError; storage_error names the driver's error underneath.
     except (SQLAlchemyError, StorageInternalError, ImportError, ValueError) as exc:

@@ -18,6 +18,7 @@ from bench.servers import postgres_cluster
 from sweep import storage as storage_module
 from sweep.storage import BEATS, CACHE_CALLS, DATABASE_CALLS, LOCAL_CALLS, OutageTolerantStorage
 from sweep.stores import (
+    MAX_BACKOFF_SECONDS,
     FileLock,
     StoreOutage,
     http_retries_for,
@@ -96,6 +97,32 @@ def test_a_heartbeat_waits_out_a_stopped_database_instead_of_dying(tmp_path):
         beating.join(60)
         assert not beating.is_alive() and beats == [None]  # the beat landed once the database was back
         assert storage.get_trial(trial_id).state == TrialState.RUNNING
+
+
+@pytest.mark.slow  # a PostgreSQL cluster of its own
+def test_right_after_an_outage_no_trial_is_judged_stale_until_live_beats_can_land(tmp_path):
+    """A database down for longer than the grace period stops every worker's heartbeats; a worker
+    whose first stale check came right after would fail the trials of live workers whose next beat
+    is still waiting out its retry's backoff (seen in test_cluster: a live trial taken over)."""
+    password = "outage-Secret-7"
+    with postgres_cluster(password) as pg:
+        storage = OutageTolerantStorage(
+            pg.url(pg.create_database("optuna"), password=password), heartbeat_interval=1, grace_period=2
+        )
+        storage.ride_out_outages(60)
+        study = optuna.create_study(study_name="s", storage=storage)
+        trial_id = study.ask()._trial_id
+        storage.record_heartbeat(trial_id)  # its worker beat once, and then (as it turns out) died
+        with pg.stopped():
+            reading = threading.Thread(target=lambda: storage.get_all_trials(study._study_id))
+            reading.start()  # this worker meets the outage, and waits it out
+            time.sleep(storage.grace_period + 1)
+        reading.join(60)
+        optuna.storages.fail_stale_trials(study)  # the beat is older than the grace period, but ...
+        assert storage.get_trial(trial_id).state == TrialState.RUNNING  # ... the database just came back
+        time.sleep(MAX_BACKOFF_SECONDS + storage.grace_period)  # every live worker has beaten by now
+        optuna.storages.fail_stale_trials(study)
+        assert storage.get_trial(trial_id).state == TrialState.FAIL
 
 
 @pytest.mark.slow  # a PostgreSQL cluster of its own
