@@ -1,28 +1,27 @@
-"""`python -m bench.accuracy` (`make bench-accuracy`): each recipe's accuracy on images no trial saw.
+"""`python -m bench.accuracy` (`make bench-accuracy`): each recipe's accuracy on images no trial saw,
+and every recipe compared with the default image by image.
 
-The validation split picks the winner, so its val_acc flatters it. Every recipe here runs once per
-seed with a stratified 10 % of train/ held out (a sweep file's `holdout: 0.1` and `holdout_seed: S`,
-seeds 0, 1, 2; sweep.data.holdout_rows), and the table gives, per recipe: the winner's val_acc, the
-winner's accuracy on the held-out images (mean ± std over the seeds) under the plain sweep's band
-(0.02) and the recipe's (0.01), and for the trial with the best val_acc (does the gap rule pick models
-that generalise better?), and the mean time of a warm run (stage 1 or stage 2).
+The validation split picks the winner, so its val_acc flatters it. Here every recipe runs once per
+fold of one stratified 5-fold split of train/ (a sweep file's `holdout_fold: F`; sweep.data.fold_rows
+deals the same folds to every recipe), and what `best` would ship from each run (the winner under the
+recipe's own rule) predicts the fold that run never saw. So each recipe predicts every training
+image once, 3,068 predictions, and two recipes are compared on the same images: the table gives each
+recipe's accuracy with a 95 % bootstrap interval over images, and its difference to the default with
+a paired one (the same resampled images for both), marked real when it excludes zero. The intervals
+hold the trained models fixed: they say how well these images pin the difference down, not how a
+retrained model would land.
 
-Every recipe is the defaults (`make sweep`) with some options changed. Its stage 1 (views and image
-size as given) runs once per seed; its stage 2 then starts from a copy of those stores, so recipes
-that share a stage 1 differ only in what they add. One feature cache serves all: it holds every
-training image.
-Results go to results.jsonl in the work folder, one line per (recipe, seed), so a run can be resumed
-(`--work-dir` again) and the table printed from whatever is done.
+Every recipe is the defaults (`make sweep`) with some options changed. Its stage 1 runs once per fold
+(shared by every recipe at the same image size), its stage 2 on a copy of those stores, so recipes
+that share a stage 1 differ only in what they add. One feature cache, of all of train/, serves every
+fold. Results go to results.jsonl in the work folder, one line per (recipe, fold) with its held-out
+predictions, so a run resumes (`--work-dir` again) and the table prints from whatever is done.
 
-Needs CLOTHING_DATA_DIR and CLOTHING_BACKBONE_WEIGHTS. Every recipe at one --views is about 80
-minutes on a 2-core CPU (a 3-block stage 2 about 2 minutes a seed); --recipe picks some. The cold
-time of a recipe, as a user waits for it, is measured with `--cold RECIPE` (a fresh cache and
-stores, all of train/, `sweep run` then `best --export`), together with A, the course notebook's
-one pass over the images on the same machine.
-
-`make bench-accuracy` (`--views 2 --front PNG`) is the front of held-out accuracy against cold time
-(bench.front): it runs the held-out seeds and the cold time of each of FRONT_RECIPES that its work
-folder lacks, then prints the table, marks the front and the default the rule picks, and draws it.
+Needs CLOTHING_DATA_DIR and CLOTHING_BACKBONE_WEIGHTS. On a 2-core CPU a recipe's five folds take
+about 20 minutes (stage 1 once per fold and image size, 6 minutes more). `--front PNG` (`make
+bench-accuracy`) also times each recipe cold, as a user waits for it (a fresh cache and stores, all
+of train/, `sweep run` then `best --export`), with A, the course notebook's one pass over the images
+on the same machine, then prints the front of accuracy against cold time and draws it (bench.front).
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 
 from bench import cpu_flags
 from bench.front import Point, default_recipe, draw_front, front
@@ -46,40 +46,29 @@ from clothing.data import ClothingDataset, build_transforms
 from clothing.extract import ExtractionOptions
 from clothing.features import FeatureSet, cached_features
 from clothing.model import finetune_cut, load_backbone
-from clothing.predict import mirror_tta
 from clothing.scoring import cached_logits, model_from_checkpoint
-from sweep.config import Stores, SweepConfig
-from sweep.data import holdout_rows
+from sweep.config import HOLDOUT_FOLDS, Stores, SweepConfig
+from sweep.data import fold_rows
 from sweep.pipeline import quiet_libraries
-from sweep.ranking import select_winner
 from sweep.study import read_studies
 from sweep.tracking import Tracker
 
-HOLDOUT_FRACTION, HOLDOUT_SEEDS = 0.1, (0, 1, 2)  # 10 % of train/ held out, three draws
 RECIPE = SweepConfig()  # the defaults: what every recipe changes
+FOLDS = tuple(range(1, HOLDOUT_FOLDS + 1))
+DEFAULT = "the recipe (make sweep)"
 
 # Every recipe is the defaults (the recommended recipe: `make sweep`) with the options it lists.
-TOLERANCES = (0.02, 0.01)  # the plain sweep's band, and the recipe's
 STAGE1_ONLY = ("--finetune-blocks", "0")
 RECIPES = {
     "stage 1 only": STAGE1_ONLY,
-    "stage 1 only at 288 px": (*STAGE1_ONLY, "--image-size", "288"),
+    DEFAULT: (),
     "the recipe at 224 px": ("--image-size", "224"),
-    "the recipe (make sweep)": (),
     "the recipe at 288 px": ("--image-size", "288"),
     "the recipe, patience 2": ("--finetune-patience", "2"),
     "the recipe, 6 fixed epochs": ("--finetune-patience", "0"),
-    "1 block, lr 3e-5, 10 epochs": ("--finetune-blocks", "1", "--finetune-lr", "3e-5", "--finetune-epochs", "10"),
-    "3 blocks, lr 3e-5, 10 epochs": ("--finetune-lr", "3e-5", "--finetune-epochs", "10"),
 }
-# What `make bench-accuracy` (`--front`) runs and draws: the recipes of the front.
-FRONT_RECIPES = (
-    "stage 1 only",
-    "stage 1 only at 288 px",
-    "the recipe at 224 px",
-    "the recipe (make sweep)",
-    "the recipe at 288 px",
-)
+# What `make bench-accuracy` (`--front`) runs and draws unless --recipe names others.
+FRONT_RECIPES = ("stage 1 only", DEFAULT, "the recipe, patience 2", "the recipe, 6 fixed epochs")
 
 
 def stores_in(folder: Path, cache: Path) -> list[str]:
@@ -90,14 +79,14 @@ def stores_in(folder: Path, cache: Path) -> list[str]:
     ]
 
 
-def run_sweep(folder: Path, cache: Path, options: tuple[str, ...], holdout_seed: int | None = None) -> float:
-    """One `sweep run` in its own process, as a user runs it (with the held-out part of `holdout_seed`,
-    a sweep file's setting); returns its wall time."""
+def run_sweep(folder: Path, cache: Path, options: tuple[str, ...], fold: int | None = None) -> float:
+    """One `sweep run` in its own process, as a user runs it (with `fold` of train/ held out, a sweep
+    file's setting); returns its wall time."""
     command = [sys.executable, "-m", "sweep", "run", "--quiet"]
-    if holdout_seed is not None:
+    if fold is not None:
         folder.mkdir(parents=True, exist_ok=True)
         held_out = folder / "holdout.yaml"
-        held_out.write_text(f"holdout: {HOLDOUT_FRACTION}\nholdout_seed: {holdout_seed}\n")
+        held_out.write_text(f"holdout_fold: {fold}\n")
         command += ["--config", str(held_out)]
     env = {**os.environ, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
     start = time.perf_counter()
@@ -121,81 +110,128 @@ def image_size(options: tuple[str, ...]) -> int:
 
 
 class HeldOutScorer:
-    """Scores a trial's checkpoint on the held-out rows of train/, from the feature cache the sweep
+    """Predicts a fold's held-out images with a trial's checkpoint, from the feature cache the sweep
     filled (all of train/), exactly as `best` scores a test/ split."""
 
     def __init__(self, data_dir: Path, cache: Path, views: int) -> None:
         self.backbone = load_backbone(os.environ["CLOTHING_BACKBONE_WEIGHTS"])
         self.data_dir, self.cache, self.views = data_dir, cache, views
 
-    def held_out(self, seed: int, cut: int | None, size: int) -> FeatureSet:
-        """The held-out rows of seed `seed`, read once per run from the cache the sweep filled."""
+    def held_out(self, fold: int, cut: int | None, size: int) -> tuple[np.ndarray, FeatureSet]:
+        """(the fold's rows of train/, their cached features), read from the cache the sweep filled."""
         train = ClothingDataset(self.data_dir / "train", build_transforms(size))
         options = ExtractionOptions(precision="auto", views=self.views, cut=cut, image_size=size, progress=False)
         full = cached_features(train, self.backbone, self.cache, options)
-        return full.subset(holdout_rows(full.labels, HOLDOUT_FRACTION, seed)[1])
+        rows = fold_rows(full.labels, fold)[1]
+        return rows, full.subset(rows)
 
-    def accuracy(self, checkpoint: dict, part: FeatureSet) -> tuple[float, float]:
-        """(held-out accuracy, the same with mirror TTA) of a checkpoint: the plain view's logits, then
-        their mean with the mirror view's (cached view 1, the image flipped after resizing, as `best
-        --tta` does)."""
-        model = model_from_checkpoint(checkpoint, self.backbone)
-        plain = cached_logits(model, part)
-        tta = mirror_tta(lambda mirrored: cached_logits(model, part, int(mirrored)))
-        return tuple((logits.argmax(dim=1) == part.labels).float().mean().item() for logits in (plain, tta))
+    def correct(self, checkpoint: dict, part: FeatureSet) -> list[int]:
+        """1 for each held-out image the checkpoint's model predicts right (the plain view), else 0."""
+        logits = cached_logits(model_from_checkpoint(checkpoint, self.backbone), part)
+        return (logits.argmax(dim=1) == part.labels).int().tolist()
 
 
-def score_run(scorer: HeldOutScorer, folder: Path, seed: int, options: tuple[str, ...]) -> dict:
-    """Held-out accuracy (and with mirror TTA) of the winner (the default rule, and a narrower band)
-    and of the best val_acc; a trial several rules chose is scored once."""
-    records = read_studies(Stores(storage=f"sqlite:///{folder / 'optuna.db'}")).records()
-    tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}")
-    chosen = {f"tolerance {t:g}": select_winner(records, t) for t in TOLERANCES}
-    chosen["max val_acc"] = max((r for r in records if r.state == "COMPLETE"), key=lambda r: (r.val_acc, -r.number))
-    part = scorer.held_out(seed, deepest_cut(options), image_size(options))
-    scores = {}
-    for record in {r.name: r for r in chosen.values()}.values():
-        plain, tta = scorer.accuracy(tracker.fetch_checkpoint(record), part)
-        scores[record.name] = {"trial": record.name, "val_acc": record.val_acc, "held_out": plain, "held_out_tta": tta}
-    return {rule: scores[r.name] for rule, r in chosen.items()}
+def score_run(scorer: HeldOutScorer, folder: Path, fold: int, options: tuple[str, ...]) -> dict:
+    """What `best` ships from the run in `folder` (the winner under the run's own tolerance), and
+    which of the fold's held-out images it predicts right."""
+    winner = read_studies(Stores(storage=f"sqlite:///{folder / 'optuna.db'}")).rank().winner
+    checkpoint = Tracker(f"sqlite:///{folder / 'mlflow.db'}").fetch_checkpoint(winner)
+    rows, part = scorer.held_out(fold, deepest_cut(options), image_size(options))
+    return {
+        "trial": winner.name,
+        "val_acc": winner.val_acc,
+        "rows": rows.tolist(),
+        "correct": scorer.correct(checkpoint, part),
+    }
 
 
-def mean_std(values: list[float | None]) -> str:
-    if None in values:
-        return "-"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+def bootstrap(values: np.ndarray, resamples: int = 2000) -> tuple[float, float, float]:
+    """The mean of per-image `values` and its 95 % percentile-bootstrap interval over images. The
+    resampled images depend only on their count, so the intervals of two recipes, and of their
+    per-image difference, come from the same draws: the difference's interval is paired."""
+    rng, means = np.random.default_rng(0), []
+    for start in range(0, resamples, 250):  # in chunks: a (resamples x images) index would be large
+        draws = rng.integers(0, len(values), size=(min(250, resamples - start), len(values)))
+        means.append(values[draws].mean(axis=1))
+    low, high = np.percentile(np.concatenate(means), [2.5, 97.5])
+    return float(values.mean()), float(low), float(high)
 
 
-def stage2_wins(rows: list[dict]) -> str:
-    """On how many seeds the winner at make sweep's band is a stage-2 trial: is the choice stable?"""
-    wins = sum(r["scores"][FRONT_RULE]["trial"].startswith("finetune") for r in rows)
-    return f"{wins} of {len(rows)}"
+def per_image(results: list[dict], recipe: str, views: int) -> np.ndarray | None:
+    """`recipe`'s right (1) and wrong (0) over every held-out image, by row of train/; None until all
+    its folds are done."""
+    runs = {r["fold"]: r for r in results if r["recipe"] == recipe and r["views"] == views}
+    if set(runs) != set(FOLDS):
+        return None
+    rows = np.concatenate([runs[f]["rows"] for f in FOLDS])
+    correct = np.concatenate([runs[f]["correct"] for f in FOLDS])
+    return correct[np.argsort(rows)]
 
 
-def print_table(results: list[dict]) -> None:
+def interval(mean: float, low: float, high: float, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return f"{mean:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]"
+
+
+def print_table(results: list[dict], views: int) -> None:
+    """Each recipe whose folds are all done: accuracy, difference to the default (paired), and what
+    its runs were like."""
+    default = per_image(results, DEFAULT, views)
     click.echo(
-        "| recipe | seeds | held-out (winner) | val_acc (winner) | held-out (winner, tolerance 0.01) "
-        "| the same with mirror TTA | stage 2 won at 0.01 "
-        "| held-out (max-val_acc trial) | warm time |"
+        "| recipe | k-fold accuracy [95 % CI] | minus the default, paired [95 % CI] | real? "
+        "| val_acc of the winners | stage 2 won | warm time per fold |"
     )
-    click.echo("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name in dict.fromkeys(r["recipe"] for r in results):
-        rows = [r for r in results if r["recipe"] == name]
-
-        def column(rule: str, key: str = "held_out", rows=rows) -> str:
-            return mean_std([r["scores"][rule].get(key) for r in rows])
-
+    click.echo("| --- | --- | --- | --- | --- | --- | --- |")
+    for name in dict.fromkeys(r["recipe"] for r in results if r["views"] == views):
+        correct = per_image(results, name, views)
+        if correct is None:
+            continue
+        runs = [r for r in results if r["recipe"] == name and r["views"] == views]
+        difference, real = "-", "-"
+        if default is not None and name != DEFAULT:
+            mean, low, high = bootstrap(correct.astype(float) - default)
+            difference, real = interval(mean, low, high, signed=True), "yes" if low > 0 or high < 0 else "no"
+        stage2 = sum(r["trial"].startswith("finetune") for r in runs)
         click.echo(
-            f"| {name} | {len(rows)} | {column('tolerance 0.02')} | {column('tolerance 0.02', 'val_acc')} "
-            f"| {column(FRONT_RULE)} | {column(FRONT_RULE, 'held_out_tta')} "
-            f"| {stage2_wins(rows)} | {column('max val_acc')} "
-            f"| {statistics.mean(r['seconds'] for r in rows):.0f} s |"
+            f"| {name} | {interval(*bootstrap(correct.astype(float)))} | {difference} | {real} "
+            f"| {statistics.mean(r['val_acc'] for r in runs):.3f} | {stage2} of {len(runs)} "
+            f"| {statistics.mean(r['seconds'] for r in runs):.0f} s |"
         )
+    click.echo(
+        f"\n{len(default) if default is not None else 0} held-out predictions per recipe; CPU flags: {cpu_flags()}"
+    )
 
 
-def run_folder(root: Path, name: str, views: int, seed: int) -> Path:
-    return root / f"{name.replace(' ', '_').replace('/', '-')}-views{views}-seed{seed}"
+def run_folder(root: Path, name: str, views: int, fold: int) -> Path:
+    return root / f"{name.replace(' ', '_').replace('/', '-')}-views{views}-fold{fold}"
+
+
+def held_out_runs(root: Path, names: tuple[str, ...], views: int, done: list[dict]) -> None:
+    """Each recipe once per fold, unless `done` has it: its stage 1 (shared by every recipe at that
+    image size), then its own run on a copy of those stores, scored; appended to `done` and to
+    results.jsonl."""
+    cache, scorer = root / "cache", HeldOutScorer(Path(os.environ["CLOTHING_DATA_DIR"]), root / "cache", views)
+    for name in names:
+        for fold in FOLDS:
+            if any(r["recipe"] == name and r["fold"] == fold and r["views"] == views for r in done):
+                continue
+            size = image_size(RECIPES[name])
+            base = root / f"stage1-views{views}-size{size}-fold{fold}"
+            if not (base / "optuna.db").exists():
+                options = (*STAGE1_ONLY, "--views", str(views), "--image-size", str(size))
+                (base / "seconds").write_text(f"{run_sweep(base, cache, options, fold)}")
+            folder = run_folder(root, name, views, fold)
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.copytree(base, folder)
+            seconds = run_sweep(folder, cache, (*RECIPES[name], "--views", str(views)), fold)
+            if deepest_cut(RECIPES[name]) is None:  # stage 1 only: the base's own time
+                seconds = float((base / "seconds").read_text())
+            result = {"recipe": name, "fold": fold, "views": views, "seconds": seconds}
+            result |= score_run(scorer, folder, fold, RECIPES[name])
+            done.append(result)
+            with (root / "results.jsonl").open("a") as out:
+                out.write(json.dumps(result) + "\n")
+            click.echo(f"{name}, fold {fold}: {statistics.mean(result['correct']):.3f} ({result['trial']})")
 
 
 def export_seconds(folder: Path, cache: Path) -> float:
@@ -231,112 +267,30 @@ def time_cold(root: Path, names: tuple[str, ...], views: int) -> None:
         shutil.rmtree(folder)
 
 
-FRONT_RULE = "tolerance 0.01"  # the winner the front scores: `make sweep`'s band
-
-
-def shipped_score(result: dict, tta: bool = False) -> float | None:
-    """The held-out accuracy of what `best --export` ships for the recipe's winner (None: a result
-    from before TTA was scored)."""
-    return result["scores"][FRONT_RULE].get("held_out" + ("_tta" if tta else ""))
-
-
-def runs_of(results: list[dict], recipe: str, views: int) -> list[dict]:
-    """The held-out runs (one per seed) of `recipe` at `views`."""
-    return [r for r in results if r["recipe"] == recipe and r["views"] == views]
-
-
-def front_points(results: list[dict], cold: list[dict], views: int) -> tuple[list[Point], float]:
-    """Each recipe with both a held-out estimate and a cold time at `views`, and the A measured with
-    the cold times (the mean, if several runs measured it)."""
+def print_front(results: list[dict], cold: list[dict], views: int, picture: Path) -> None:
+    """Each recipe with all its folds and a cold time: accuracy [95 % CI] against cold time, the
+    front, and the default the rule picks."""
     cold = [c for c in cold if c["views"] == views]
     points = []
-    for name in dict.fromkeys(r["recipe"] for r in results if r["views"] == views):
-        scores = [shipped_score(r) for r in runs_of(results, name, views)]
-        times = [c["seconds"] for c in cold if c["recipe"] == name]
-        if len(scores) > 1 and times:
-            points.append(Point(name, statistics.mean(scores), statistics.stdev(scores), statistics.mean(times)))
-    return points, statistics.mean(c["a_seconds"] for c in cold) if cold else float("nan")
-
-
-def print_front(results: list[dict], cold: list[dict], views: int, picture: Path) -> None:
-    points, a = front_points(results, cold, views)
+    for name in dict.fromkeys(c["recipe"] for c in cold):
+        correct = per_image(results, name, views)
+        if correct is not None:
+            seconds = statistics.mean(c["seconds"] for c in cold if c["recipe"] == name)
+            points.append(Point(name, *bootstrap(correct.astype(float)), seconds))
     if not points:
-        raise click.ClickException("no recipe has both held-out runs and a cold time yet (--cold RECIPE)")
+        raise click.ClickException("no recipe has both all its folds and a cold time yet")
+    a = statistics.mean(c["a_seconds"] for c in cold)
     on_front, chosen = front(points), default_recipe(points, a)
-    tta = {p.recipe: mean_std([shipped_score(r, tta=True) for r in runs_of(results, p.recipe, views)]) for p in points}
-    wins = {p.recipe: stage2_wins(runs_of(results, p.recipe, views)) for p in points}
-    click.echo(
-        "| recipe | held-out, what `best` ships at 0.01 (3 seeds) | with mirror TTA | stage 2 won "
-        "| cold time | cold / A | front |"
-    )
-    click.echo("| --- | --- | --- | --- | --- | --- | --- |")
+    click.echo("| recipe | k-fold accuracy [95 % CI] | cold time | cold / A | front |")
+    click.echo("| --- | --- | --- | --- | --- |")
     for p in sorted(points, key=lambda p: p.seconds):
         mark = "**default**" if p == chosen else ("yes" if p in on_front else "")
         click.echo(
-            f"| {p.recipe} | {p.accuracy:.3f} ± {p.spread:.3f} | {tta[p.recipe]} | {wins[p.recipe]} "
-            f"| {p.seconds:.0f} s | {p.seconds / a:.2f} | {mark} |"
+            f"| {p.recipe} | {interval(p.accuracy, p.low, p.high)} | {p.seconds:.0f} s | {p.seconds / a:.2f} | {mark} |"
         )
-    click.echo(
-        f"\nA = {a:.0f} s; CPU flags: {cold[0]['cpu_flags']}; "
-        f"default by the rule: {chosen.recipe if chosen else 'none fits in A'}"
-    )
-    title = f"{views} views, {cold[0]['date']}, CPU flags: {cold[0]['cpu_flags']}"
+    click.echo(f"\nA = {a:.0f} s; default by the rule: {chosen.recipe if chosen else 'none fits in A'}")
+    title = f"{views} views, {HOLDOUT_FOLDS}-fold, {cold[0]['date']}, CPU flags: {cold[0]['cpu_flags']}"
     click.echo(f"picture: {draw_front(points, a, title, picture)}")
-
-
-@click.command()
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Keep stores and results here.")
-@click.option("--recipe", "recipes", multiple=True, type=click.Choice(list(RECIPES)), help="Only these (repeatable).")
-@click.option("--views", default=2, show_default=True, help="Cached views per training image (stage 1 and 2).")
-@click.option(
-    "--cold", multiple=True, type=click.Choice(list(RECIPES)), help="Time these recipes cold (and A) instead."
-)
-@click.option("--rescore", is_flag=True, help="Only score the runs in --work-dir again and print the tables.")
-@click.option(
-    "--front",
-    "picture",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="The front: run what it still lacks (the held-out runs and cold times of FRONT_RECIPES, or of "
-    "--recipe), print it and draw it into this PNG.",
-)
-def main(  # noqa: PLR0913 - its options
-    work_dir: Path | None, recipes: tuple[str, ...], views: int, cold: tuple[str, ...], rescore: bool, picture
-) -> None:
-    if not (os.environ.get("CLOTHING_DATA_DIR") and os.environ.get("CLOTHING_BACKBONE_WEIGHTS")):
-        raise click.ClickException("set CLOTHING_DATA_DIR and CLOTHING_BACKBONE_WEIGHTS to the real data and weights")
-    quiet_libraries()
-    root = work_dir or Path(tempfile.mkdtemp(prefix="bench-accuracy-"))
-    root.mkdir(parents=True, exist_ok=True)
-    if cold:
-        time_cold(root, cold, views)
-        return
-    results_file = root / "results.jsonl"
-    done = read_lines(results_file)
-    if rescore:  # the scores again, from the stores each run left (e.g. after adding a rule here)
-        scorer = HeldOutScorer(Path(os.environ["CLOTHING_DATA_DIR"]), root / "cache", views)
-        for result in done:
-            folder = run_folder(root, result["recipe"], result["views"], result["seed"])
-            scorer.views = result["views"]
-            result["scores"] = score_run(scorer, folder, result["seed"], RECIPES[result["recipe"]])
-        results_file.write_text("".join(json.dumps(r) + "\n" for r in done))
-        for each in sorted({r["views"] for r in done}):
-            click.echo(f"\nviews {each}:")
-            print_table([r for r in done if r["views"] == each])
-        return
-    names = recipes or (FRONT_RECIPES if picture is not None else tuple(RECIPES))
-    held_out_runs(root, names, views, done)
-    if picture is None:
-        print_table([r for r in done if r["views"] == views])
-        click.echo(f"\nstores in {root}; CPU flags: {cpu_flags()}")
-        return
-    # The front: each recipe's cold time too (measured once; `--cold` measures it again), then the table.
-    timed_already = {c["recipe"] for c in read_lines(root / "cold.jsonl") if c["views"] == views}
-    missing = [n for n in names if n not in timed_already]
-    if missing:
-        time_cold(root, tuple(missing), views)
-    timed = [c for c in read_lines(root / "cold.jsonl") if c["recipe"] in names]
-    print_front([r for r in done if r["recipe"] in names], timed, views, picture)
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -344,32 +298,36 @@ def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def held_out_runs(root: Path, names: tuple[str, ...], views: int, done: list[dict]) -> None:
-    """Each recipe once per held-out seed, unless `done` has it: its stage 1 (shared by every recipe
-    at that image size), then its own run on a copy of those stores, scored; appended to `done` and to
-    results.jsonl."""
-    cache, scorer = root / "cache", HeldOutScorer(Path(os.environ["CLOTHING_DATA_DIR"]), root / "cache", views)
-    for name in names:
-        for seed in HOLDOUT_SEEDS:
-            if any(r["recipe"] == name and r["seed"] == seed and r["views"] == views for r in done):
-                continue
-            size = image_size(RECIPES[name])
-            base = root / f"stage1-views{views}-size{size}-seed{seed}"
-            if not (base / "optuna.db").exists():
-                options = (*STAGE1_ONLY, "--views", str(views), "--image-size", str(size))
-                (base / "seconds").write_text(f"{run_sweep(base, cache, options, seed)}")
-            folder = run_folder(root, name, views, seed)
-            shutil.rmtree(folder, ignore_errors=True)
-            shutil.copytree(base, folder)
-            seconds = run_sweep(folder, cache, (*RECIPES[name], "--views", str(views)), seed)
-            if deepest_cut(RECIPES[name]) is None:  # stage 1 only: the base's own time
-                seconds = float((base / "seconds").read_text())
-            result = {"recipe": name, "seed": seed, "views": views, "seconds": seconds}
-            result["scores"] = score_run(scorer, folder, seed, RECIPES[name])
-            done.append(result)
-            with (root / "results.jsonl").open("a") as out:
-                out.write(json.dumps(result) + "\n")
-            click.echo(json.dumps(result))
+@click.command()
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Keep stores and results here.")
+@click.option("--recipe", "recipes", multiple=True, type=click.Choice(list(RECIPES)), help="Only these (repeatable).")
+@click.option("--views", default=RECIPE.data.views, show_default=True, help="Cached views per training image.")
+@click.option(
+    "--front",
+    "picture",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also time each recipe cold (those the work folder lacks), print the front and draw it into this PNG.",
+)
+def main(work_dir: Path | None, recipes: tuple[str, ...], views: int, picture: Path | None) -> None:
+    if not (os.environ.get("CLOTHING_DATA_DIR") and os.environ.get("CLOTHING_BACKBONE_WEIGHTS")):
+        raise click.ClickException("set CLOTHING_DATA_DIR and CLOTHING_BACKBONE_WEIGHTS to the real data and weights")
+    quiet_libraries()
+    root = work_dir or Path(tempfile.mkdtemp(prefix="bench-accuracy-"))
+    root.mkdir(parents=True, exist_ok=True)
+    names = tuple(dict.fromkeys((DEFAULT, *(recipes or (FRONT_RECIPES if picture else RECIPES)))))
+    done = read_lines(root / "results.jsonl")
+    held_out_runs(root, names, views, done)
+    print_table([r for r in done if r["recipe"] in names], views)
+    if picture is None:
+        click.echo(f"stores in {root}")
+        return
+    timed_already = {c["recipe"] for c in read_lines(root / "cold.jsonl") if c["views"] == views}
+    missing = [n for n in names if n not in timed_already]
+    if missing:
+        time_cold(root, tuple(missing), views)
+    timed = [c for c in read_lines(root / "cold.jsonl") if c["recipe"] in names]
+    print_front(done, timed, views, picture)
 
 
 if __name__ == "__main__":

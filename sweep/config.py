@@ -36,6 +36,7 @@ from sweep.space import DIMENSIONS, Dimension, resolve
 from sweep.stores import DEFAULT_OUTAGE_SECONDS, RUNS_DIR, STORAGE_ENV, mask_url, sqlite_path, study_lock
 
 MAX_EPOCHS = 1000
+HOLDOUT_FOLDS = 5  # the bench's k-fold estimate over train/ (sweep.data.fold_rows)
 FINETUNE_STAGE_SUFFIX = ".finetune"  # stage 2's study: `<study>.finetune`, in the same storage
 
 
@@ -189,16 +190,14 @@ class DataSettings:
         "reference, and the only one on a GPU or with --precision exact); auto picks openvino where it applies.",
         in_file=True,
     )
-    # The bench's held-out estimate (sweep.data.holdout_rows): set in a sweep file, never by a user's run.
-    holdout: float = setting(
-        0.0,
-        FiniteFloat(0, 0.5, max_open=True),
-        "Leave this fraction of train/ (stratified) out of every trial, for an estimate no trial or rule saw.",
+    # The bench's held-out estimate (sweep.data.fold_rows): set in a sweep file, never by a user's run.
+    holdout_fold: int = setting(
+        0,
+        click.IntRange(0, HOLDOUT_FOLDS),
+        f"Leave fold N of {HOLDOUT_FOLDS} of train/ (stratified; the same folds for every run) out of every "
+        "trial, for an estimate no trial or rule saw; 0: none.",
         in_file=True,
         cli=False,
-    )
-    holdout_seed: int = setting(
-        0, click.IntRange(0, 2**32 - 1), "Which images holdout leaves out.", in_file=True, cli=False
     )
 
 

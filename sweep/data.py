@@ -3,8 +3,8 @@ cut when stage 2 is on), computed once per (images, weights, transforms, views, 
 came from (the splits' digests, the code's commit, the package versions, the cache keys).
 
 The validation split picks the winner, so the winner's val_acc flatters it. For an honest estimate a
-sweep file can leave a stratified part of train/ out of every trial (`holdout`, `holdout_seed`:
-`make bench-accuracy`); the cache still holds all of train/, so seeds share it.
+sweep file can leave one of five stratified folds of train/ out of every trial (`holdout_fold`:
+`make bench-accuracy`); the cache still holds all of train/, so the folds share it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from clothing.data import ClothingDataset, DatasetError, build_transforms, shown
 from clothing.extract import ExtractionOptions
 from clothing.features import FeatureSet, cached_features
 from clothing.model import finetune_cut, weights_fingerprint
-from sweep.config import DataSettings
+from sweep.config import HOLDOUT_FOLDS, DataSettings
 
 HOLDOUT_TAG = "sweep.held_out"
 PACKAGES = ("torch", "torchvision", "optuna", "mlflow")
@@ -105,27 +105,29 @@ def prepare_data(  # noqa: PLR0913 - the data's settings, where to run, and what
     # Validation's features come from the same engine as the training ones, whatever its own size.
     val = cached_features(val_set, backbone, settings.cache_dir, options, engine=train.engine)
     tags = {**code_tags(), **cache_keys({"train": train, "validation": val})}
-    if settings.holdout:  # cached for all of train/, so every seed shares the cache; trials see the rest
-        kept, held = holdout_rows(train.labels, settings.holdout, settings.holdout_seed)
+    if settings.holdout_fold:  # cached for all of train/, so every fold shares the cache; trials see the rest
+        kept, held = fold_rows(train.labels, settings.holdout_fold)
         train = train.subset(kept)
         of = f"{len(held)} of {len(kept) + len(held)} training images"
-        tags[HOLDOUT_TAG] = f"{of} (fraction {settings.holdout:g}, seed {settings.holdout_seed})"
+        tags[HOLDOUT_TAG] = f"{of} (fold {settings.holdout_fold} of {HOLDOUT_FOLDS})"
     lineage = Lineage(records, tags)
     return SweepData(train_set.classes, train, val, weights_fingerprint(backbone), lineage, settings.image_size)
 
 
-def holdout_rows(labels: torch.Tensor | np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(kept rows, held-out rows), both sorted: `fraction` of each class, rounded, at least one image
-    of any class that has two or more, chosen by a generator seeded with `seed` alone."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
+def fold_rows(labels: np.ndarray | torch.Tensor, fold: int, folds: int = HOLDOUT_FOLDS) -> tuple[np.ndarray, ...]:
+    """(kept rows, held-out rows), both sorted, for `fold` (1 to `folds`) of a stratified k-fold
+    split: each class's rows in one fixed random order, dealt out to the folds in turn, so every fold
+    holds 1/k of each class and every image is held out by exactly one fold. A class of one image is
+    never held out (the trials could not learn it)."""
+    if not 1 <= fold <= folds:
+        raise ValueError(f"the held-out fold must be 1 to {folds}, got {fold}")
     labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)  # one split for every run: recipes are compared image by image
     held = []
-    for label in np.unique(labels):  # sorted, so the draws do not depend on the order classes appear
-        rows = np.flatnonzero(labels == label)
-        count = min(max(round(fraction * len(rows)), 1), len(rows) - 1)
-        held.append(rng.permutation(rows)[:count])
+    for label in np.unique(labels):  # sorted, so the folds do not depend on the order classes appear
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        if len(rows) > 1:
+            held.append(rows[fold - 1 :: folds])
     held_rows = np.sort(np.concatenate(held)) if held else np.empty(0, dtype=np.int64)
     return np.setdiff1d(np.arange(len(labels)), held_rows), held_rows
 

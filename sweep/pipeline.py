@@ -26,7 +26,7 @@ from clothing.data import shown
 from clothing.engines import resolve_engine
 from clothing.extract import resolve_precision, resolve_training_precision
 from clothing.model import load_backbone
-from sweep.config import SweepConfig, SweepError, default_tracking_uri, resolve_device
+from sweep.config import HOLDOUT_FOLDS, SweepConfig, SweepError, default_tracking_uri, resolve_device
 from sweep.data import SweepData, load_splits, prepare_data
 from sweep.objective import FinetuneTrial, HeadTrial, Stage2Recipe, TrackedObjective, stage2_recipe
 from sweep.ranking import FINETUNE_STAGE, HEAD_STAGE, Ranking, rule_text
@@ -193,8 +193,8 @@ def space_signature(cfg: SweepConfig) -> dict:
     resumed study must sample from the same space and train on the same images, seen at the same size
     (a study from before `image_size` existed resumes at 224)."""
     signature = {dim.name: dim.as_dict() for dim in sorted(cfg.stage1.space, key=lambda d: d.name)}
-    if cfg.data.holdout:
-        signature["holdout"] = {"fraction": cfg.data.holdout, "seed": cfg.data.holdout_seed}
+    if cfg.data.holdout_fold:
+        signature["holdout"] = {"fold": cfg.data.holdout_fold, "of": HOLDOUT_FOLDS}
     if cfg.data.image_size != 224:
         signature["image_size"] = cfg.data.image_size
     return signature

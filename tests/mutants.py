@@ -334,7 +334,7 @@ MUTANTS = (
         ("tests/test_sweepfile.py::test_a_sweep_file_becomes_the_studys_distributions_and_the_parent_runs_record",),
     ),
     Mutant(
-        "a sweep file's file-only settings (holdout) never reach the config",
+        "a sweep file's file-only settings (holdout_fold) never reach the config",
         "sweep/cli.py",
         "    return {name: value for name, value in settings.items() if not SETTINGS[name][1].cli}, dimensions\n",
         "    return {}, dimensions\n",
@@ -362,11 +362,11 @@ MUTANTS = (
         ("tests/test_holdout.py::test_no_trial_trains_on_a_held_out_image",),
     ),
     Mutant(
-        "the held-out rows drawn from the whole of train/, not per class",
+        "the folds dealt from the whole of train/, not per class",
         "sweep/data.py",
-        "rows = np.flatnonzero(labels == label)",
-        "rows = np.arange(len(labels))",
-        ("tests/test_holdout.py::test_the_held_out_rows_are_stratified_and_fixed_by_the_seed",),
+        "rows = rng.permutation(np.flatnonzero(labels == label))",
+        "rows = rng.permutation(len(labels))",
+        ("tests/test_holdout.py::test_the_folds_are_stratified_fixed_and_hold_out_every_image_once",),
     ),
     Mutant(
         "early stopping counts a tie with the best epoch as an improvement",
