@@ -71,7 +71,7 @@ bench-scale: install
 
 # Each recipe's k-fold accuracy, compared with the default image by image, and the front of accuracy
 # against cold time (bench/accuracy.py, docs/benchmarks.md): what its work folder lacks is run (about
-# 2 hours from nothing on 2 cores), then the table and the picture.
+# 1.5 hours from nothing on 2 cores), then the table and the picture.
 ACCURACY_DIR ?= bench-accuracy
 bench-accuracy: install
 	$(PY) -m bench.accuracy --work-dir $(ACCURACY_DIR) --front docs/images/accuracy_front.png
