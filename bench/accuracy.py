@@ -160,14 +160,14 @@ def bootstrap(values: np.ndarray, resamples: int = 2000) -> tuple[float, float, 
 
 
 def per_image(results: list[dict], recipe: str, views: int) -> np.ndarray | None:
-    """`recipe`'s right (1) and wrong (0) over every held-out image, by row of train/; None until all
-    its folds are done."""
+    """`recipe`'s right (1.0) and wrong (0.0) over every held-out image, by row of train/; None until
+    all its folds are done."""
     runs = {r["fold"]: r for r in results if r["recipe"] == recipe and r["views"] == views}
     if set(runs) != set(FOLDS):
         return None
     rows = np.concatenate([runs[f]["rows"] for f in FOLDS])
     correct = np.concatenate([runs[f]["correct"] for f in FOLDS])
-    return correct[np.argsort(rows)]
+    return correct[np.argsort(rows)].astype(float)
 
 
 def interval(mean: float, low: float, high: float, signed: bool = False) -> str:
@@ -191,11 +191,11 @@ def print_table(results: list[dict], views: int) -> None:
         runs = [r for r in results if r["recipe"] == name and r["views"] == views]
         difference, real = "-", "-"
         if default is not None and name != DEFAULT:
-            mean, low, high = bootstrap(correct.astype(float) - default)
+            mean, low, high = bootstrap(correct - default)
             difference, real = interval(mean, low, high, signed=True), "yes" if low > 0 or high < 0 else "no"
         stage2 = sum(r["trial"].startswith("finetune") for r in runs)
         click.echo(
-            f"| {name} | {interval(*bootstrap(correct.astype(float)))} | {difference} | {real} "
+            f"| {name} | {interval(*bootstrap(correct))} | {difference} | {real} "
             f"| {statistics.mean(r['val_acc'] for r in runs):.3f} | {stage2} of {len(runs)} "
             f"| {statistics.mean(r['seconds'] for r in runs):.0f} s |"
         )
@@ -278,7 +278,7 @@ def print_front(results: list[dict], cold: list[dict], views: int, picture: Path
         correct = per_image(results, name, views)
         if correct is not None:
             seconds = statistics.mean(c["seconds"] for c in cold if c["recipe"] == name)
-            points.append(Point(name, *bootstrap(correct.astype(float)), seconds))
+            points.append(Point(name, *bootstrap(correct), seconds))
     if not points:
         raise click.ClickException("no recipe has both all its folds and a cold time yet")
     a = statistics.mean(c["a_seconds"] for c in cold)

@@ -80,10 +80,12 @@ class OutageTolerantStorage(optuna.storages.RDBStorage):
 
     def _retried(self, name: str, *args: Any, **kwargs: Any) -> Any:
         call = getattr(super(), name)
-        return retrying(lambda: call(*args, **kwargs), self._what(), self.outage_seconds, lost_connection_to(self.url))
+        return self._riding_out(lambda: call(*args, **kwargs))
 
-    def _what(self) -> str:
-        return f"the Optuna storage {mask_url(self.url)}"
+    def _riding_out(self, call: Callable[[], Any]) -> Any:
+        """`call()`, repeated through a lost connection for up to `outage_seconds`."""
+        what = f"the Optuna storage {mask_url(self.url)}"
+        return retrying(call, what, self.outage_seconds, lost_connection_to(self.url))
 
     def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
         if template_trial is None and self.marks_trials:
@@ -105,7 +107,7 @@ class OutageTolerantStorage(optuna.storages.RDBStorage):
                     return True
                 raise
 
-        return retrying(once, self._what(), self.outage_seconds, lost_connection_to(self.url))
+        return self._riding_out(once)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         """Optuna's stale trials (a heartbeat older than the grace period, by the database's clock),
@@ -136,7 +138,7 @@ class OutageTolerantStorage(optuna.storages.RDBStorage):
                 )
                 return [trial_id for (trial_id,) in query.all()]
 
-        for trial_id in retrying(never_beaten, self._what(), self.outage_seconds, lost_connection_to(self.url)):
+        for trial_id in self._riding_out(never_beaten):
             self.record_heartbeat(trial_id)
         return self._retried("_get_stale_trial_ids", study_id)
 
