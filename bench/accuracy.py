@@ -68,7 +68,18 @@ RECIPES = {
     "the recipe, patience 2": ("--finetune-patience", "2"),
     "the recipe, 6 fixed epochs": ("--finetune-patience", "0"),
     "the recipe, tolerance 0": ("--tolerance", "0"),  # the best val_acc wins, and is stage 2's source
+    "the recipe, tolerance 0, patience 2": ("--tolerance", "0", "--finetune-patience", "2"),
+    "the recipe, fp32 features": ("--precision", "fp32"),  # stage 2 follows the features: fp32 too
+    "the recipe, 5 blocks": ("--finetune-blocks", "5"),
+    "the recipe, 7 blocks": ("--finetune-blocks", "7"),
+    "the recipe, 7 blocks, tolerance 0": ("--finetune-blocks", "7", "--tolerance", "0"),
+    "the recipe, 7 blocks, tolerance 0, seed 1": ("--finetune-blocks", "7", "--tolerance", "0", "--seed", "1"),
+    "the recipe, 7 blocks, seed 1": ("--finetune-blocks", "7", "--seed", "1"),
+    # A second training of every fold (another seed: other stage-1 trials, another stage 2).
+    "the recipe, seed 1": ("--seed", "1"),
+    "the recipe, tolerance 0, seed 1": ("--tolerance", "0", "--seed", "1"),
 }
+SEEDS = ("--seed", "1")  # what a recipe's second training adds to its options
 # What `make bench-accuracy` (`--front`) runs and draws unless --recipe names others.
 FRONT_RECIPES = ("stage 1 only", DEFAULT, "the recipe, patience 2", "the recipe, 6 fixed epochs")
 
@@ -111,6 +122,30 @@ def image_size(options: tuple[str, ...]) -> int:
     return int(option_value(options, "--image-size", str(RECIPE.data.image_size)))
 
 
+def precision(options: tuple[str, ...]) -> str:
+    return option_value(options, "--precision", RECIPE.data.precision)
+
+
+# The options of a recipe that change its stage 1, with the defaults' values: recipes that agree on
+# these share one stage-1 sweep per fold.
+STAGE1_SETTINGS = {
+    "--image-size": str(RECIPE.data.image_size),
+    "--precision": RECIPE.data.precision,
+    "--seed": str(RECIPE.stage1.seed),
+}
+
+
+def stage1_options(options: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(x for name, default in STAGE1_SETTINGS.items() for x in (name, option_value(options, name, default)))
+
+
+def stage1_key(options: tuple[str, ...]) -> str:
+    """The name of the recipe's stage 1: its image size, then whatever else differs from the defaults."""
+    values = dict(zip(STAGE1_SETTINGS, stage1_options(options)[1::2], strict=True))
+    size = values.pop("--image-size")
+    return "-".join([f"size{size}", *(f"{n[2:]}{v}" for n, v in values.items() if v != STAGE1_SETTINGS[n])])
+
+
 class HeldOutScorer:
     """Predicts a fold's held-out images with a trial's checkpoint, from the feature cache the sweep
     filled (all of train/), exactly as `best` scores a test/ split."""
@@ -119,11 +154,15 @@ class HeldOutScorer:
         self.backbone = load_backbone(os.environ["CLOTHING_BACKBONE_WEIGHTS"])
         self.data_dir, self.cache, self.views = data_dir, cache, views
 
-    def held_out(self, fold: int, cut: int | None, size: int) -> tuple[np.ndarray, FeatureSet]:
-        """(the fold's rows of train/, their cached features), read from the cache the sweep filled."""
+    def held_out(self, fold: int, options: tuple[str, ...]) -> tuple[np.ndarray, FeatureSet]:
+        """(the fold's rows of train/, their cached features), read from the cache the recipe's sweep
+        filled (pooled features, and activations at its cut)."""
+        size = image_size(options)
         train = ClothingDataset(self.data_dir / "train", build_transforms(size))
-        options = ExtractionOptions(precision="auto", views=self.views, cut=cut, image_size=size, progress=False)
-        full = cached_features(train, self.backbone, self.cache, options)
+        extraction = ExtractionOptions(
+            precision=precision(options), views=self.views, cut=deepest_cut(options), image_size=size, progress=False
+        )
+        full = cached_features(train, self.backbone, self.cache, extraction)
         rows = fold_rows(full.labels, fold)[1]
         return rows, full.subset(rows)
 
@@ -138,7 +177,7 @@ def score_run(scorer: HeldOutScorer, folder: Path, fold: int, options: tuple[str
     which of the fold's held-out images it predicts right."""
     winner = read_studies(Stores(storage=f"sqlite:///{folder / 'optuna.db'}")).rank().winner
     checkpoint = Tracker(f"sqlite:///{folder / 'mlflow.db'}").fetch_checkpoint(winner)
-    rows, part = scorer.held_out(fold, deepest_cut(options), image_size(options))
+    rows, part = scorer.held_out(fold, options)
     return {
         "trial": winner.name,
         "val_acc": winner.val_acc,
@@ -175,33 +214,65 @@ def interval(mean: float, low: float, high: float, signed: bool = False) -> str:
     return f"{mean:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]"
 
 
+def seed_of(name: str) -> str:
+    return option_value(RECIPES[name], "--seed", STAGE1_SETTINGS["--seed"])
+
+
+def baseline(name: str) -> str:
+    """What `name` is compared with, image by image: the default trained with the same seed (the
+    default trained again, with the default itself: the difference a retraining makes)."""
+    options = (*RECIPES[DEFAULT], "--seed", seed_of(name))
+    same_seed = next((n for n, given in RECIPES.items() if given == options), DEFAULT)
+    return DEFAULT if name == same_seed else same_seed
+
+
+def retrained(name: str) -> str | None:
+    """The recipe `name` trained again with another seed, if the bench has one (SEEDS)."""
+    return next((n for n, options in RECIPES.items() if options == (*RECIPES[name], *SEEDS)), None)
+
+
+def difference(results: list[dict], name: str, views: int) -> tuple[str, str]:
+    """(`name` minus its baseline, paired, [95 % CI]; whether the interval excludes zero), or dashes."""
+    correct, against = per_image(results, name, views), per_image(results, baseline(name), views)
+    if name == baseline(name) or correct is None or against is None:
+        return "-", "-"
+    mean, low, high = bootstrap(correct - against)
+    return interval(mean, low, high, signed=True), "yes" if low > 0 or high < 0 else "no"
+
+
 def print_table(results: list[dict], views: int) -> None:
-    """Each recipe whose folds are all done: accuracy, difference to the default (paired), and what
-    its runs were like."""
-    default = per_image(results, DEFAULT, views)
+    """Each recipe whose folds are all done: accuracy, difference to the default of its seed (paired),
+    and what its runs were like; then each recipe trained twice against the default trained twice."""
     click.echo(
-        "| recipe | k-fold accuracy [95 % CI] | minus the default, paired [95 % CI] | real? "
+        "| recipe | k-fold accuracy [95 % CI] | minus the default (same seed), paired [95 % CI] | real? "
         "| val_acc of the winners | stage 2 won | warm time per fold |"
     )
     click.echo("| --- | --- | --- | --- | --- | --- | --- |")
-    for name in dict.fromkeys(r["recipe"] for r in results if r["views"] == views):
-        correct = per_image(results, name, views)
-        if correct is None:
-            continue
+    names = [n for n in dict.fromkeys(r["recipe"] for r in results if r["views"] == views) if n in RECIPES]
+    done = [n for n in names if per_image(results, n, views) is not None]
+    for name in done:
         runs = [r for r in results if r["recipe"] == name and r["views"] == views]
-        difference, real = "-", "-"
-        if default is not None and name != DEFAULT:
-            mean, low, high = bootstrap(correct - default)
-            difference, real = interval(mean, low, high, signed=True), "yes" if low > 0 or high < 0 else "no"
         stage2 = sum(r["trial"].startswith("finetune") for r in runs)
         click.echo(
-            f"| {name} | {interval(*bootstrap(correct))} | {difference} | {real} "
+            f"| {name} | {interval(*bootstrap(per_image(results, name, views)))} "
+            f"| {' | '.join(difference(results, name, views))} "
             f"| {statistics.mean(r['val_acc'] for r in runs):.3f} | {stage2} of {len(runs)} "
             f"| {statistics.mean(r['seconds'] for r in runs):.0f} s |"
         )
-    click.echo(
-        f"\n{len(default) if default is not None else 0} held-out predictions per recipe; CPU flags: {cpu_flags()}"
-    )
+    click.echo(f"\n{len(FOLDS)} folds, every training image predicted once per recipe; CPU flags: {cpu_flags()}")
+    # Two trainings of each: the paired differences of both, so the interval also sees a retrained fold.
+    twice = [(n, retrained(n)) for n in done if n != DEFAULT and retrained(n) in done]
+    if twice and retrained(DEFAULT) in done:
+        click.echo(
+            "\n| recipe, trained twice (seeds 42, 1) | minus the default trained twice, paired [95 % CI] | real? |"
+        )
+        click.echo("| --- | --- | --- |")
+        for name, again in twice:
+            both = [per_image(results, n, views) - per_image(results, baseline(n), views) for n in (name, again)]
+            mean, low, high = bootstrap(np.concatenate(both))
+            click.echo(
+                f"| {name} | {interval(mean, low, high, signed=True)} | {'yes' if low > 0 or high < 0 else 'no'} |"
+            )
 
 
 def run_folder(root: Path, name: str, views: int, fold: int) -> Path:
@@ -217,10 +288,9 @@ def held_out_runs(root: Path, names: tuple[str, ...], views: int, done: list[dic
         for fold in FOLDS:
             if any(r["recipe"] == name and r["fold"] == fold and r["views"] == views for r in done):
                 continue
-            size = image_size(RECIPES[name])
-            base = root / f"stage1-views{views}-size{size}-fold{fold}"
+            base = root / f"stage1-views{views}-{stage1_key(RECIPES[name])}-fold{fold}"
             if not (base / "optuna.db").exists():
-                options = (*STAGE1_ONLY, "--views", str(views), "--image-size", str(size))
+                options = (*STAGE1_ONLY, "--views", str(views), *stage1_options(RECIPES[name]))
                 (base / "seconds").write_text(f"{run_sweep(base, cache, options, fold)}")
             folder = run_folder(root, name, views, fold)
             shutil.rmtree(folder, ignore_errors=True)
