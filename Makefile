@@ -42,7 +42,8 @@ lint: install
 
 # `run`'s defaults are the recommended recipe (docs/benchmarks.md): 256 px, dropout searched, 2 cached
 # views per training image, then stage 2 fine-tunes the winner's last 3 blocks.
-# SWEEP_OPTIONS='--config sweeps/plain.yaml' runs the plain head-only sweep; '--config my.yaml' yours.
+# SWEEP_OPTIONS='--config sweeps/thorough.yaml' fine-tunes 7 blocks (more accurate, slower);
+# '--config sweeps/plain.yaml' runs the plain head-only sweep; '--config my.yaml' yours.
 SWEEP_OPTIONS ?=
 
 # With the default data folder missing, it first downloads the dataset; offline, the clone fails in one

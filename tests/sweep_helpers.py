@@ -20,7 +20,9 @@ from sweep.study import read_studies
 STORE_OPTIONS = {"trials": ("--storage",)}  # commands that take fewer than all three
 # The mission's head-only sweep (224 px, one view, no stage 2): what the tests run unless they say
 # otherwise, as the recipe's stage 2 at 256 px would cost every test a fine-tuning.
-PLAIN = ("--config", str(Path(__file__).resolve().parent.parent / "sweeps" / "plain.yaml"))
+SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
+PLAIN = ("--config", str(SWEEPS / "plain.yaml"))
+THOROUGH = SWEEPS / "thorough.yaml"
 
 
 def stores_in(folder) -> dict[str, str]:

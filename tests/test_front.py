@@ -3,7 +3,7 @@ that picks the default recipe from it."""
 
 import numpy as np
 
-from bench.accuracy import DEFAULT, FOLDS, bootstrap, per_image
+from bench.accuracy import DEFAULT, FOLDS, RECIPES, THOROUGH, baseline, bootstrap, per_image, print_table, retrained
 from bench.front import Point, default_recipe, draw_front, front
 from sweep.data import fold_rows
 
@@ -65,3 +65,32 @@ def test_each_recipe_predicts_every_image_once_and_is_compared_image_by_image():
     # ... though the two recipes' own intervals overlap.
     assert bootstrap(better.astype(float))[1] < bootstrap(default.astype(float))[2]
     assert bootstrap(default.astype(float) - default) == (0.0, 0.0, 0.0)
+
+
+def test_a_recipe_is_compared_with_the_default_of_its_own_seed_and_over_both_trainings(capsys):
+    assert RECIPES[THOROUGH] == ("--finetune-blocks", "7")  # sweeps/thorough.yaml's settings, read from it
+    again = retrained(THOROUGH)
+    assert RECIPES[again] == (*RECIPES[THOROUGH], "--seed", "1") and baseline(again) == retrained(DEFAULT)
+    assert baseline(THOROUGH) == DEFAULT and baseline(retrained(DEFAULT)) == DEFAULT  # a retraining's own change
+    labels = np.repeat(np.arange(10), 300)
+    right = {name: (np.random.default_rng(i).random(3000) < 0.87).astype(int) for i, name in enumerate(RECIPES)}
+    right[THOROUGH] = right[DEFAULT] | (np.arange(3000) % 10 == 0)  # right on every 10th image too
+    right[again] = right[retrained(DEFAULT)].copy()  # no better with seed 1
+    results = [
+        line
+        for name in (DEFAULT, THOROUGH, retrained(DEFAULT), again)
+        for line in fold_results(name, right[name], labels)
+    ]
+    for line in results:
+        line |= {"trial": "finetune-000", "val_acc": 0.9, "seconds": 1.0}
+
+    print_table(results, views=2)
+    lines = capsys.readouterr().out.splitlines()
+    main, twice = [line for line in lines if line.startswith(f"| {THOROUGH} |")]  # its row in each table
+    gain = (right[THOROUGH] - right[DEFAULT]).mean()
+    assert main.startswith(f"| {THOROUGH} | {right[THOROUGH].mean():.3f} [") and f"| {gain:+.3f} [" in main
+    assert "| yes |" in main  # paired with the default trained with the same seed
+    (again_row,) = [line for line in lines if line.startswith(f"| {again} |")]
+    assert "| +0.000 [+0.000, +0.000] | no |" in again_row  # with seed 1's default, not seed 42's
+    both = np.concatenate([right[THOROUGH] - right[DEFAULT], right[again] - right[retrained(DEFAULT)]])
+    assert twice.startswith(f"| {THOROUGH} | {both.mean():+.3f} [") and abs(both.mean() - gain / 2) < 1e-9

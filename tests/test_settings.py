@@ -4,11 +4,12 @@ words, every default is the recipe's, and the parent run's params are the settin
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 
 import click
 import pytest
 import yaml
-from sweep_helpers import PLAIN, mlflow_runs, output_of, run_options, sweep
+from sweep_helpers import PLAIN, THOROUGH, mlflow_runs, output_of, run_options, sweep
 
 from sweep.config import SETTINGS, SweepConfig, read_sweep_file
 from sweep.settings import default_of
@@ -74,6 +75,14 @@ def test_every_option_of_run_has_the_settings_default_and_the_defaults_are_the_r
         1,
     )
     assert [d.name for d in recipe.stage1.space] == ["lr", "size_inner", "dropout"]
+
+
+def test_the_thorough_sweep_file_is_the_recipe_with_seven_fine_tuned_blocks():
+    settings, dimensions = read_sweep_file(THOROUGH)
+    assert settings == {"finetune_blocks": 7} and dimensions is None
+    thorough, recipe = SweepConfig.of(dimensions, **settings), SweepConfig()
+    assert thorough.stage2 == replace(recipe.stage2, finetune_blocks=7)
+    assert (thorough.data, thorough.stage1) == (recipe.data, recipe.stage1)
 
 
 def test_the_plain_sweep_file_is_the_head_only_sweep():
