@@ -117,14 +117,6 @@ def deepest_cut(options: tuple[str, ...]) -> int | None:
     return finetune_cut(blocks) if blocks else None
 
 
-def image_size(options: tuple[str, ...]) -> int:
-    return int(option_value(options, "--image-size", str(RECIPE.data.image_size)))
-
-
-def precision(options: tuple[str, ...]) -> str:
-    return option_value(options, "--precision", RECIPE.data.precision)
-
-
 # The options of a recipe that change its stage 1, with the defaults' values: recipes that agree on
 # these share one stage-1 sweep per fold.
 STAGE1_SETTINGS = {
@@ -134,8 +126,13 @@ STAGE1_SETTINGS = {
 }
 
 
+def stage1_setting(options: tuple[str, ...], name: str) -> str:
+    """The value `options` give one of STAGE1_SETTINGS, else the default's."""
+    return option_value(options, name, STAGE1_SETTINGS[name])
+
+
 def stage1_options(options: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(x for name, default in STAGE1_SETTINGS.items() for x in (name, option_value(options, name, default)))
+    return tuple(x for name in STAGE1_SETTINGS for x in (name, stage1_setting(options, name)))
 
 
 def stage1_key(options: tuple[str, ...]) -> str:
@@ -156,10 +153,10 @@ class HeldOutScorer:
     def held_out(self, fold: int, options: tuple[str, ...]) -> tuple[np.ndarray, FeatureSet]:
         """(the fold's rows of train/, their cached features), read from the cache the recipe's sweep
         filled (pooled features, and activations at its cut)."""
-        size = image_size(options)
+        size, precision = int(stage1_setting(options, "--image-size")), stage1_setting(options, "--precision")
         train = ClothingDataset(self.data_dir / "train", build_transforms(size))
         extraction = ExtractionOptions(
-            precision=precision(options), views=self.views, cut=deepest_cut(options), image_size=size, progress=False
+            precision=precision, views=self.views, cut=deepest_cut(options), image_size=size, progress=False
         )
         full = cached_features(train, self.backbone, self.cache, extraction)
         rows = fold_rows(full.labels, fold)[1]
@@ -213,14 +210,10 @@ def interval(mean: float, low: float, high: float, signed: bool = False) -> str:
     return f"{mean:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]"
 
 
-def seed_of(name: str) -> str:
-    return option_value(RECIPES[name], "--seed", STAGE1_SETTINGS["--seed"])
-
-
 def baseline(name: str) -> str:
     """What `name` is compared with, image by image: the default trained with the same seed (the
     default trained again, with the default itself: the difference a retraining makes)."""
-    options = (*RECIPES[DEFAULT], "--seed", seed_of(name))
+    options = (*RECIPES[DEFAULT], "--seed", stage1_setting(RECIPES[name], "--seed"))
     same_seed = next((n for n, given in RECIPES.items() if given == options), DEFAULT)
     return DEFAULT if name == same_seed else same_seed
 
@@ -230,13 +223,11 @@ def retrained(name: str) -> str | None:
     return next((n for n, options in RECIPES.items() if options == (*RECIPES[name], *SEEDS)), None)
 
 
-def difference(results: list[dict], name: str, views: int) -> tuple[str, str]:
-    """(`name` minus its baseline, paired, [95 % CI]; whether the interval excludes zero), or dashes."""
-    correct, against = per_image(results, name, views), per_image(results, baseline(name), views)
-    if name == baseline(name) or correct is None or against is None:
-        return "-", "-"
-    mean, low, high = bootstrap(correct - against)
-    return interval(mean, low, high, signed=True), "yes" if low > 0 or high < 0 else "no"
+def paired(scores: dict[str, np.ndarray], trainings: list[str]) -> str:
+    """The per-image difference of these recipes (one recipe, or its trainings) to their baselines,
+    over all their images: "mean [95 % CI] | whether the interval excludes zero"."""
+    mean, low, high = bootstrap(np.concatenate([scores[n] - scores[baseline(n)] for n in trainings]))
+    return f"{interval(mean, low, high, signed=True)} | {'yes' if low > 0 or high < 0 else 'no'}"
 
 
 def print_table(results: list[dict], views: int) -> None:
@@ -248,30 +239,27 @@ def print_table(results: list[dict], views: int) -> None:
     )
     click.echo("| --- | --- | --- | --- | --- | --- | --- |")
     names = [n for n in dict.fromkeys(r["recipe"] for r in results if r["views"] == views) if n in RECIPES]
-    done = [n for n in names if per_image(results, n, views) is not None]
-    for name in done:
+    scores = {n: per_image(results, n, views) for n in names}
+    scores = {n: correct for n, correct in scores.items() if correct is not None}  # all folds done
+    for name, correct in scores.items():
         runs = [r for r in results if r["recipe"] == name and r["views"] == views]
         stage2 = sum(r["trial"].startswith("finetune") for r in runs)
+        compared = name != baseline(name) and baseline(name) in scores
         click.echo(
-            f"| {name} | {interval(*bootstrap(per_image(results, name, views)))} "
-            f"| {' | '.join(difference(results, name, views))} "
+            f"| {name} | {interval(*bootstrap(correct))} | {paired(scores, [name]) if compared else '- | -'} "
             f"| {statistics.mean(r['val_acc'] for r in runs):.3f} | {stage2} of {len(runs)} "
             f"| {statistics.mean(r['seconds'] for r in runs):.0f} s |"
         )
     click.echo(f"\n{len(FOLDS)} folds, every training image predicted once per recipe; CPU flags: {cpu_flags()}")
     # Two trainings of each: the paired differences of both, so the interval also sees a retrained fold.
-    twice = [(n, retrained(n)) for n in done if n != DEFAULT and retrained(n) in done]
-    if twice and retrained(DEFAULT) in done:
+    twice = [[n, retrained(n)] for n in scores if n != DEFAULT and retrained(n) in scores]
+    if twice and retrained(DEFAULT) in scores:
         click.echo(
             "\n| recipe, trained twice (seeds 42, 1) | minus the default trained twice, paired [95 % CI] | real? |"
         )
         click.echo("| --- | --- | --- |")
-        for name, again in twice:
-            both = [per_image(results, n, views) - per_image(results, baseline(n), views) for n in (name, again)]
-            mean, low, high = bootstrap(np.concatenate(both))
-            click.echo(
-                f"| {name} | {interval(mean, low, high, signed=True)} | {'yes' if low > 0 or high < 0 else 'no'} |"
-            )
+        for trainings in twice:
+            click.echo(f"| {trainings[0]} | {paired(scores, trainings)} |")
 
 
 def run_folder(root: Path, name: str, views: int, fold: int) -> Path:
