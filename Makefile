@@ -8,7 +8,7 @@ DATA_DIR ?= data/clothing-dataset-small
 export CLOTHING_DATA_DIR ?= $(DATA_DIR)
 MODEL   ?= model.pt
 
-.PHONY: install test test-fast lint mutants sweep best ui data bench bench-scale bench-accuracy bench-soak clean
+.PHONY: install test test-fast lint mutants sweep best ui data bench bench-scale bench-accuracy bench-profile bench-soak clean
 
 install: $(STAMP)
 
@@ -76,6 +76,11 @@ bench-scale: install
 ACCURACY_DIR ?= bench-accuracy
 bench-accuracy: install
 	$(PY) -m bench.accuracy --work-dir $(ACCURACY_DIR) --front docs/images/accuracy_front.png
+
+# Where a cold `make sweep` spends its time, stage by stage (bench/profile.py); SWEEP_OPTIONS as for sweep,
+# e.g. SWEEP_OPTIONS='--config sweeps/thorough.yaml'.
+bench-profile: install
+	$(PY) -m bench.profile $(SWEEP_OPTIONS)
 
 # Many workers on one PostgreSQL study through SIGKILLs, a database restart and a tracking outage, at 1, 4,
 # 8 and 16 processes (bench/soak.py; tests/test_soak.py runs it small).

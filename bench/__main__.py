@@ -83,7 +83,8 @@ def sweep_command(
     stores = ["--storage", f"sqlite:///{workdir / 'optuna.db'}", "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}"]
     workdir.mkdir(parents=True, exist_ok=True)
     cache = cache or workdir / "cache"
-    common = ["--data-dir", str(data_dir), "--backbone-weights", str(weights), "--cache-dir", str(cache)]
+    common = ["--data-dir", str(data_dir), "--backbone-weights", str(weights)]
+    common += ["--cache-dir", str(cache)] if action == "run" else []  # best reads no cache
     return [sys.executable, "-m", "sweep", action, *stores, *common, *options]
 
 

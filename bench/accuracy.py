@@ -4,13 +4,14 @@ and every recipe compared with the default image by image.
 The validation split picks the winner, so its val_acc flatters it. Here every recipe runs once per
 fold of one stratified 5-fold split of train/ (a sweep file's `holdout_fold: F`; sweep.data.fold_rows
 deals the same folds to every recipe), and what `best` would ship from each run (the winner under the
-recipe's own rule) predicts the fold that run never saw. So each recipe predicts every training
-image once, 3,068 predictions, and two recipes are compared on the same images: the table gives each
-recipe's accuracy with a 95 % bootstrap interval over images, and its difference to the default with
-a paired one (the same resampled images for both), marked real when it excludes zero. Those
-intervals hold the trained models fixed, and a retraining moves a recipe's estimate by about 0.01
-(docs/benchmarks.md), so a recipe is also trained a second time (seed 1: its `, seed 1` twin) and
-compared with the default trained twice, over both trainings' paired predictions.
+recipe's own rule, run on the image files as `sweep predict` runs the exported model) predicts the
+fold that run never saw. So each recipe predicts every training image once, 3,068 predictions, and
+two recipes are compared on the same images: the table gives each recipe's accuracy with a 95 %
+bootstrap interval over images, and its difference to the default with a paired one (the same
+resampled images for both), marked real when it excludes zero. Those intervals hold the trained
+models fixed, and a retraining moves a recipe's estimate by about 0.01 (docs/benchmarks.md), so a
+recipe is also trained a second time (seed 1: its `, seed 1` twin) and compared with the default
+trained twice: each image's difference averaged over both trainings, the images resampled once.
 
 Every recipe is the defaults (`make sweep`) with some options changed. Its stage 1 runs once per
 fold (shared by every recipe with the same image size, precision and seed), its stage 2 on a copy
@@ -45,11 +46,11 @@ import numpy as np
 from bench import cpu_flags
 from bench.front import Point, default_recipe, draw_front, front
 from bench.notebook import notebook_pass
+from clothing.checkpoint import spec_of
 from clothing.data import ClothingDataset, build_transforms
-from clothing.extract import ExtractionOptions
-from clothing.features import FeatureSet, cached_features
-from clothing.model import finetune_cut, load_backbone
-from clothing.scoring import cached_logits, model_from_checkpoint
+from clothing.inference import BatchOptions
+from clothing.model import load_backbone
+from clothing.scoring import model_from_checkpoint, predicted_right
 from sweep.config import HOLDOUT_FOLDS, Stores, SweepConfig, read_sweep_file
 from sweep.data import fold_rows
 from sweep.pipeline import quiet_libraries
@@ -112,9 +113,9 @@ def option_value(options: tuple[str, ...], name: str, default: str) -> str:
     return given[-1] if given else default
 
 
-def deepest_cut(options: tuple[str, ...]) -> int | None:
-    blocks = int(option_value(options, "--finetune-blocks", str(RECIPE.stage2.finetune_blocks)))
-    return finetune_cut(blocks) if blocks else None
+def fine_tunes(options: tuple[str, ...]) -> bool:
+    """Whether the recipe has a stage 2."""
+    return int(option_value(options, "--finetune-blocks", str(RECIPE.stage2.finetune_blocks))) > 0
 
 
 # The options of a recipe that change its stage 1, with the defaults' values: recipes that agree on
@@ -143,43 +144,28 @@ def stage1_key(options: tuple[str, ...]) -> str:
 
 
 class HeldOutScorer:
-    """Predicts a fold's held-out images with a trial's checkpoint, from the feature cache the sweep
-    filled (all of train/), exactly as `best` scores a test/ split."""
+    """Predicts a fold's held-out images of train/ with what `best` ships from a run: its winner's
+    model, run on the image files as `sweep predict` runs the exported file."""
 
-    def __init__(self, data_dir: Path, cache: Path, views: int) -> None:
+    def __init__(self, data_dir: Path) -> None:
         self.backbone = load_backbone(os.environ["CLOTHING_BACKBONE_WEIGHTS"])
-        self.data_dir, self.cache, self.views = data_dir, cache, views
+        self.train = ClothingDataset(data_dir / "train")
 
-    def held_out(self, fold: int, options: tuple[str, ...]) -> tuple[np.ndarray, FeatureSet]:
-        """(the fold's rows of train/, their cached features), read from the cache the recipe's sweep
-        filled (pooled features, and activations at its cut)."""
-        size, precision = int(stage1_setting(options, "--image-size")), stage1_setting(options, "--precision")
-        train = ClothingDataset(self.data_dir / "train", build_transforms(size))
-        extraction = ExtractionOptions(
-            precision=precision, views=self.views, cut=deepest_cut(options), image_size=size, progress=False
-        )
-        full = cached_features(train, self.backbone, self.cache, extraction)
-        rows = fold_rows(full.labels, fold)[1]
-        return rows, full.subset(rows)
-
-    def correct(self, checkpoint: dict, part: FeatureSet) -> list[int]:
-        """1 for each held-out image the checkpoint's model predicts right (the plain view), else 0."""
-        logits = cached_logits(model_from_checkpoint(checkpoint, self.backbone), part)
-        return (logits.argmax(dim=1) == part.labels).int().tolist()
+    def correct(self, checkpoint: dict, fold: int) -> tuple[np.ndarray, list[int]]:
+        """(the fold's rows of train/, 1 for each of their images the checkpoint's model labels right, else 0)."""
+        rows = fold_rows(np.asarray(self.train.labels), fold)[1]
+        paths, labels = [self.train.image_paths[i] for i in rows], [self.train.labels[i] for i in rows]
+        model = model_from_checkpoint(checkpoint, self.backbone)
+        return rows, predicted_right(model, spec_of(checkpoint), paths, labels, BatchOptions())
 
 
-def score_run(scorer: HeldOutScorer, folder: Path, fold: int, options: tuple[str, ...]) -> dict:
+def score_run(scorer: HeldOutScorer, folder: Path, fold: int) -> dict:
     """What `best` ships from the run in `folder` (the winner under the run's own tolerance), and
     which of the fold's held-out images it predicts right."""
     winner = read_studies(Stores(storage=f"sqlite:///{folder / 'optuna.db'}")).rank().winner
     checkpoint = Tracker(f"sqlite:///{folder / 'mlflow.db'}").fetch_checkpoint(winner)
-    rows, part = scorer.held_out(fold, options)
-    return {
-        "trial": winner.name,
-        "val_acc": winner.val_acc,
-        "rows": rows.tolist(),
-        "correct": scorer.correct(checkpoint, part),
-    }
+    rows, correct = scorer.correct(checkpoint, fold)
+    return {"trial": winner.name, "val_acc": winner.val_acc, "rows": rows.tolist(), "correct": correct}
 
 
 def bootstrap(values: np.ndarray, resamples: int = 2000) -> tuple[float, float, float]:
@@ -224,9 +210,14 @@ def retrained(name: str) -> str | None:
 
 
 def paired(scores: dict[str, np.ndarray], trainings: list[str]) -> str:
-    """The per-image difference of these recipes (one recipe, or its trainings) to their baselines,
-    over all their images: "mean [95 % CI] | whether the interval excludes zero"."""
-    mean, low, high = bootstrap(np.concatenate([scores[n] - scores[baseline(n)] for n in trainings]))
+    """The difference of these recipes (one recipe, or its trainings) to their baselines, image by
+    image: "mean [95 % CI] | whether the interval excludes zero". Each image's difference is averaged
+    over the trainings, and the images are resampled once for all of them: an image counts once
+    however often it was trained on, so a second training that copies the first leaves the interval
+    as it was (joining both trainings' differences into one vector of 2N and resampling its entries
+    one by one made it about 1/sqrt(2) too narrow)."""
+    differences = np.mean([scores[n] - scores[baseline(n)] for n in trainings], axis=0)
+    mean, low, high = bootstrap(differences)
     return f"{interval(mean, low, high, signed=True)} | {'yes' if low > 0 or high < 0 else 'no'}"
 
 
@@ -255,11 +246,13 @@ def print_table(results: list[dict], views: int) -> None:
     twice = [[n, retrained(n)] for n in scores if n != DEFAULT and retrained(n) in scores]
     if twice and retrained(DEFAULT) in scores:
         click.echo(
-            "\n| recipe, trained twice (seeds 42, 1) | minus the default trained twice, paired [95 % CI] | real? |"
+            "\n| recipe, trained twice (seeds 42, 1) | minus the default trained twice, paired [95 % CI] | real? "
+            "| seed 42 alone | seed 1 alone |"
         )
-        click.echo("| --- | --- | --- |")
+        click.echo("| --- | --- | --- | --- | --- |")
         for trainings in twice:
-            click.echo(f"| {trainings[0]} | {paired(scores, trainings)} |")
+            each = " | ".join(paired(scores, [n]).split(" | ")[0] for n in trainings)
+            click.echo(f"| {trainings[0]} | {paired(scores, trainings)} | {each} |")
 
 
 def run_folder(root: Path, name: str, views: int, fold: int) -> Path:
@@ -270,7 +263,7 @@ def held_out_runs(root: Path, names: tuple[str, ...], views: int, done: list[dic
     """Each recipe once per fold, unless `done` has it: its stage 1 (shared by every recipe at that
     image size), then its own run on a copy of those stores, scored; appended to `done` and to
     results.jsonl."""
-    cache, scorer = root / "cache", HeldOutScorer(Path(os.environ["CLOTHING_DATA_DIR"]), root / "cache", views)
+    cache, scorer = root / "cache", HeldOutScorer(Path(os.environ["CLOTHING_DATA_DIR"]))
     for name in names:
         for fold in FOLDS:
             if any(r["recipe"] == name and r["fold"] == fold and r["views"] == views for r in done):
@@ -283,19 +276,20 @@ def held_out_runs(root: Path, names: tuple[str, ...], views: int, done: list[dic
             shutil.rmtree(folder, ignore_errors=True)
             shutil.copytree(base, folder)
             seconds = run_sweep(folder, cache, (*RECIPES[name], "--views", str(views)), fold)
-            if deepest_cut(RECIPES[name]) is None:  # stage 1 only: the base's own time
+            if not fine_tunes(RECIPES[name]):  # stage 1 only: the base's own time
                 seconds = float((base / "seconds").read_text())
             result = {"recipe": name, "fold": fold, "views": views, "seconds": seconds}
-            result |= score_run(scorer, folder, fold, RECIPES[name])
+            result |= score_run(scorer, folder, fold)
             done.append(result)
             with (root / "results.jsonl").open("a") as out:
                 out.write(json.dumps(result) + "\n")
             click.echo(f"{name}, fold {fold}: {statistics.mean(result['correct']):.3f} ({result['trial']})")
 
 
-def export_seconds(folder: Path, cache: Path) -> float:
+def export_seconds(folder: Path) -> float:
     """`sweep best --export`, the second half of `make sweep`, in its own process; its wall time."""
-    command = [sys.executable, "-m", "sweep", "best", "--export", str(folder / "model.pt"), *stores_in(folder, cache)]
+    stores = stores_in(folder, folder / "cache")[:4]  # best reads no cache
+    command = [sys.executable, "-m", "sweep", "best", "--export", str(folder / "model.pt"), *stores]
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -317,7 +311,7 @@ def time_cold(root: Path, names: tuple[str, ...], views: int) -> None:
     for name in names:
         folder = Path(tempfile.mkdtemp(prefix="cold-", dir=root))
         run = run_sweep(folder, folder / "cache", (*RECIPES[name], "--views", str(views)))
-        export = export_seconds(folder, folder / "cache")
+        export = export_seconds(folder)
         row = {"recipe": name, "views": views, "seconds": run + export, "run": run, "export": export, "a_seconds": a}
         row |= {"cpu_flags": cpu_flags(), "date": time.strftime("%Y-%m-%d")}
         with (root / "cold.jsonl").open("a") as out:

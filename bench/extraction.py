@@ -25,7 +25,7 @@ from torchvision.transforms import functional as F
 
 from clothing.data import ClothingDataset, build_transforms, load_image, pixel_transform
 from clothing.engines import build_trunk
-from clothing.extract import TrunkOutputs
+from clothing.extract import TrunkOutputs, native_bf16_cpu
 from clothing.model import load_backbone
 
 BATCH = 32
@@ -52,7 +52,7 @@ def engine_rows(extractor: TrunkOutputs, batches: list[torch.Tensor], calibratio
         reference, rate = _throughput(extractor, batches)
     rows = [("torch, eager fp32 (exact, the reference)", f"{rate:.1f} img/s", "")]
     engines = [("torch, fused TorchScript graph, fp32", "torch", "fp32"), ("openvino, fp32", "openvino", "fp32")]
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if native_bf16_cpu():
         engines += [("torch, bf16 autocast", "torch", "bf16"), ("openvino, bf16", "openvino", "bf16")]
     for name, engine, precision in engines:
         trunk = build_trunk(extractor, engine, cpu, precision, shape)

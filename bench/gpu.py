@@ -86,8 +86,9 @@ def cli_rows(data_dir: Path, weights: str, work: Path, gpu: str) -> list[tuple[s
         f"--storage=sqlite:///{work / 'cli-optuna.db'}",
         f"--tracking-uri=sqlite:///{work / 'cli-mlflow.db'}",
     ]
-    common = [*stores, f"--data-dir={data_dir}", f"--backbone-weights={weights}", f"--cache-dir={work / 'cli-cache'}"]
+    common = [*stores, f"--data-dir={data_dir}", f"--backbone-weights={weights}"]
     run = [sys.executable, "-m", "sweep", "run", "--quiet", "--device", gpu, *RECIPE, *common]
+    run.append(f"--cache-dir={work / 'cli-cache'}")
     start = time.perf_counter()
     swept = subprocess.run(run, capture_output=True, text=True)
     seconds = time.perf_counter() - start

@@ -79,6 +79,14 @@ class TrunkOutputs(torch.nn.Module):
         return (activations, pooled) if self.with_activations else (pooled,)
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes in bf16 itself (AVX-512 bf16 or AMX). oneDNN's own check
+    (`torch.ops.mkldnn._is_mkldnn_bf16_supported`) also says yes on plain AVX-512, where bf16 is
+    emulated: there a 7-block stage 2 in bf16 took longer than in fp32, and OpenVINO runs fp32 anyway."""
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """ "auto" picks reduced precision only where the hardware runs it natively."""
     if precision not in PRECISIONS:
@@ -87,7 +95,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    return "bf16" if native_bf16_cpu() else "fp32"
 
 
 def resolve_training_precision(setting: str, feature_precision: str, device: torch.device) -> str:

@@ -104,9 +104,10 @@ def train_and_evaluate(  # noqa: PLR0913 - the loop's own inputs (DESIGN.md's in
     `on_epoch(epoch, metrics, model)` runs after each epoch (it may raise to stop early, e.g.
     optuna.TrialPruned), then `early_stop(metrics)` says whether to end the run there (EarlyStopping);
     raises TrainingDiverged as soon as a loss is not finite. `autocast` (torch.bfloat16) runs the
-    forward passes, training and evaluation, under autocast to that dtype: the weights, their
-    gradients and the optimizer's state stay fp32 (mixed precision; no loss scaling, which bf16's
-    fp32-sized exponent does not need).
+    training passes under autocast to that dtype: the weights, their gradients and the optimizer's
+    state stay fp32 (mixed precision; no loss scaling, which bf16's fp32-sized exponent does not
+    need). Validation and the honest train pass run in fp32, as the exported model predicts, so the
+    val_acc the winner rule compares is the shipped model's on every CPU.
     """
     device = torch.device(device)
     model.to(device)
@@ -115,10 +116,10 @@ def train_and_evaluate(  # noqa: PLR0913 - the loop's own inputs (DESIGN.md's in
         model.train()
         running_loss, running_acc = _run_epoch(model, train_loader, criterion, device, optimizer, autocast)
         model.eval()
-        with torch.no_grad():
-            val_loss, val_acc = _run_epoch(model, val_loader, criterion, device, None, autocast)
+        with torch.no_grad():  # in fp32 whatever the training's autocast: as an exported model predicts
+            val_loss, val_acc = _run_epoch(model, val_loader, criterion, device, None)
             if train_eval_loader is not None:
-                train_loss, train_acc = _run_epoch(model, train_eval_loader, criterion, device, None, autocast)
+                train_loss, train_acc = _run_epoch(model, train_eval_loader, criterion, device, None)
             else:
                 train_loss, train_acc = running_loss, running_acc
         metrics = {

@@ -1,10 +1,10 @@
 """`best`: the study's winner under the rule, scored, exported and registered, and marked in MLflow.
 
 The command's steps in order: read both studies once and rank them; when asked or when there is a
-test split, rebuild the winner's model and score it (`clothing.scoring.validate`); publish the
-ranking on the parent run once, with the test score; then export and register. What `run` recorded
-on the parent run (the data folder, the backbone weights, the cache) is used unless told otherwise,
-so `best` needs no more options than `run` had.
+test split, rebuild the winner's model and score it as `predict` runs the exported file
+(`clothing.scoring.folder_accuracy`); publish the ranking on the parent run once, with the test
+score; then export and register. What `run` recorded on the parent run (the data folder, the
+backbone weights) is used unless told otherwise, so `best` needs no more options than `run` had.
 """
 
 from __future__ import annotations
@@ -14,17 +14,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from clothing.checkpoint import CheckpointError
+from clothing.checkpoint import CheckpointError, spec_of
 from clothing.data import shown
-from clothing.model import load_backbone
-from clothing.scoring import check_backbone, export_model, validate
+from clothing.inference import BatchOptions
+from clothing.model import ClothingClassifierMobileNet, ModelSpec, load_backbone
+from clothing.scoring import export_model, folder_accuracy, model_from_checkpoint
 from sweep.config import DataSettings, Stores, SweepError, default_tracking_uri, resolve_device
 from sweep.ranking import Ranking, rule_text
 from sweep.registry import CHAMPION_ALIAS, VersionInfo, register_winner
 from sweep.study import Report, read_studies
 from sweep.tracking import ParentRun, Tracker, browse_hint, publish
 
-RECORDED = ("data_dir", "backbone_weights", "cache_dir")  # what `best` takes from the run unless told
+RECORDED = ("data_dir", "backbone_weights")  # what `best` takes from the run unless told
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,6 @@ class BestOptions:
     stores: Stores
     data_dir: Path | None
     backbone_weights: str | None
-    cache_dir: Path | None
     device: str
     tolerance: float | None  # None: the study's own
     export_path: Path | None = None
@@ -57,18 +57,21 @@ class BestOptions:
         return self.export_path is not None or self.register_name is not None or self.tta
 
 
-def evaluate_winner(ranking: Ranking, head: dict, backbone, data: DataSettings, tta: bool) -> dict[str, float]:
+def evaluate_winner(
+    ranking: Ranking, model: ClothingClassifierMobileNet, spec: ModelSpec, data: DataSettings, tta: bool
+) -> dict[str, float]:
     """The winner's metrics: its recorded scores, plus val_acc with TTA when asked and test_acc when the
-    data folder has a test/ split."""
+    data folder has a test/ split, each what the exported model (`model` and its `spec`, as
+    model_from_checkpoint rebuilds it) gives on those images with `sweep predict` (--tta)."""
     winner = ranking.winner
     metrics = {"val_acc": winner.val_acc, "train_acc": winner.train_acc, "gap": winner.gap}
     metrics["best_epoch"] = winner.best_epoch
-    device, test_dir = resolve_device(data.device), data.data_dir / "test"
+    device, test_dir = str(resolve_device(data.device)), data.data_dir / "test"
     if tta:
         folder = data.data_dir / "validation"
-        metrics["val_acc_tta"] = validate(head, backbone, folder, data.cache_dir, device, tta=True)["acc"]
+        metrics["val_acc_tta"] = folder_accuracy(model, spec, folder, BatchOptions(tta=True, device=device))
     if test_dir.is_dir():
-        metrics["test_acc"] = validate(head, backbone, test_dir, data.cache_dir, device)["acc"]
+        metrics["test_acc"] = folder_accuracy(model, spec, test_dir, BatchOptions(device=device))
     return metrics
 
 
@@ -114,12 +117,12 @@ def run_best(options: BestOptions, say: Report) -> None:
     experiment_id = tracker.experiment_id(stores.study, create=False) or ""
     parent_id = tracker.find_parent(experiment_id) if experiment_id else None
     data = options.data(tracker.client.get_run(parent_id).data.params if parent_id else {})
-    metrics, head, backbone = {}, None, None
+    metrics, head, model = {}, None, None
     if options.rebuilds or (data.data_dir / "test").is_dir():
-        backbone = load_backbone(data.backbone_weights)
         head = tracker.fetch_checkpoint(winner)
-        check_backbone(head, backbone)  # test scores, TTA and exports all need the weights it trained on
-        metrics = evaluate_winner(ranking, head, backbone, data, options.tta)
+        # Test scores, TTA and exports all need the weights it trained on (model_from_checkpoint checks).
+        model = model_from_checkpoint(head, load_backbone(data.backbone_weights))
+        metrics = evaluate_winner(ranking, model, spec_of(head), data, options.tta)
         scored = {f"best/{name}": metrics[name] for name in ("val_acc_tta", "test_acc") if name in metrics}
         if scored:
             tracker.log(winner.run_id, metrics=scored)
@@ -131,13 +134,13 @@ def run_best(options: BestOptions, say: Report) -> None:
     if "test_acc" in metrics:
         say(f"(test_acc: the model's accuracy on the images of {shown(data.data_dir / 'test')})")
     if options.export_path is not None:
-        export_model(head, backbone, options.export_path, metrics)
+        export_model(head, model, options.export_path, metrics)
         say(f"Exported {winner.name} to {shown(options.export_path)}")
     if options.register_name is not None:
         name = options.register_name
         with tempfile.TemporaryDirectory() as scratch:
             # The registered model is the export, byte for byte: the file just written, or one made for it.
-            model_file = options.export_path or export_model(head, backbone, Path(scratch) / "model.pt", metrics)
+            model_file = options.export_path or export_model(head, model, Path(scratch) / "model.pt", metrics)
             info = version_info(ranking, stores.study, metrics)
             version = register_winner(tracker, model_file, name, info, options.register_format)
         say(f"Registered {winner.name} as models:/{name}/{version}, now models:/{name}@{CHAMPION_ALIAS}")

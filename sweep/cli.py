@@ -153,9 +153,8 @@ def run(sweep_file: tuple[dict, tuple | None], quiet: bool, wide: bool, **settin
     DataSettings,
     "data_dir",
     "backbone_weights",
-    "cache_dir",
     "device",
-    **dict.fromkeys(("data_dir", "backbone_weights", "cache_dir"), RECORDED),
+    **dict.fromkeys(("data_dir", "backbone_weights"), RECORDED),
 )
 @options(Stage1Settings, "tolerance", tolerance=STUDY_TOLERANCE)
 @option(

@@ -102,8 +102,10 @@ def prepare_data(  # noqa: PLR0913 - the data's settings, where to run, and what
         progress=progress,
     )
     train = cached_features(train_set, backbone, settings.cache_dir, options, views=settings.views)
-    # Validation's features come from the same engine as the training ones, whatever its own size.
-    val = cached_features(val_set, backbone, settings.cache_dir, options, engine=train.engine)
+    # Validation picks the winner, so it sees images as the exported model does: in fp32 (exact stays
+    # exact), whatever the training features' precision; on their engine, whatever its own size.
+    precision = "exact" if train.precision == "exact" else "fp32"
+    val = cached_features(val_set, backbone, settings.cache_dir, options, engine=train.engine, precision=precision)
     tags = {**code_tags(), **cache_keys({"train": train, "validation": val})}
     if settings.holdout_fold:  # cached for all of train/, so every fold shares the cache; trials see the rest
         kept, held = fold_rows(train.labels, settings.holdout_fold)

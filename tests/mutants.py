@@ -36,6 +36,7 @@ class Mutant:
 
 OBJECTIVE_VALUES = "tests/test_objective.py"
 VIEW = "tests/test_mlflow_view.py"
+BF16_STAGE2 = "tests/test_finetune.py::test_bf16_stage2_records_its_precision_and_stays_within_2_percent_of_fp32"
 NEVER_BEATEN = (
     "tests/test_outages.py::test_only_the_sweeps_own_trials_are_failed_for_never_beating_and_by_the_databases_clock"
 )
@@ -85,16 +86,9 @@ MUTANTS = (
     Mutant(
         "best computes test_acc on validation/",
         "sweep/best.py",
-        'device, test_dir = resolve_device(data.device), data.data_dir / "test"',
-        'device, test_dir = resolve_device(data.device), data.data_dir / "validation"',
-        ("tests/test_winner.py::test_test_acc_is_the_exported_models_accuracy_on_the_test_split",),
-    ),
-    Mutant(
-        "best --tta without the mirror (the plain cached view twice)",
-        "clothing/scoring.py",
-        "cached_logits(model, features, int(mirrored))",
-        "cached_logits(model, features, 0)",
-        ("tests/test_winner.py::test_tta_averages_each_image_with_its_mirror",),
+        'device, test_dir = str(resolve_device(data.device)), data.data_dir / "test"',
+        'device, test_dir = str(resolve_device(data.device)), data.data_dir / "validation"',
+        ("tests/test_winner.py::test_test_acc_is_what_predict_gives_with_the_exported_file",),
     ),
     Mutant(
         "the median pruner replaced by no pruning",
@@ -233,7 +227,10 @@ MUTANTS = (
         "clothing/inference.py",
         "(pooled,) = trunk(pixels.flip(-1) if mirrored else pixels)",
         "(pooled,) = trunk(pixels)",
-        ("tests/test_predict_files.py::test_batches_engines_and_mirror_views_change_no_label",),
+        (
+            "tests/test_predict_files.py::test_batches_engines_and_mirror_views_change_no_label",
+            "tests/test_winner.py::test_tta_averages_each_image_with_its_mirror",  # best --tta is predict's
+        ),
     ),
     Mutant(
         "a RUNNING trial of the sweep's that never got a heartbeat stays RUNNING forever",
@@ -448,6 +445,34 @@ MUTANTS = (
         "        close_orphaned_runs(sweep)\n",
         "",
         ("tests/test_study.py::test_a_failed_trials_run_left_running_is_closed_by_the_next_sweep",),
+    ),
+    Mutant(
+        "auto trusts oneDNN's bf16 check, which says yes where bf16 is emulated (killed on plain AVX-512 only)",
+        "clothing/extract.py",
+        'return "bf16" if native_bf16_cpu() else "fp32"',
+        'return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"',
+        ("tests/test_finetune.py::test_auto_picks_bf16_exactly_where_the_cpu_lists_native_bf16",),
+    ),
+    Mutant(
+        "validation extracted in the training features' bf16, not in the exported model's fp32",
+        "sweep/data.py",
+        'precision = "exact" if train.precision == "exact" else "fp32"',
+        "precision = train.precision",
+        (BF16_STAGE2,),
+    ),
+    Mutant(
+        "validation of a bf16 stage 2 under autocast, not as the exported model predicts",
+        "clothing/train.py",
+        "val_loss, val_acc = _run_epoch(model, val_loader, criterion, device, None)",
+        "val_loss, val_acc = _run_epoch(model, val_loader, criterion, device, None, autocast)",
+        (BF16_STAGE2,),
+    ),
+    Mutant(
+        "the trained-twice interval resamples the 2N differences of both trainings one by one",
+        "bench/accuracy.py",
+        "differences = np.mean([scores[n] - scores[baseline(n)] for n in trainings], axis=0)",
+        "differences = np.concatenate([scores[n] - scores[baseline(n)] for n in trainings])",
+        ("tests/test_front.py::test_a_second_training_that_copies_the_first_leaves_the_interval_as_it_was",),
     ),
 )
 

@@ -17,7 +17,8 @@ from sweep.cli import cli
 from sweep.config import Stores
 from sweep.study import read_studies
 
-STORE_OPTIONS = {"trials": ("--storage",)}  # commands that take fewer than all three
+# The commands that take fewer than all three store options.
+STORE_OPTIONS = {"trials": ("--storage",), "best": ("--storage", "--tracking-uri")}
 # The mission's head-only sweep (224 px, one view, no stage 2): what the tests run unless they say
 # otherwise, as the recipe's stage 2 at 256 px would cost every test a fine-tuning.
 SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"

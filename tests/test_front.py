@@ -3,7 +3,18 @@ that picks the default recipe from it."""
 
 import numpy as np
 
-from bench.accuracy import DEFAULT, FOLDS, RECIPES, THOROUGH, baseline, bootstrap, per_image, print_table, retrained
+from bench.accuracy import (
+    DEFAULT,
+    FOLDS,
+    RECIPES,
+    THOROUGH,
+    baseline,
+    bootstrap,
+    paired,
+    per_image,
+    print_table,
+    retrained,
+)
 from bench.front import Point, default_recipe, draw_front, front
 from sweep.data import fold_rows
 
@@ -94,3 +105,21 @@ def test_a_recipe_is_compared_with_the_default_of_its_own_seed_and_over_both_tra
     assert "| +0.000 [+0.000, +0.000] | no |" in again_row  # with seed 1's default, not seed 42's
     both = np.concatenate([right[THOROUGH] - right[DEFAULT], right[again] - right[retrained(DEFAULT)]])
     assert twice.startswith(f"| {THOROUGH} | {both.mean():+.3f} [") and abs(both.mean() - gain / 2) < 1e-9
+    # Beside it, each training's own difference: seed 42's gain, and none with seed 1.
+    assert twice.endswith(f"| {paired(scores_of(right), [THOROUGH]).split(' | ')[0]} | +0.000 [+0.000, +0.000] |")
+
+
+def scores_of(right: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: correct.astype(float) for name, correct in right.items()}
+
+
+def test_a_second_training_that_copies_the_first_leaves_the_interval_as_it_was():
+    """Images are resampled once for both trainings: a copy adds no images, so no certainty. (Joining
+    both trainings' differences into one vector of 2N, resampled entry by entry, narrowed it by about
+    1/sqrt(2).)"""
+    rng = np.random.default_rng(3)
+    right = {name: (rng.random(3000) < 0.87).astype(int) for name in RECIPES}
+    right[THOROUGH] = np.where(rng.random(3000) < 0.1, 1, right[DEFAULT])  # a few more right
+    copies = right | {retrained(THOROUGH): right[THOROUGH], retrained(DEFAULT): right[DEFAULT]}
+    once, twice = paired(scores_of(copies), [THOROUGH]), paired(scores_of(copies), [THOROUGH, retrained(THOROUGH)])
+    assert twice == once

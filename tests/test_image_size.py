@@ -1,5 +1,6 @@
 """`--image-size`: one size from the feature cache through stage 2 and the model file to `predict`."""
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,9 @@ from sweep_helpers import assert_one_error, mlflow_runs, output_of, run_options,
 from clothing.checkpoint import load_model, spec_of
 from clothing.data import ClothingDataset, build_transforms
 from clothing.features import cached_features
+from clothing.inference import BatchOptions
 from clothing.model import finetune_cut, load_backbone
-from clothing.scoring import cached_logits, export_model, split_logits, validate
+from clothing.scoring import export_model, folder_accuracy, model_from_checkpoint
 from sweep.cli import cli
 from sweep.config import Stores
 from sweep.study import read_studies
@@ -42,14 +44,14 @@ def test_a_larger_image_size_travels_from_the_features_to_predict(stores, data_d
     assert parent.data.params["image_size"] == str(SIZE)
 
     # The model file carries it: `best --export`'s, and the stage-2 trial's export, which, fed 96 px
-    # images, gives the logits of the activations stage 2 cached (and so the val_acc it measured).
+    # images, gives the logits of the activations stage 2 cached, and so the val_acc it recorded.
     weights = ("--backbone-weights", tiny_weights)
     best = sweep("best", "--export", tmp_path / "best.pt", "--data-dir", data_dir, *weights, stores=stores)
     assert best.exit_code == 0, output_of(best)
     assert spec_of(load_model(tmp_path / "best.pt")[1]).image_size == SIZE
     (tuned,) = [r for r in read_studies(Stores(storage=stores["--storage"])).records() if r.stage == "finetune"]
     head, backbone = Tracker(stores["--tracking-uri"]).fetch_checkpoint(tuned), load_backbone(tiny_weights)
-    model_file = export_model(head, backbone, tmp_path / "model.pt", {})
+    model_file = export_model(head, model_from_checkpoint(head, backbone), tmp_path / "model.pt", {})
     model, payload = load_model(model_file)
     spec = spec_of(payload)
     assert spec.image_size == SIZE and spec.finetune_blocks == 1
@@ -57,41 +59,26 @@ def test_a_larger_image_size_travels_from_the_features_to_predict(stores, data_d
     val_set = ClothingDataset(data_dir / "validation", build_transforms(SIZE), class_to_idx)
     images = torch.stack([val_set[i][0] for i in range(len(val_set))])
     assert images.shape[-2:] == (SIZE, SIZE)
-    logits, labels = split_logits(head, backbone, val_set, stores["--cache-dir"], "cpu")  # from the cache
+    cache = functools.partial(cached_features, cache_dir=stores["--cache-dir"], cut=finetune_cut(1), image_size=SIZE)
+    val = cache(val_set, backbone, precision="fp32", progress=False)
+    assert val.cache_hit  # the sweep's own: validation is extracted in fp32
     with torch.no_grad():
-        torch.testing.assert_close(model(images), logits, rtol=1e-3, atol=1e-3)
-    assert (logits.argmax(1) == labels).float().mean().item() == pytest.approx(tuned.val_acc)
+        torch.testing.assert_close(model(images), model.tail()(val.activations()[:, 0].float()), rtol=1e-3, atol=1e-3)
+    assert folder_accuracy(model, spec, data_dir / "validation", BatchOptions()) == pytest.approx(tuned.val_acc)
 
-    # Mirror TTA over a split (`best --tta`) is the mean of the logits of each image and of its mirror,
-    # flipped after resizing to the model's size, normalised as the model's training views were.
-    mirrored = split_logits(
-        head,
-        backbone,
-        ClothingDataset(data_dir / "validation", build_transforms(SIZE, mirror=True), class_to_idx),
-        stores["--cache-dir"],
-        "cpu",
-    )[0]
+    # Mirror TTA over a split (`best --tta`, `predict --tta`) is the mean of the logits of each image and
+    # of its mirror, flipped after resizing to the model's size, normalised as the model's training views were.
     with torch.no_grad():
-        torch.testing.assert_close(model(images.flip(-1)), mirrored, rtol=1e-3, atol=1e-3)
-        expected_tta = ((model(images) + model(images.flip(-1))).argmax(1) == labels).float().mean().item()
+        expected_tta = ((model(images) + model(images.flip(-1))).argmax(1) == val.labels).float().mean().item()
     val_dir = data_dir / "validation"
-    assert validate(head, backbone, val_dir, stores["--cache-dir"], "cpu", tta=True)["acc"] == expected_tta
-    # bench-accuracy's TTA reads the same mirror from the training cache's view 1.
-    train = cached_features(
-        ClothingDataset(data_dir / "train", build_transforms(SIZE)),
-        backbone,
-        stores["--cache-dir"],
-        precision="fp32",
-        views=2,
-        cut=finetune_cut(1),
-        image_size=SIZE,
-        progress=False,
-    )
-    train_images = torch.stack([x for x, _ in ClothingDataset(data_dir / "train", build_transforms(SIZE))])
+    assert folder_accuracy(model, spec, val_dir, BatchOptions(tta=True)) == pytest.approx(expected_tta)
+    # Stage 2 trains on the same mirror, the training cache's view 1 at the cut.
+    train_set = ClothingDataset(data_dir / "train", build_transforms(SIZE))
+    train = cache(train_set, backbone, precision="fp32", views=2, progress=False)
+    train_images = torch.stack([x for x, _ in train_set])
     with torch.no_grad():
-        torch.testing.assert_close(
-            cached_logits(model, train, view=1), model(train_images.flip(-1)), rtol=1e-3, atol=1e-3
-        )
+        mirrored = model.tail()(train.activations()[:, 1].float())
+        torch.testing.assert_close(mirrored, model(train_images.flip(-1)), rtol=1e-3, atol=1e-3)
     assert train.cache_hit  # the sweep's own cache, not a new one
 
     # predict resizes to the model's size: its probabilities are the model's on 96 px images.
