@@ -73,6 +73,10 @@ class StageClock:
         self.stage2, self.epoch = True, 0
         return "stage 2: in all"
 
+    def by_stage(self, stage1: str | None, stage2: str):
+        """A `name_of` that names a call by the stage it falls in (stage 1's None: not counted)."""
+        return lambda *_: stage2 if self.stage2 else stage1
+
 
 def instrument(clock: StageClock) -> None:
     clock.wrap(clothing.features, "extract_features", lambda dataset, *_: f"extraction: {dataset.root.name}")
@@ -81,10 +85,10 @@ def instrument(clock: StageClock) -> None:
     clock.wrap(sweep.pipeline, "run_stage2", clock.in_stage2)
     clock.wrap(sweep.pipeline, "publish", lambda *_: "publishing (ranking, parent run, plots)")
     clock.wrap(clothing.train, "_run_epoch", clock.epoch_pass)
-    stage = lambda *_: "stage 2: epoch logging and weights copies" if clock.stage2 else None  # noqa: E731
-    clock.wrap(Tracker, "log_epoch", stage)
-    clock.wrap(sweep.objective.BestEpoch, "update", stage)
-    checkpoints = lambda *_: "stage 2: checkpoint and curves" if clock.stage2 else "stage 1: checkpoints and curves"  # noqa: E731
+    epoch_records = clock.by_stage(None, "stage 2: epoch logging and weights copies")
+    clock.wrap(Tracker, "log_epoch", epoch_records)
+    clock.wrap(sweep.objective.BestEpoch, "update", epoch_records)
+    checkpoints = clock.by_stage("stage 1: checkpoints and curves", "stage 2: checkpoint and curves")
     clock.wrap(sweep.objective.TrackedObjective, "_record_best", checkpoints)
 
 
