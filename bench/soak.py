@@ -339,7 +339,9 @@ def check_record(storage: str, tracking: str, credentials: dict, plan: SoakPlan)
             assert steps == list(range(1, len(steps) + 1)) and steps, (trial.number, steps)
             if trial.state.name == "COMPLETE":
                 assert run.info.status == "FINISHED" and len(steps) == plan.epochs, (trial.number, steps)
-            assert "checkpoint/head.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+            only_its = f"source_run_id = '{run.info.run_id}' AND model_type = 'checkpoint'"
+            (model,) = client.search_logged_models([run.info.experiment_id], filter_string=only_its)
+            assert model.status.name == "READY", (trial.number, model)  # its checkpoint, a logged model
 
 
 TRIALS_PER_PROCESS, EPOCHS = 4, 2

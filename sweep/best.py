@@ -93,6 +93,9 @@ def version_info(ranking: Ranking, study: str, metrics: dict) -> VersionInfo:
     }
     if "test_acc" in metrics:
         tags["test_acc"] = f"{metrics['test_acc']:.4f}"
+    if winner.model_id:  # the trial's checkpoint, a logged model of its run, that this version was built from
+        description += f" Built from {winner.name}'s checkpoint, the logged model models:/{winner.model_id}."
+        tags["checkpoint_model_id"] = winner.model_id
     return VersionInfo(description, tags)
 
 

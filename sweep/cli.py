@@ -14,8 +14,9 @@ from clothing.checkpoint import CheckpointError, load_model, spec_of
 from clothing.data import DatasetError, shown
 from clothing.engines import EngineError
 from clothing.inference import BatchOptions, find_images, predict_files, write_predictions
-from clothing.model import BackboneError
+from clothing.model import BackboneError, load_backbone
 from clothing.predict import prediction_lines, unreadable_summary
+from clothing.scoring import model_from_checkpoint
 from sweep.best import BestOptions, run_best
 from sweep.config import (
     SETTINGS,
@@ -35,7 +36,7 @@ from sweep.registry import REGISTRY_FORMATS
 from sweep.settings import GroupedCommand, option, options
 from sweep.stores import StorageError, StoreOutage
 from sweep.study import read_studies
-from sweep.tracking import TrackingError
+from sweep.tracking import LOGGED_MODEL, Tracker, TrackingError
 
 USER_ERRORS = (
     DatasetError,
@@ -106,8 +107,8 @@ WIDE = option(
     "--wide",
     is_flag=True,
     group=OUTPUT,
-    help="Show every column of the trials table, the MLflow run ids too (by default it fits 120 columns, the "
-    "settings its rows share said once above it).",
+    help="Show every column of the trials table, the MLflow run and logged-model ids too (by default it fits 120 "
+    "columns, the settings its rows share said once above it).",
 )
 
 
@@ -228,7 +229,7 @@ def trials(study, storage, tolerance, sort_by, fmt, wide) -> None:  # noqa: PLR0
     """List a study's trials (table, CSV or JSON).
 
     Every trial of both stages with its state, parameters and scores, the winner starred; the MLflow run
-    ids with --wide and in CSV and JSON.
+    and logged-model ids (`predict models:/<model_id>`) with --wide and in CSV and JSON.
     """
     ranking = read_studies(Stores(study, storage)).rank(tolerance)
     rows = ranking.rows(sorted(ranking.records, key=SORT_KEYS[sort_by]))
@@ -240,6 +241,11 @@ def trials(study, storage, tolerance, sort_by, fmt, wide) -> None:  # noqa: PLR0
         click.echo(format_table(rows, wide))
 
 
+LOGGED_MODEL_STORE = {"help": "The MLflow tracking store or server that holds a MODEL given as models:/<model_id>."}
+LOGGED_MODEL_BACKBONE = {
+    "help": "For a MODEL given as models:/<model_id>: the backbone weights its trial trained on, a local "
+    "MobileNetV2 state_dict or IMAGENET1K_V1 (env CLOTHING_BACKBONE_WEIGHTS)."
+}
 PREDICT_ENGINE = {
     "help": "What runs the model's backbone: openvino (the fast CPU runtime) or torch (the reference, the only "
     "one on a GPU); auto picks openvino on a CPU for 1000 images or more, where its 3 s conversion pays off."
@@ -247,7 +253,7 @@ PREDICT_ENGINE = {
 
 
 @cli.command(cls=GroupedCommand)
-@click.argument("model_file", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("model_file", metavar="MODEL")
 @click.argument("paths", metavar="PATH...", nargs=-1, required=True, type=click.Path())
 @option("--top-k", default=3, show_default=True, type=click.IntRange(min=1), help="Classes to show per image.")
 @option("--tta", is_flag=True, help="Average the logits of each image and its mirror image.")
@@ -260,20 +266,31 @@ PREDICT_ENGINE = {
 )
 @option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096), help="Images per batch.")
 @options(DataSettings, "device", "engine", engine=PREDICT_ENGINE)
+@options(Stores, "tracking_uri", tracking_uri=LOGGED_MODEL_STORE)
+@options(DataSettings, "backbone_weights", backbone_weights=LOGGED_MODEL_BACKBONE)
 @user_errors
-def predict(model_file: Path, paths: tuple[str, ...], output: Path | None, **how) -> None:
-    """Classify images with an exported model.
+def predict(  # noqa: PLR0913 - its options
+    model_file: str, paths: tuple[str, ...], output: Path | None, tracking_uri: str, backbone_weights: str, **how
+) -> None:
+    """Classify images with an exported model, or a trial's logged model.
 
     Top-k classes of each image with a MODEL written by `best --export` (no network, nothing else
-    needed). Each PATH is an image file or a folder, searched recursively (sorted) for image files.
+    needed), or any trial's checkpoint as `models:/<model_id>` (its logged model in MLflow, rebuilt
+    on the backbone weights it trained on; `sweep trials --wide` lists the ids). Each PATH is an
+    image file or a folder, searched recursively (sorted) for image files.
     """
     if output is not None and not (output.parent if str(output.parent) else Path(".")).is_dir():
         raise click.ClickException(f"folder {shown(output.parent)} for --output does not exist; create it first")
-    model, payload = load_model(model_file)
+    if model_file.startswith(LOGGED_MODEL):
+        head = Tracker(tracking_uri).logged_checkpoint(model_file.removeprefix(LOGGED_MODEL))
+        model, spec = model_from_checkpoint(head, load_backbone(backbone_weights)), spec_of(head)
+    else:
+        model, payload = load_model(model_file)
+        spec = spec_of(payload)
     files = find_images(paths)
     progress = output is not None and sys.stderr.isatty()  # printed lines are their own progress
     device = str(resolve_device(how.pop("device")))
-    results = predict_files(model, spec_of(payload), files, BatchOptions(**how, device=device, progress=progress))
+    results = predict_files(model, spec, files, BatchOptions(**how, device=device, progress=progress))
     if output is not None:
         errors = write_predictions(results, output)
         click.echo(f"Wrote {len(files)} predictions to {shown(output)}")

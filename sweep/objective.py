@@ -45,7 +45,7 @@ from sweep.plots import learning_curves
 from sweep.ranking import FINETUNE_STAGE, HEAD_STAGE, TrialRecord, format_number, trial_name
 from sweep.space import Dimension, suggest_head
 from sweep.storage import TAKEN_OVER_REASON
-from sweep.tracking import CHECKPOINT_ARTIFACT, ParentRun, Tracker, log_lineage
+from sweep.tracking import CHECKPOINT_FILE, ParentRun, Tracker, log_lineage, now_ms
 
 EVAL_BATCH = 1024  # evaluation has no gradients: large batches only save Python overhead
 # Stage 2's honest train_acc reads a quarter of the training images: each epoch's pass over all of them
@@ -158,16 +158,17 @@ def weights_copy(model: nn.Module) -> dict:
 
 @dataclass
 class BestEpoch:
-    """The history so far, and the metrics and weights of the best validation epoch."""
+    """The history so far, and the metrics, weights and logging time (ms) of the best validation epoch."""
 
     history: list[dict] = field(default_factory=list)
     metrics: dict | None = None
     state_dict: dict | None = None
+    timestamp: int = 0
 
-    def update(self, metrics: dict, model: nn.Module) -> None:
+    def update(self, metrics: dict, model: nn.Module, timestamp: int) -> None:
         self.history.append(dict(metrics))
         if self.metrics is None or metrics["val_acc"] > self.metrics["val_acc"]:
-            self.metrics = dict(metrics)
+            self.metrics, self.timestamp = dict(metrics), timestamp
             self.state_dict = weights_copy(model)
 
 
@@ -397,8 +398,9 @@ class TrackedObjective:
         tracker, best, name = self.tracker, BestEpoch(), trial_name(self.stage, trial.number)
 
         def on_epoch(epoch: int, metrics: dict, model: nn.Module) -> None:
-            tracker.log_epoch(run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-            best.update(metrics, model)
+            stamp = now_ms()
+            tracker.log_epoch(run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch, timestamp=stamp)
+            best.update(metrics, model, stamp)
             trial.report(metrics["val_acc"], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} (val_acc {metrics['val_acc']:.3f})")
@@ -425,7 +427,8 @@ class TrackedObjective:
 
     def _record_best(self, trial: optuna.Trial, run_id: str, best: BestEpoch, payload: dict) -> None:
         """The best epoch's scores on the Optuna trial (what the winner rule reads) and on the run (the
-        summary metrics, apart from the curves by their `best/` prefix), its checkpoint and curves."""
+        summary metrics, apart from the curves by their `best/` prefix), its curves, and its checkpoint
+        as the run's logged model, with the best epoch's metrics linked to it (its id on the trial)."""
         m = best.metrics
         for key, value in {"best_epoch": m["epoch"], "train_acc": m["train_acc"], "val_acc": m["val_acc"]}.items():
             trial.set_user_attr(key, value)
@@ -433,7 +436,12 @@ class TrackedObjective:
         summary["gap"] = m["train_acc"] - m["val_acc"]
         self.tracker.log(run_id, metrics={f"best/{k}": v for k, v in summary.items()})
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint_file = save_checkpoint(payload, Path(tmp) / Path(CHECKPOINT_ARTIFACT).name)
-            self.tracker.log_file(run_id, checkpoint_file, str(Path(CHECKPOINT_ARTIFACT).parent))
+            folder = Path(tmp) / "checkpoint"
+            folder.mkdir()
+            save_checkpoint(payload, folder / CHECKPOINT_FILE)
+            model_id = self.tracker.log_checkpoint(run_id, folder)
+            trial.set_user_attr("mlflow_model_id", model_id)
+            linked = {k: m[k] for k in ("val_acc", "train_acc", "val_loss", "train_loss")} | {"gap": summary["gap"]}
+            self.tracker.link_metrics(run_id, model_id, linked, m["epoch"], best.timestamp)
             curves = learning_curves(best.history, m["epoch"], Path(tmp) / "curves.png")
             self.tracker.log_file(run_id, curves, "plots")

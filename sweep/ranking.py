@@ -13,7 +13,7 @@ winner: `run`'s closing table, `trials`, `best`, the parent run's summary, trial
 The table has one format per kind of number, whatever its size: a parameter in 3 significant digits
 (lr 0.0483, 0.00222, 0.0001), a score (an accuracy, a gap) in 3 decimals. It fits 120 columns: a
 setting every row that has it shares (stage 2's recipe, a fixed epoch count) is said once above it,
-and `wide` shows every column, the MLflow run ids too.
+and `wide` shows every column, the MLflow run and logged-model ids too.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class TrialRecord:
     train_acc: float | None = None
     val_acc: float | None = None
     run_id: str | None = None
+    model_id: str | None = None  # its checkpoint's MLflow logged model (`models:/<model_id>`)
     stage: str = HEAD_STAGE  # "head": a sweep trial; "finetune": stage 2, a stage-1 trial with its last blocks trained
 
     @property
@@ -88,6 +89,7 @@ def select_winner(records: list[TrialRecord], tolerance: float) -> TrialRecord |
 LEADING_PARAMS = ("lr", "size_inner")  # the seed's dimensions first; the rest in name order
 SCORES = ("train_acc", "val_acc", "gap")
 ALWAYS_SHOWN = ("trial", "stage", "state", "best_epoch", *SCORES)
+MLFLOW_IDS = ("mlflow_run_id", "mlflow_model_id")  # columns of --wide, CSV and JSON
 TABLE_WIDTH = 120
 
 
@@ -121,6 +123,7 @@ def record_rows(records: list[TrialRecord], winner: TrialRecord | None = None) -
             "val_acc": r.val_acc,
             "gap": r.gap,
             "mlflow_run_id": r.run_id,
+            "mlflow_model_id": r.model_id,
         }
         for r in records
     ]
@@ -131,7 +134,7 @@ def shared_settings(rows: list[dict]) -> dict[str, dict]:
     those rows ("stage 1", "stage 2" or "all trials"): what the table says once above itself."""
     shared: dict[str, dict] = {}
     for column in rows[0]:
-        if column in ALWAYS_SHOWN or column in ("winner", "mlflow_run_id"):
+        if column in ALWAYS_SHOWN or column in ("winner", *MLFLOW_IDS):
             continue
         having = [row for row in rows if row[column] is not None]
         if len(rows) < 2 or not having or len({format_number(row[column]) for row in having}) > 1:
@@ -158,7 +161,7 @@ def _wrapped(label: str, settings: dict, width: int = TABLE_WIDTH) -> list[str]:
 
 def format_table(rows: list[dict], wide: bool = False) -> str:
     """Aligned columns, the winner's row starred. Unless `wide`, the shared settings (shared_settings)
-    are lines above the table instead of columns, and the MLflow run ids are left out."""
+    are lines above the table instead of columns, and the MLflow run and model ids are left out."""
 
     def cell(column: str, value) -> str:
         if value is None:
@@ -172,7 +175,7 @@ def format_table(rows: list[dict], wide: bool = False) -> str:
     shared = {} if wide else shared_settings(rows)
     hidden = {"winner", *(name for settings in shared.values() for name in settings)}
     if not wide:
-        hidden.add("mlflow_run_id")
+        hidden.update(MLFLOW_IDS)
     columns = [c for c in rows[0] if c not in hidden]
     cells = [[cell(c, row[c]) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]

@@ -194,6 +194,7 @@ class Studies:
                 train_acc=t.user_attrs.get("train_acc"),
                 val_acc=t.user_attrs.get("val_acc"),
                 run_id=t.user_attrs.get("mlflow_run_id"),
+                model_id=t.user_attrs.get("mlflow_model_id"),  # none before checkpoints were logged models
                 stage=stage,
             )
             for study, stage in stages

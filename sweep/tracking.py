@@ -10,6 +10,7 @@ experiment's description, the lineage, the winner's tag) are the functions below
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -48,7 +49,10 @@ NOTE_TAG = "mlflow.note.content"  # the markdown description MLflow's UI shows f
 KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 PARENT_ROLE, TRIAL_ROLE = "study", "trial"
 TEST_METRIC = "best/test_acc"  # the winner's model scored on test/ (by `best`), on its own run
-CHECKPOINT_ARTIFACT = "checkpoint/head.pt"  # a trial run's checkpoint, as `fetch_checkpoint` reads it
+CHECKPOINT_FILE = "head.pt"  # a trial's checkpoint, the one file of its logged model
+CHECKPOINT_ARTIFACT = "checkpoint/head.pt"  # where runs from before logged models keep it
+LOGGED_MODEL = "models:/"  # `models:/<model_id>`, as MLflow names a logged model
+CHECKPOINT_TYPE = "checkpoint"  # the model_type of a trial's logged checkpoint (the champion's is MLflow's own)
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # Optuna's state -> MLflow's
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` (and `make ui`) serves by default
 
@@ -239,13 +243,14 @@ class Tracker:
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )
 
-    def log_epoch(self, run_id: str, metrics: dict[str, float], step: int) -> None:
-        """One epoch's metrics. To a server they are sent in order by a background thread, so training
-        never waits on an HTTP round trip; end_trial waits for every epoch before closing the run.
-        (MLflow's own `synchronous=False` drains its whole queue on every set_terminated, 0.7 s a trial.)"""
+    def log_epoch(self, run_id: str, metrics: dict[str, float], step: int, timestamp: int) -> None:
+        """One epoch's metrics, at `timestamp` (ms; link_metrics names the same points again). To a
+        server they are sent in order by a background thread, so training never waits on an HTTP
+        round trip; end_trial waits for every epoch before closing the run. (MLflow's own
+        `synchronous=False` drains its whole queue on every set_terminated, 0.7 s a trial.)"""
 
         def send() -> None:
-            self.client.log_batch(run_id, metrics=_metrics(metrics, step))
+            self.client.log_batch(run_id, metrics=_metrics(metrics, step, timestamp))
 
         if self._sender is None:  # a local store: a write takes milliseconds
             send()
@@ -261,20 +266,71 @@ class Tracker:
     def latest_metrics(self, run_id: str) -> dict[str, float]:
         return self.client.get_run(run_id).data.metrics
 
+    def log_checkpoint(self, run_id: str, folder: Path) -> str:
+        """The files in `folder` (a trial's checkpoint) as an MLflow 3 logged model of the trial's run,
+        named after it, of type "checkpoint", with its params, and its study, stage and trial number
+        as tags: the experiment's Models tab lists it, `search_logged_models` ranks it once
+        link_metrics gave it its metrics, and `models:/<model_id>` names it. A light one, as MLflow's
+        deep-learning guide records checkpoints: files, no flavour, no environment (only the champion
+        `best --register` logs is a full pyfunc). Returns its id."""
+        run = self.client.get_run(run_id)
+        tags = {k: v for k, v in run.data.tags.items() if k in (STUDY_TAG, STAGE_TAG, NUMBER_TAG)}
+        model = self.client.create_logged_model(
+            run.info.experiment_id,
+            run.info.run_name,
+            source_run_id=run_id,
+            tags=tags,
+            params=run.data.params,
+            model_type=CHECKPOINT_TYPE,
+        )
+        try:
+            self.client.log_model_artifacts(model.model_id, str(folder))
+        except BaseException:  # the trial fails with the reason; its model must not stay PENDING
+            with contextlib.suppress(Exception):
+                self.client.finalize_logged_model(model.model_id, "FAILED")
+            raise
+        self.client.finalize_logged_model(model.model_id, "READY")
+        return model.model_id
+
+    def link_metrics(self, run_id: str, model_id: str, metrics: dict[str, float], step: int, timestamp: int) -> None:
+        """Link `metrics` at `step` to the logged model: logged on the run with the model's id, at the
+        step and timestamp the run has them under already (MLflow keeps one point for the same key,
+        step, timestamp and value), so the run's curves gain no second point."""
+        self.client.log_batch(run_id, metrics=_metrics(metrics, step, timestamp, model_id))
+
     def fetch_checkpoint(self, record: TrialRecord) -> dict:
-        """The trial's checkpoint (its head, and for stage 2 its fine-tuned blocks), from its run."""
+        """The trial's checkpoint (its head, and for stage 2 its fine-tuned blocks): its logged model's,
+        or for a run from before logged models, the run's artifact."""
+        if record.model_id:
+            return self.logged_checkpoint(record.model_id)
         if not record.run_id:
             raise CheckpointError(f"{record.name} has no MLflow run to take its checkpoint from")
+        return self._download_checkpoint(run_id=record.run_id, artifact_path=CHECKPOINT_ARTIFACT)
+
+    def logged_checkpoint(self, model_id: str) -> dict:
+        """The checkpoint of the logged model `model_id` (`models:/<model_id>`)."""
+        try:
+            location = self.client.get_logged_model(model_id).artifact_location
+        except MlflowException as exc:
+            raise CheckpointError(
+                f"the MLflow tracking store {mask_url(self.tracking_uri)} has no logged model {model_id!r}; "
+                "`python -m sweep trials --wide` lists each trial's model id (or pass --tracking-uri)"
+            ) from exc
+        return self._download_checkpoint(artifact_uri=f"{location.rstrip('/')}/{CHECKPOINT_FILE}")
+
+    def _download_checkpoint(self, **where: str) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
-            path = mlflow.artifacts.download_artifacts(
-                run_id=record.run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=tmp, tracking_uri=self.tracking_uri
-            )
+            path = mlflow.artifacts.download_artifacts(**where, dst_path=tmp, tracking_uri=self.tracking_uri)
             return load_checkpoint(path, kind=HEAD)
 
 
-def _metrics(metrics: dict[str, float], step: int | None) -> list[Metric]:
-    now = int(time.time() * 1000)
-    return [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _metrics(metrics: dict[str, float], step: int | None, timestamp: int | None = None, model_id=None) -> list[Metric]:
+    stamp = timestamp or now_ms()
+    return [Metric(key, float(value), stamp, step or 0, model_id=model_id) for key, value in metrics.items()]
 
 
 def describe_experiment(tracker: Tracker, experiment_id: str, description: str) -> None:

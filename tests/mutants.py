@@ -65,8 +65,9 @@ MUTANTS = (
     Mutant(
         "the checkpoint saved from the last epoch, its metrics from the best",
         "sweep/objective.py",
-        "            self.metrics = dict(metrics)\n            self.state_dict =",
-        "            self.metrics = dict(metrics)\n        if True:\n            self.state_dict =",
+        "            self.metrics, self.timestamp = dict(metrics), timestamp\n            self.state_dict =",
+        "            self.metrics, self.timestamp = dict(metrics), timestamp\n"
+        "        if True:\n            self.state_dict =",
         (f"{OBJECTIVE_VALUES}::test_the_checkpoint_holds_the_best_epochs_weights",),
     ),
     Mutant(
@@ -445,6 +446,13 @@ MUTANTS = (
         "        close_orphaned_runs(sweep)\n",
         "",
         ("tests/test_study.py::test_a_failed_trials_run_left_running_is_closed_by_the_next_sweep",),
+    ),
+    Mutant(
+        "the logged model's metrics linked at a new timestamp: a second point on the run's curves",
+        "sweep/objective.py",
+        'self.tracker.link_metrics(run_id, model_id, linked, m["epoch"], best.timestamp)',
+        'self.tracker.link_metrics(run_id, model_id, linked, m["epoch"], best.timestamp + 1)',
+        (f"{VIEW}::test_every_trials_checkpoint_is_a_logged_model_with_its_best_epochs_metrics",),
     ),
     Mutant(
         "auto trusts oneDNN's bf16 check, which says yes where bf16 is emulated (killed on plain AVX-512 only)",

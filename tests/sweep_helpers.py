@@ -91,6 +91,13 @@ def mlflow_runs(stores, study="clothing"):
     return client, client.search_runs([experiment.experiment_id]) if experiment else []
 
 
+def checkpoint_files(client: MlflowClient, run) -> list[str]:
+    """The files of the one logged model the trial's run recorded its checkpoint as."""
+    only_its = f"source_run_id = '{run.info.run_id}' AND model_type = 'checkpoint'"
+    (model,) = client.search_logged_models([run.info.experiment_id], filter_string=only_its)
+    return [a.path for a in client.list_logged_model_artifacts(model.model_id)]
+
+
 def load_study(stores, study="clothing") -> optuna.Study:
     return optuna.load_study(study_name=study, storage=stores["--storage"])
 

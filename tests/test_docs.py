@@ -104,3 +104,11 @@ def test_the_architecture_layout_names_every_module_and_only_those():
         assert listed == modules, (
             f"{package}/: listed but missing {listed - modules}, missing from the layout {modules - listed}"
         )
+
+
+def test_every_file_the_docs_link_to_exists():
+    """A picture or page the README or docs/ links to (a relative link) is in the tree."""
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)\s#]+)[^)]*\)", doc.read_text(encoding="utf-8")):
+            if not re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+                assert (doc.parent / target).exists(), f"{doc.name} links to {target}, which is not in the tree"

@@ -4,16 +4,34 @@ summary metrics apart from the curves, and a registry version that describes its
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
+import torch
+from click.testing import CliRunner
 from mlflow import MlflowClient
-from sweep_helpers import data_args, load_study, mlflow_runs, output_of, run_options, sweep, sweep_argv, trial_records
+from sweep_helpers import (
+    assert_one_error,
+    data_args,
+    load_study,
+    mlflow_runs,
+    output_of,
+    run_options,
+    sweep,
+    sweep_argv,
+    trial_records,
+)
 
 from bench.images import make_split
+from clothing.model import load_backbone
+from sweep.cli import cli
 from sweep.ranking import select_winner
+from sweep.tracking import Tracker
 
 
 def parent_of(runs):
@@ -132,6 +150,7 @@ def test_registering_keeps_run_timing_describes_the_version_and_moves_the_champi
         version = client.get_model_version_by_alias(name, "champion")
         versions.append(str(version.version))
         assert version.run_id == winner.run_id
+        assert version.tags["checkpoint_model_id"] == winner.model_id  # the trial's logged checkpoint
         assert version.tags["trial"] == winner.name and version.tags["study"] == "clothing"
         assert float(version.tags["val_acc"]) == pytest.approx(winner.val_acc, abs=1e-4)
         assert float(version.tags["gap"]) == pytest.approx(winner.gap, abs=1e-4)
@@ -155,3 +174,72 @@ print(type(mlflow.pyfunc.load_model("models:/{name}@champion").unwrap_python_mod
     run_id, kind = fresh.stdout.split()[-2:]
     assert run_id == two_tolerances_with_different_winners(swept)[1][1].run_id
     assert kind == "ImageClassifier"
+
+
+def test_every_trials_checkpoint_is_a_logged_model_with_its_best_epochs_metrics(swept):
+    """MLflow 3's Models tab: one READY logged model per trial that has a checkpoint (COMPLETE and
+    PRUNED), of type "checkpoint", named after it, with its run's params, its study, stage and number as
+    tags, and the best
+    epoch's metrics linked to it at that epoch; ranked by val_acc as `sweep trials --sort val_acc` ranks."""
+    client = MlflowClient(swept.stores["--tracking-uri"])
+    experiment = client.get_experiment_by_name("clothing")
+    by_val_acc = [{"field_name": "metrics.val_acc", "ascending": False}]
+    checkpoints = "model_type = 'checkpoint'"  # not the champions other tests register in this experiment
+    models = client.search_logged_models([experiment.experiment_id], checkpoints, order_by=by_val_acc)
+    records = {r.name: r for r in trial_records(swept.stores) if r.state in ("COMPLETE", "PRUNED")}
+    assert sorted(m.name for m in models) == sorted(records) and len(models) == swept.trials
+    for model in models:
+        record = records[model.name]
+        run = client.get_run(record.run_id)
+        assert model.status.name == "READY" and model.model_id == record.model_id
+        assert model.source_run_id == record.run_id and model.params == run.data.params
+        assert model.tags["stage"] == "head" and model.tags["sweep.study"] == "clothing"
+        assert model.tags["optuna.trial_number"] == str(record.number)
+        linked = {m.key: m for m in model.metrics}
+        assert {m.step for m in linked.values()} == {record.best_epoch}
+        assert linked["val_acc"].value == record.val_acc and linked["train_acc"].value == record.train_acc
+        assert linked["gap"].value == pytest.approx(record.gap)
+        assert {"val_loss", "train_loss"} <= set(linked)
+        # Linked, not logged again: the run's curve keeps one point per epoch.
+        steps = [m.step for m in client.get_metric_history(record.run_id, "val_acc")]
+        assert sorted(steps) == sorted(set(steps))
+    val_accs = [{m.key: m.value for m in model.metrics}["val_acc"] for model in models]
+    assert val_accs == sorted(val_accs, reverse=True)
+    listed = json.loads(sweep("trials", "--sort", "val_acc", "--format", "json", stores=swept.stores).output)
+    assert models[0].model_id == listed[0]["mlflow_model_id"] or val_accs[0] == val_accs[1] == listed[0]["val_acc"]
+    assert {row["mlflow_model_id"] for row in listed} == {m.model_id for m in models}
+
+
+def test_predict_takes_a_trials_logged_model_as_it_takes_the_exported_file(swept, exported, tmp_path):
+    winner = next(r for r in trial_records(swept.stores) if r.name == exported.payload["provenance"]["trial"])
+    folder = swept.data_dir / "validation"
+    rows = {}
+    for name, model in (("file", str(exported.path)), ("logged", f"models:/{winner.model_id}")):
+        out = tmp_path / f"{name}.csv"
+        options = ["--tracking-uri", swept.stores["--tracking-uri"], "--backbone-weights", str(swept.weights)]
+        result = CliRunner().invoke(cli, ["predict", model, str(folder), "--output", str(out), *options])
+        assert result.exit_code == 0, result.output
+        rows[name] = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert rows["logged"] == rows["file"] and len(rows["file"]) == len(list(folder.rglob("*.jpg")))
+    unknown = CliRunner().invoke(cli, ["predict", "models:/m-nothere", str(folder), *options])
+    assert_one_error(unknown, "no logged model 'm-nothere'", "trials --wide")
+    other_weights = tmp_path / "other.pth"
+    torch.save(load_backbone(None).state_dict(), other_weights)  # a MobileNetV2, not the one it trained on
+    other = CliRunner().invoke(
+        cli, ["predict", f"models:/{winner.model_id}", str(folder), *options[:2], "--backbone-weights", other_weights]
+    )
+    assert_one_error(other, "other backbone weights", "--backbone-weights")
+
+
+def test_a_trial_from_before_logged_models_reads_its_checkpoint_from_its_run(swept, tmp_path):
+    """Stores written before checkpoints were logged models keep them as the run's artifact."""
+    winner = select_winner(trial_records(swept.stores), 0.02)
+    tracker = Tracker(swept.stores["--tracking-uri"])
+    head = tracker.fetch_checkpoint(winner)
+    older = tmp_path / "checkpoint" / "head.pt"
+    older.parent.mkdir()
+    torch.save(head, older)
+    run = tracker.client.create_run(tracker.client.create_experiment("older"), run_name=winner.name)
+    tracker.log_file(run.info.run_id, older, "checkpoint")  # where runs from before logged models kept it
+    again = tracker.fetch_checkpoint(replace(winner, run_id=run.info.run_id, model_id=None))
+    assert again["provenance"] == head["provenance"] and again["state_dict"].keys() == head["state_dict"].keys()

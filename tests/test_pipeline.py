@@ -2,7 +2,7 @@ import json
 import re
 
 import pytest
-from sweep_helpers import load_study, mlflow_runs, plain_file, run_options, sweep, trial_records
+from sweep_helpers import checkpoint_files, load_study, mlflow_runs, plain_file, run_options, sweep, trial_records
 
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 
@@ -23,7 +23,7 @@ def test_a_sweep_logs_one_parent_and_a_nested_run_per_trial(three_trials, stores
         for metric in METRICS:
             assert [m.step for m in client.get_metric_history(child.info.run_id, metric)] == [1, 2]
         assert {"best/epoch", "best/val_acc", "best/train_acc", "best/gap"} <= set(child.data.metrics)
-        assert [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")] == ["checkpoint/head.pt"]
+        assert checkpoint_files(client, child) == ["head.pt"]
         number = int(child.data.tags["optuna.trial_number"])
         assert study.trials[number].user_attrs["mlflow_run_id"] == child.info.run_id
     assert "trials.csv" in [a.path for a in client.list_artifacts(parent.info.run_id)]

@@ -41,5 +41,9 @@ def test_the_trials_command_agrees_with_the_study_in_every_format(swept):
     starred = [line for line in table if line.startswith("* ")]
     winner = next(r for r in as_json if r["winner"])
     assert len(starred) == 1 and winner["mlflow_run_id"] in starred[0]
+    header = table[0].split()
+    assert header[-2:] == ["mlflow_run_id", "mlflow_model_id"]
     val_accs = [r["val_acc"] for r in sorted(as_json, key=lambda r: -r["val_acc"])]
-    assert [float(line.split()[-3]) for line in table[1:]] == pytest.approx(val_accs, abs=1e-3)  # val_acc column
+    column = header.index("val_acc") - len(header)  # counted from the right: a starred row has one more field
+    assert [float(line.split()[column]) for line in table[1:]] == pytest.approx(val_accs, abs=1e-3)
+    assert {line.split()[-1] for line in table[1:]} == {r["mlflow_model_id"] for r in as_json}

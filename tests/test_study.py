@@ -10,7 +10,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from sweep_helpers import load_study, mlflow_runs, output_of, run_options, sweep, sweep_argv
+from sweep_helpers import checkpoint_files, load_study, mlflow_runs, output_of, run_options, sweep, sweep_argv
 
 import sweep.objective as objective_module
 from bench.servers import mlflow_server as start_mlflow_server
@@ -294,4 +294,4 @@ def test_jobs_two_on_a_tracking_server_finish_exactly_the_target_and_the_main_pr
     assert {r.data.tags["optuna.trial_number"] for r in runs.values()} == {str(t.number) for t in study.trials}
     client = MlflowClient(mlflow_server)
     for run in runs.values():
-        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/head.pt"]
+        assert checkpoint_files(client, run) == ["head.pt"]
