@@ -231,7 +231,7 @@ class Stage1Settings:
     pruner: str = setting(
         "median",
         click.Choice(["median", "none"]),
-        "Optuna's MedianPruner on per-epoch val_acc, or none.",
+        "Optuna's MedianPruner on stage 1's per-epoch val_acc, or none (stage 2 stops by --finetune-patience).",
         in_file=True,
     )
     jobs: int = setting(

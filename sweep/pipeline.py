@@ -44,9 +44,6 @@ from sweep.tracking import (
     system_metrics,
 )
 
-# Stage 2's median pruner prunes from its second finished trial on.
-FINETUNE_STARTUP_TRIALS = 1
-
 
 def quiet_libraries() -> None:
     """Our own one-line-per-trial progress replaces Optuna's and MLflow's INFO chatter."""
@@ -143,7 +140,10 @@ def prepare(cfg: SweepConfig, report: Report) -> Sweep:
         tracker.log_text(parent.run_id, skipped, "skipped_images.txt")
     stage2 = None
     if cfg.stage2.finetune_blocks:
-        stage2 = open_study(storage, stores.finetune_study, cfg.stage1, startup_trials=FINETUNE_STARTUP_TRIALS)
+        # Never pruned: its trials are other recipes or sources (a make sweep, then the thorough file), and
+        # a median of another recipe's curve would stop one for good (a PRUNED trial never wins);
+        # --finetune-patience is what stops a stage 2 that no longer improves.
+        stage2 = open_study(storage, stores.finetune_study, cfg.stage1, prune=False)
         describe_study(stage2, cfg, FINETUNE_STAGE)
     return Sweep(cfg, Studies(storage, stage1, stage2), tracker, parent, data, device, report)
 

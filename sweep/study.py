@@ -139,16 +139,16 @@ def open_study(
     name: str,
     stage1: Stage1Settings,
     *,
-    startup_trials: int = 5,
+    prune: bool = True,
     create: bool = True,
 ) -> optuna.Study | None:
-    """The study `name` on `storage`, set up for running trials with `stage1`'s seed and pruner:
-    created when `create` (resumed when it exists), else loaded, or None when there is none. The
-    median pruner starts pruning once `startup_trials` trials have finished."""
+    """The study `name` on `storage`, set up for running trials with `stage1`'s seed and, when
+    `prune`, its pruner (the median one starts once 5 trials have finished): created when `create`
+    (resumed when it exists), else loaded, or None when there is none."""
     sampler = TrialSeededSampler(stage1.seed)
     pruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=2)
-        if stage1.pruner == "median"
+        optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+        if prune and stage1.pruner == "median"
         else optuna.pruners.NopPruner()
     )
     if not create:

@@ -455,6 +455,16 @@ MUTANTS = (
         (f"{VIEW}::test_every_trials_checkpoint_is_a_logged_model_with_its_best_epochs_metrics",),
     ),
     Mutant(
+        "stage 2 pruned by the median of another recipe's curve",
+        "sweep/study.py",  # as it was: stage 2 pruned from its second finished trial on
+        'MedianPruner(n_startup_trials=5, n_warmup_steps=2)\n        if prune and stage1.pruner == "median"',
+        'MedianPruner(n_startup_trials=5 if prune else 1, n_warmup_steps=2)\n        if stage1.pruner == "median"',
+        (
+            "tests/test_finetune.py::"
+            "test_another_recipes_stage_2_on_the_same_study_runs_its_epochs_whatever_the_first_ones_curve",
+        ),
+    ),
+    Mutant(
         "auto trusts oneDNN's bf16 check, which says yes where bf16 is emulated (killed on plain AVX-512 only)",
         "clothing/extract.py",
         'return "bf16" if native_bf16_cpu() else "fp32"',

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
-from sweep_helpers import mlflow_runs, output_of, plain_file, run_options, sweep
+from sweep_helpers import mlflow_runs, output_of, plain_file, run_options, sweep, trial_records
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -211,6 +211,24 @@ def test_a_sweep_with_views_and_finetuning_adds_one_stage2_trial(stores, data_di
     shown = f"[stage 2 of trial-{source.number:03d}]" in best.output
     assert shown == (select_winner(records, 1).stage == "finetune")
     assert Stage2Recipe.read(finetune.trials[0].params).pinned() == finetune.trials[0].params
+
+
+def test_another_recipes_stage_2_on_the_same_study_runs_its_epochs_whatever_the_first_ones_curve(
+    stores, data_dir, tiny_weights
+):
+    """The README's path: a sweep with stage 2, then another recipe on the same study (there: the thorough
+    file). The second stage 2 trails the first one's curve, which a median pruner would stop it for, and
+    a PRUNED trial never wins; it is not pruned, it runs every epoch and is ranked."""
+    stage2 = ("--finetune-blocks", "1", "--finetune-epochs", "4", "--finetune-patience", "0", "--precision", "fp32")
+    for lr in ("1e-2", "1e-7"):  # the second barely moves from its source head
+        result = sweep("run", *run_options(data_dir, tiny_weights, 3, 2), *stage2, "--finetune-lr", lr, stores=stores)
+        assert result.exit_code == 0, output_of(result)
+    first, second = read_studies(Stores(storage=stores["--storage"])).stage2.trials
+    curves = first.intermediate_values, second.intermediate_values
+    assert any(curves[1][epoch] < curves[0][epoch] for epoch in (2, 3, 4)), curves  # what a median pruner prunes
+    assert [first.state.name, second.state.name] == ["COMPLETE", "COMPLETE"]
+    assert sorted(curves[1]) == [1, 2, 3, 4]
+    assert "finetune-001" in [r.name for r in trial_records(stores) if r.state == "COMPLETE"]
 
 
 def test_activations_are_cached_in_half_precision_except_in_exact(train_set, tmp_path):
