@@ -84,12 +84,8 @@ RECIPES |= {f"{name.split(' (')[0]}, seed 1": (*options, *SEEDS) for name, optio
 FRONT_RECIPES = ("stage 1 only", DEFAULT, THOROUGH)
 
 
-def stores_in(folder: Path, cache: Path) -> list[str]:
-    return [
-        *("--storage", f"sqlite:///{folder / 'optuna.db'}"),
-        *("--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}"),
-        *("--cache-dir", str(cache)),
-    ]
+def stores_in(folder: Path) -> list[str]:
+    return ["--storage", f"sqlite:///{folder / 'optuna.db'}", "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}"]
 
 
 def run_sweep(folder: Path, cache: Path, options: tuple[str, ...], fold: int | None = None) -> float:
@@ -103,7 +99,8 @@ def run_sweep(folder: Path, cache: Path, options: tuple[str, ...], fold: int | N
         command += ["--config", str(held_out)]
     env = {**os.environ, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
     start = time.perf_counter()
-    subprocess.run([*command, *options, *stores_in(folder, cache)], check=True, stdout=subprocess.DEVNULL, env=env)
+    stores = [*stores_in(folder), "--cache-dir", str(cache)]
+    subprocess.run([*command, *options, *stores], check=True, stdout=subprocess.DEVNULL, env=env)
     return time.perf_counter() - start
 
 
@@ -288,8 +285,7 @@ def held_out_runs(root: Path, names: tuple[str, ...], views: int, done: list[dic
 
 def export_seconds(folder: Path) -> float:
     """`sweep best --export`, the second half of `make sweep`, in its own process; its wall time."""
-    stores = stores_in(folder, folder / "cache")[:4]  # best reads no cache
-    command = [sys.executable, "-m", "sweep", "best", "--export", str(folder / "model.pt"), *stores]
+    command = [sys.executable, "-m", "sweep", "best", "--export", str(folder / "model.pt"), *stores_in(folder)]
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
