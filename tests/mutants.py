@@ -258,7 +258,7 @@ MUTANTS = (
         "sweep/study.py",
         "    budget = outage_seconds if reached else 0\n",
         "    budget = 0\n",
-        ("tests/test_cluster.py::test_jobs_workers_that_start_while_postgresql_is_down_wait_it_out",),
+        ("tests/test_soak.py::test_workers_ride_out_kills_a_database_restart_and_a_tracking_outage",),
     ),
     Mutant(
         "a --jobs worker's error left to multiprocessing's traceback",

@@ -23,8 +23,7 @@ from mlflow.entities import ViewType
 from sweep_helpers import PLAIN, assert_one_error, checkpoint_files, data_args
 
 from bench.images import make_split
-from bench.servers import free_port, mlflow_server, postgres_cluster, spawned_workers, wait_for
-from bench.soak import WORKER_WAITS
+from bench.servers import free_port, mlflow_server, postgres_cluster, wait_for
 from sweep.cli import cli
 from sweep.stores import study_lock
 
@@ -317,49 +316,6 @@ def test_a_machine_killed_mid_trial_is_failed_by_another_machine_and_the_study_r
     failed = by_name[f"trial-{killed.number:03d}"]
     assert failed.info.status == "FAILED" and "heartbeat" in failed.data.tags["sweep.error"]
     assert [p.info.status for p in parents] == ["FINISHED"]
-
-
-def test_jobs_workers_that_start_while_postgresql_is_down_wait_it_out(
-    postgres, storage, server, shared_data, tiny_weights, tmp_path
-):
-    """A machine's main process has reached both stores and spawns its `--jobs` workers just as
-    PostgreSQL goes down: the workers' first calls wait out the outage like every later one, so the
-    machine finishes the study with no traceback and no error."""
-    jobs = 3
-    options = sweep_options(shared_data, tiny_weights, "outage-at-start", 4, 3)
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"  # only the Optuna database goes down
-    # No machine dies here: beats every 5 s (grace 20 s), so a process starved of the CPU by the others
-    # on a 2-core machine is not taken for dead (machine()'s 1 s made that happen under load).
-    main = machine(
-        tmp_path / "machine", storage, server, MLFLOW_TRACKING_URI=tracking, SWEEP_HEARTBEAT_SECONDS="5"
-    ).start("run", *options, "--jobs", jobs, "--quiet")
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: [lines.append(line) for line in main.stderr], daemon=True)
-    reader.start()
-
-    def workers_waiting() -> int:
-        """Workers that met the outage in their first call (the lock on Optuna's tables, seconds after
-        their spawn: imports come first) and said so."""
-        return sum(WORKER_WAITS in line for line in lines)
-
-    def workers_wait() -> bool:
-        stopped = any(line.startswith(("Error", "Traceback")) for line in lines)
-        return workers_waiting() == jobs - 1 or stopped or main.poll() is not None
-
-    try:
-        wait_for(lambda: spawned_workers(main.pid), what="the main process spawning its workers")
-        with postgres.stopped():
-            wait_for(workers_wait, what="every worker waiting for the database")
-        main.wait(timeout=600)
-    finally:
-        main.kill()
-    reader.join()
-    stderr = "".join(lines)
-    assert main.returncode == 0, stderr
-    assert "Traceback" not in stderr and "Error" not in stderr, stderr
-    assert workers_waiting() == jobs - 1, stderr
-    trials = read_study(storage, "outage-at-start").trials
-    assert sorted(t.state.name for t in trials) == ["COMPLETE"] * 4, [(t.state, t.user_attrs) for t in trials]
 
 
 def test_the_server_refuses_requests_without_credentials(server):
