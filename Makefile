@@ -42,7 +42,7 @@ lint: install
 
 # `run`'s defaults are the recommended recipe (docs/benchmarks.md): 256 px, dropout searched, 2 cached
 # views per training image, then stage 2 fine-tunes the winner's last 3 blocks.
-# SWEEP_OPTIONS='--config sweeps/thorough.yaml' fine-tunes 7 blocks (more accurate, slower);
+# SWEEP_OPTIONS='--config sweeps/thorough.yaml' fine-tunes 10 blocks (more accurate, slower);
 # '--config sweeps/plain.yaml' runs the plain head-only sweep; '--config my.yaml' yours.
 SWEEP_OPTIONS ?=
 

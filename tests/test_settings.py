@@ -77,11 +77,11 @@ def test_every_option_of_run_has_the_settings_default_and_the_defaults_are_the_r
     assert [d.name for d in recipe.stage1.space] == ["lr", "size_inner", "dropout"]
 
 
-def test_the_thorough_sweep_file_is_the_recipe_with_seven_fine_tuned_blocks():
+def test_the_thorough_sweep_file_is_the_recipe_with_ten_fine_tuned_blocks_for_at_most_three_epochs():
     settings, dimensions = read_sweep_file(THOROUGH)
-    assert settings == {"finetune_blocks": 7} and dimensions is None
+    assert settings == {"finetune_blocks": 10, "finetune_epochs": 3} and dimensions is None
     thorough, recipe = SweepConfig.of(dimensions, **settings), SweepConfig()
-    assert thorough.stage2 == replace(recipe.stage2, finetune_blocks=7)
+    assert thorough.stage2 == replace(recipe.stage2, finetune_blocks=10, finetune_epochs=3)
     assert (thorough.data, thorough.stage1) == (recipe.data, recipe.stage1)
 
 
