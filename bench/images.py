@@ -8,6 +8,7 @@ feature extractor whose pooled features are of order 1 and separate the classes,
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from pathlib import Path
@@ -67,15 +68,28 @@ def make_split(root: Path, classes=CLASSES, per_class: int = 4, seed: int = 0, n
 
 def calibrated_backbone(images: torch.Tensor | None = None, seed: int = 0) -> models.MobileNetV2:
     """A random MobileNetV2 whose BatchNorm statistics match `images` (default: styled images of every
-    class, preprocessed as evaluation does), in eval mode."""
-    if images is None:
-        from clothing.data import build_transforms
+    class, preprocessed as evaluation does), in eval mode; a new module on every call."""
+    if images is not None:
+        return _calibrate(images, seed)
+    torch.manual_seed(seed)  # leaves the global generator where a calibration from scratch does
+    backbone = models.mobilenet_v2(weights=None)
+    backbone.load_state_dict(_calibrated_on_styled_images(seed))
+    return backbone.eval()
 
-        rng = np.random.default_rng(12345)
-        transform = build_transforms()
-        images = torch.stack(
-            [transform(Image.fromarray(styled_pixels(i % 4, rng))) for i in range(32)]  # 8 of each class
-        )
+
+@functools.cache
+def _calibrated_on_styled_images(seed: int) -> dict[str, torch.Tensor]:
+    """The default calibration's weights, computed once per process (about 2 s of CPU each time, and
+    the tests ask for it a dozen times)."""
+    from clothing.data import build_transforms
+
+    rng = np.random.default_rng(12345)
+    transform = build_transforms()
+    images = torch.stack([transform(Image.fromarray(styled_pixels(i % 4, rng))) for i in range(32)])  # 8 a class
+    return _calibrate(images, seed).state_dict()
+
+
+def _calibrate(images: torch.Tensor, seed: int) -> models.MobileNetV2:
     torch.manual_seed(seed)
     backbone = models.mobilenet_v2(weights=None)
     momenta = {}

@@ -148,6 +148,7 @@ class Supervisor:
     def __init__(self, command: list[str], env: dict[str, str], root: Path, log: SoakLog, rng: random.Random) -> None:
         self.command, self.env, self.root, self.log, self.rng = command, env, root, log, rng
         self.workers: list[Worker] = []
+        self.last_kill = time.monotonic()
 
     def start(self) -> None:
         self.log.starts += 1
@@ -178,6 +179,7 @@ class Supervisor:
         victims = self.rng.sample(alive, min(count, len(alive)))
         for victim in victims:
             victim.kill()
+        self.last_kill = time.monotonic()
         self.log.killed += len(victims)
         self.log.double_kills += len(victims) == 2
 
@@ -289,8 +291,9 @@ def run_soak(root: Path, pg: Postgres, data_dir: Path, weights: Path, plan: Soak
         log.seconds = time.monotonic() - started
         progress(f"all workers done: {log.starts} started, exits {dict(log.exits)}")
         stop.set()
-        # The sweeper: one last run, once a killed worker's trial is stale, fails what is left RUNNING.
-        time.sleep(25)  # past the grace period (20 s) since the last kill's last beat
+        # The sweeper: one last run, once a killed worker's trial is stale, fails what is left RUNNING:
+        # 25 s after the last kill is past the grace period (20 s) since its trial's last beat.
+        time.sleep(max(0.0, supervisor.last_kill + 25 - time.monotonic()))
         last = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         log.exits[last.returncode] += 1
         log.stderr.append(last.stderr)

@@ -68,7 +68,9 @@ def fused_torch_graph(extractor: torch.nn.Module, image_shape: tuple[int, ...]) 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit is deprecated; it stays as the torch engine's fp32
         # path (the fallback), and OpenVINO is the fast one.
-        traced = torch.jit.trace(extractor, torch.zeros(1, *image_shape, dtype=torch.uint8))
+        # No check_trace: it traces a second time to compare the graphs, 0.5 s of every build, and the
+        # trunk has no data-dependent branches (tests/test_features.py holds its features to eager's).
+        traced = torch.jit.trace(extractor, torch.zeros(1, *image_shape, dtype=torch.uint8), check_trace=False)
         return torch.jit.optimize_for_inference(traced)
 
 

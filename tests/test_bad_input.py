@@ -6,11 +6,12 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from sweep_helpers import assert_one_error, load_study, mlflow_runs, run_options, sweep
+from sweep_helpers import assert_one_error, load_study, mlflow_runs, run_options, stores_copied, sweep
 from torchvision import models
 
 from bench.images import make_split, write_image
@@ -27,10 +28,22 @@ def snapshot(stores):
     )
 
 
+@pytest.fixture(scope="module")
+def one_trial_study(tmp_path_factory, tiny_weights, empty_tracking_store) -> Path:
+    """The stores of a study with one finished trial, swept once for the module's many mistakes."""
+    root = tmp_path_factory.mktemp("one-trial")
+    make_split(root / "data" / "train", per_class=4)
+    make_split(root / "data" / "validation", per_class=2, seed=1000)
+    stores = stores_copied(root / "runs", empty_tracking_store)
+    assert sweep("run", *run_options(root / "data", tiny_weights, 1, 1), stores=stores).exit_code == 0
+    return root / "runs"
+
+
 @pytest.fixture
-def existing(stores, data_dir, tiny_weights):
-    """A study with one finished trial, as a user would have before making a mistake."""
-    assert sweep("run", *run_options(data_dir, tiny_weights, 1, 1), stores=stores).exit_code == 0
+def existing(one_trial_study, stores):
+    """A study with one finished trial, as a user would have before making a mistake: a copy of
+    `one_trial_study` in this test's stores (its runs' artifacts stay in the module's folder)."""
+    shutil.copytree(one_trial_study, Path(stores["--cache-dir"]).parent, dirs_exist_ok=True)
     return snapshot(stores)
 
 

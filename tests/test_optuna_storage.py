@@ -8,6 +8,7 @@ with tests/optuna_storage_plugin.py, which makes every RDBStorage they build our
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -72,37 +73,41 @@ def optuna_storage_tests() -> Path:
     return cache
 
 
-def run_optuna_tests(root: Path, excluded: dict[str, str], env: dict[str, str]) -> tuple[int, str]:
+def start_optuna_tests(root: Path, excluded: dict[str, str], env: dict[str, str]) -> subprocess.Popen:
     """Optuna's storage tests in a process of their own, in 4 xdist workers (they mostly wait out
-    heartbeat grace periods, so more workers than cores pays); (tests passed, output)."""
+    heartbeat grace periods, so more workers than cores pays)."""
     suite = "tests/storages_tests"
     leave_out = []
     for name in excluded:
         leave_out += ["--deselect" if "::" in name else "--ignore", f"{suite}/{name}"]
-    result = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "pytest", suite, "-c", "pytest.ini", "--rootdir", "."]
         + ["-p", "optuna_storage_plugin", "-p", "no:cacheprovider", "-n", "4", "-q", *leave_out],
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)]), **env},
         cwd=root,  # node ids relative to it, as --deselect spells them
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=900,
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
+
+
+def count_passed(run: subprocess.Popen, backend: str) -> int:
+    """How many tests passed in `run`, which must end well."""
+    output = run.communicate(timeout=900)[0]
+    assert run.returncode == 0, f"Optuna's storage tests on {backend}:\n{output[-6000:]}"
     passed = re.search(r"(\d+) passed", output)
-    return (int(passed.group(1)) if passed else 0), output
+    return int(passed.group(1)) if passed else 0
 
 
-def test_optunas_storage_tests_pass_on_our_storage_on_sqlite(optuna_storage_tests):
-    passed, output = run_optuna_tests(optuna_storage_tests, EXCLUDED, {})
-    assert passed >= SQLITE_MINIMUM, output[-3000:]
-
-
-def test_optunas_storage_tests_pass_on_our_storage_on_postgresql(optuna_storage_tests):
+def test_optunas_storage_tests_pass_on_our_storage_on_sqlite_and_on_postgresql(optuna_storage_tests):
+    """Both passes at once: each spends most of its time asleep in Optuna's heartbeat tests."""
     password = "optuna-Tests-1"
-    with postgres_cluster(password) as pg:
+    with postgres_cluster(password) as pg, contextlib.ExitStack() as runs:
         url = pg.url(pg.create_database("optuna"), password=password)
-        env = {"SWEEP_OPTUNA_TESTS_POSTGRES": url}
-        passed, output = run_optuna_tests(optuna_storage_tests, EXCLUDED | ON_SQLITE_ONLY, env)
-    assert passed >= POSTGRES_MINIMUM, output[-3000:]
+        on_sqlite = runs.enter_context(start_optuna_tests(optuna_storage_tests, EXCLUDED, {}))
+        on_postgresql = runs.enter_context(
+            start_optuna_tests(optuna_storage_tests, EXCLUDED | ON_SQLITE_ONLY, {"SWEEP_OPTUNA_TESTS_POSTGRES": url})
+        )
+        runs.callback(lambda: [run.kill() for run in (on_sqlite, on_postgresql)])  # whichever failed first
+        assert count_passed(on_sqlite, "SQLite") >= SQLITE_MINIMUM
+        assert count_passed(on_postgresql, "PostgreSQL") >= POSTGRES_MINIMUM
