@@ -100,12 +100,33 @@ def build_transforms(
     return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
-def view_transforms(base: Callable, image_size: int, views: int) -> list[Callable]:
-    """The transforms of cached views 0..V-1: `base` (the split's own), its mirror, then the course's
-    augmentation."""
+# What a cached view from the third on is: the course's light augmentation, or a timm-style one that
+# teaches more than a mirror (a crop of a quarter to all of the image, a flip, and TrivialAugment's one
+# random change of colour or shape).
+AUGMENTATIONS = ("course", "trivial")
+
+
+def trivial_transforms(image_size: int) -> Callable:
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size, scale=(0.25, 1.0)),
+            transforms.RandomHorizontalFlip(),
+            transforms.TrivialAugmentWide(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def view_transforms(base: Callable, image_size: int, views: int, augmentation: str = "course") -> list[Callable]:
+    """The transforms of cached views 0..V-1: `base` (the split's own), its mirror, then `augmentation`'s
+    random views (AUGMENTATIONS)."""
     if views < 1:
         raise ValueError(f"views must be at least 1, got {views}")
-    extra = [build_transforms(image_size, mirror=True)] + [build_transforms(image_size, train=True)] * (views - 2)
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augmentation!r}; use one of {', '.join(AUGMENTATIONS)}")
+    random = trivial_transforms(image_size) if augmentation == "trivial" else build_transforms(image_size, train=True)
+    extra = [build_transforms(image_size, mirror=True)] + [random] * (views - 2)
     return [base, *extra[: views - 1]]
 
 

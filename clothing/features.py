@@ -93,7 +93,7 @@ def cache_key(dataset: ClothingDataset, weights_id: str, options: ExtractionOpti
     digest = hashlib.sha256(
         f"format={CACHE_FORMAT};weights={weights_id};precision={precision};engine={engine};views={views};seed={seed}".encode()
     )
-    for transform in view_transforms(dataset.transform, options.image_size, views):
+    for transform in view_transforms(dataset.transform, options.image_size, views, options.augmentation):
         digest.update(repr(transform).encode())
     for path, label in zip(dataset.image_paths, dataset.labels):
         stat = os.stat(path)
