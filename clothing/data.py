@@ -78,50 +78,34 @@ def try_image(source: str | Path | BinaryIO) -> tuple[Image.Image | None, Datase
         return None, exc
 
 
-# The random augmentations a cached view from the third on may draw: the course's light one, or a
-# timm-style one that teaches more than a mirror (a crop of a quarter to all of the image, a flip, and
-# TrivialAugment's one random change of colour or shape).
-AUGMENTATION_STEPS = {
-    "course": lambda size: [
-        transforms.RandomRotation(10),
-        transforms.RandomResizedCrop(size, scale=(0.9, 1.0)),
-        transforms.RandomHorizontalFlip(),
-    ],
-    "trivial": lambda size: [
-        transforms.RandomResizedCrop(size, scale=(0.25, 1.0)),
-        transforms.RandomHorizontalFlip(),
-        transforms.TrivialAugmentWide(),
-    ],
-}
-AUGMENTATIONS = tuple(AUGMENTATION_STEPS)
-
-
-def build_transforms(  # noqa: PLR0913 - each a switch of the one factory
+def build_transforms(
     image_size: int = IMAGE_SIZE,
     train: bool = False,
     mirror: bool = False,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-    augmentation: str = "course",
 ) -> Callable:
-    """The one transform factory: the notebook's preprocessing; `train=True` adds `augmentation`'s
-    random steps (AUGMENTATION_STEPS), `mirror=True` flips every image (the second view of test-time
-    augmentation)."""
-    if augmentation not in AUGMENTATION_STEPS:
-        raise ValueError(f"unknown augmentation {augmentation!r}; use one of {', '.join(AUGMENTATIONS)}")
-    steps = AUGMENTATION_STEPS[augmentation](image_size) if train else [transforms.Resize((image_size, image_size))]
+    """The one transform factory: the notebook's preprocessing; `train=True` adds the course's light
+    augmentation, `mirror=True` flips every image (the second view of test-time augmentation)."""
+    if train:
+        steps = [
+            transforms.RandomRotation(10),
+            transforms.RandomResizedCrop(image_size, scale=(0.9, 1.0)),
+            transforms.RandomHorizontalFlip(),
+        ]
+    else:
+        steps = [transforms.Resize((image_size, image_size))]
     if mirror:
         steps.append(transforms.RandomHorizontalFlip(p=1.0))
     return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
-def view_transforms(base: Callable, image_size: int, views: int, augmentation: str = "course") -> list[Callable]:
-    """The transforms of cached views 0..V-1: `base` (the split's own), its mirror, then `augmentation`'s
-    random views (AUGMENTATIONS)."""
+def view_transforms(base: Callable, image_size: int, views: int) -> list[Callable]:
+    """The transforms of cached views 0..V-1: `base` (the split's own), its mirror, then the course's
+    augmentation."""
     if views < 1:
         raise ValueError(f"views must be at least 1, got {views}")
-    random = build_transforms(image_size, train=True, augmentation=augmentation)
-    extra = [build_transforms(image_size, mirror=True)] + [random] * (views - 2)
+    extra = [build_transforms(image_size, mirror=True)] + [build_transforms(image_size, train=True)] * (views - 2)
     return [base, *extra[: views - 1]]
 
 

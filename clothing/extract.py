@@ -46,7 +46,6 @@ class ExtractionOptions:
     batch_size: int = 32
     num_workers: int | None = None  # None: default_num_workers
     views: int = 1  # view 0 the image as the dataset gives it, 1 its mirror, 2+ random augmentations
-    augmentation: str = "course"  # what views 2+ are: clothing.data.AUGMENTATIONS
     seed: int = 0  # the random views' seed
     cut: int | None = None  # also keep the activations entering features[cut] (stage 2)
     image_size: int = IMAGE_SIZE
@@ -116,7 +115,7 @@ class _TolerantImages(Dataset):
 
     def __init__(self, dataset: ClothingDataset, options: ExtractionOptions) -> None:
         self.paths = dataset.image_paths
-        views = view_transforms(dataset.transform, options.image_size, options.views, options.augmentation)
+        views = view_transforms(dataset.transform, options.image_size, options.views)
         self.pixels = [pixel_transform(view)[0] for view in views]
         self.mean, self.std = pixel_transform(views[0])[1:]
         self.seed = options.seed

@@ -6,8 +6,8 @@ vector is a pure function of (image file, backbone weights, transform, precision
 cache key hashes all of those inputs, so changing an image, the weights or the transform misses it.
 
 Augmentation keeps the cache: `views=V` stores V fixed views of every image (view 0 the plain image,
-view 1 its mirror, views 2+ random augmentations, clothing.data.AUGMENTATION_STEPS, each seeded by
-(seed, image, view)), and each training epoch draws one view per image. Partial fine-tuning keeps it too: `cut=c`
+view 1 its mirror, views 2+ the course's random rotation/crop/flip, each seeded by (seed, image,
+view)), and each training epoch draws one view per image. Partial fine-tuning keeps it too: `cut=c`
 also stores the trunk's activations entering `features[c]`, so fine-tuning never runs the frozen
 part of the trunk again.
 """
@@ -93,7 +93,7 @@ def cache_key(dataset: ClothingDataset, weights_id: str, options: ExtractionOpti
     digest = hashlib.sha256(
         f"format={CACHE_FORMAT};weights={weights_id};precision={precision};engine={engine};views={views};seed={seed}".encode()
     )
-    for transform in view_transforms(dataset.transform, options.image_size, views, options.augmentation):
+    for transform in view_transforms(dataset.transform, options.image_size, views):
         digest.update(repr(transform).encode())
     for path, label in zip(dataset.image_paths, dataset.labels):
         stat = os.stat(path)

@@ -18,7 +18,7 @@ import click
 import torch
 import yaml
 
-from clothing.data import AUGMENTATIONS, shown
+from clothing.data import shown
 from clothing.engines import ENGINES
 from clothing.extract import PRECISIONS
 from clothing.model import MAX_FINETUNE_BLOCKS, TORCHVISION_WEIGHTS
@@ -166,14 +166,6 @@ class DataSettings:
         "Cached views per training image: 1 the plain image, 2 adds its mirror, more add the course's random "
         "rotation/crop/flip; each epoch draws one view per image. Each view costs one backbone pass.",
         in_file=True,
-    )
-    view_augmentation: str = setting(
-        "course",
-        click.Choice(AUGMENTATIONS),
-        "What the random views (the third on) are: course (a rotation of up to 10 degrees, a crop of 90-100 %, a "
-        "flip) or trivial (a crop of 25-100 %, a flip and one TrivialAugment change of colour or shape).",
-        in_file=True,
-        cli=False,
     )
     skip_bad_images: bool = setting(
         False,

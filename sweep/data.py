@@ -98,7 +98,6 @@ def prepare_data(  # noqa: PLR0913 - the data's settings, where to run, and what
         engine=settings.engine,
         cut=finetune_cut(finetune_blocks) if finetune_blocks else None,
         image_size=settings.image_size,
-        augmentation=settings.view_augmentation,  # what the training views from the third on are
         skip_bad_images=settings.skip_bad_images,
         progress=progress,
     )

@@ -1,4 +1,3 @@
-import functools
 import os
 from pathlib import Path
 
@@ -178,18 +177,3 @@ def test_the_decode_and_engine_give_the_same_features_run_to_run_from_one_conver
     cached_features(train_set, backbone, tmp_path / "a", **{**options, "precision": "bf16"})
     cached_features(train_set, load_backbone(None), tmp_path / "c", **options)
     assert conversions == ["fp32", "bf16", "fp32"]
-
-
-def test_the_random_views_augmentation_is_part_of_the_cache_and_the_image_and_its_mirror_are_not(train_set, tmp_path):
-    """`view_augmentation: trivial` draws other random views (the third on), so it extracts anew; with
-    only the image and its mirror there is nothing random, and the cache is shared."""
-    backbone = calibrated_backbone()  # informative features: a change of view shows
-    cache = functools.partial(cached_features, train_set, backbone, tmp_path, precision="fp32", progress=False)
-    course = cache(views=3)
-    trivial = cache(views=3, augmentation="trivial")
-    assert not trivial.cache_hit
-    torch.testing.assert_close(trivial.features[:, :2], course.features[:, :2])  # the image and its mirror
-    assert not torch.allclose(trivial.features[:, 2], course.features[:, 2])
-    assert cache(views=3, augmentation="trivial").cache_hit  # each random view is the same on every run
-    cache(views=2)
-    assert cache(views=2, augmentation="trivial").cache_hit
